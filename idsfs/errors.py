@@ -1,0 +1,455 @@
+"""The one exception tree of idsfs.
+
+Every error that :mod:`idsfs.ids`, :mod:`idsfs.icat` and the layers built on
+them raise on purpose derives from :class:`IdsfsError`. A raw ``requests``,
+``urllib3`` or socket exception never escapes the client library: it is
+translated once, where it happens, into a :class:`TransportError` (the
+original stays attached as ``__cause__``)::
+
+    IdsfsError
+    ├── ServerError                     the server answered with an error
+    │   │                               (.message .type/.code .status .offset)
+    │   ├── IDSError                    IDS error; also unknown codes / non-JSON bodies
+    │   │   ├── IDSBadRequestError              BadRequestException (400)
+    │   │   ├── IDSDataNotOnlineError           DataNotOnlineException (503)
+    │   │   ├── IDSInsufficientPrivilegesError  InsufficientPrivilegesException (403)
+    │   │   ├── IDSInsufficientStorageError     InsufficientStorageException (500)
+    │   │   ├── IDSInternalError                InternalException (500)
+    │   │   ├── IDSNotFoundError                NotFoundException (404)
+    │   │   ├── IDSNotImplementedError          NotImplementedException (501)
+    │   │   └── IDSResponseError        the response is unusable: checksum mismatch,
+    │   │       │                       bad body, wrong byte count
+    │   │       └── TruncatedStreamError  body ended before its announced length
+    │   │                                 (also a ConnectionLostError, see below)
+    │   └── ICATError                   ICAT error; also unknown codes / non-JSON bodies
+    │       ├── ICATParameterError              BAD_PARAMETER (400)
+    │       ├── ICATSessionError                SESSION (403)
+    │       ├── ICATPrivilegesError             INSUFFICIENT_PRIVILEGES (403)
+    │       ├── ICATNoObjectError               NO_SUCH_OBJECT_FOUND (404)
+    │       ├── ICATObjectExistsError           OBJECT_ALREADY_EXISTS (412)
+    │       ├── ICATValidationError             VALIDATION (412)
+    │       ├── ICATInternalError               INTERNAL (500)
+    │       ├── ICATNotImplementedError         NOT_IMPLEMENTED (501)
+    │       └── ICATResponseError       the ICAT response is unusable (bad JSON, ...)
+    ├── TransportError                  no (complete) answer from the server
+    │   ├── ConnectError                connection refused, name not resolved, proxy
+    │   ├── TransportTimeoutError       connect or read timeout (also a TimeoutError)
+    │   ├── TLSError                    TLS handshake or certificate failure
+    │   └── ConnectionLostError         connection reset / closed in mid-answer
+    │       └── TruncatedStreamError    (see above)
+    └── VersionMethodError              the server is too old for the called method
+
+The names, and the base relations that python-icat's ``icat.exception`` has,
+are kept, so ``except icat.exception.IDSNotFoundError`` becomes
+``except idsfs.errors.IDSNotFoundError``. Differences from python-icat:
+:class:`IDSResponseError` derives from :class:`IDSError` (python-icat: from
+its private base), and an error body that is not JSON or carries an unknown
+code gives a plain :class:`IDSError`/:class:`ICATError` with the HTTP status
+instead of ``urllib.error.HTTPError``.
+
+No message, ``str()`` or ``repr()`` of these exceptions contains a session
+id: callers build messages through :func:`redact`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+__all__ = [
+    "ConnectError",
+    "ConnectionLostError",
+    "ICATError",
+    "ICATInternalError",
+    "ICATNoObjectError",
+    "ICATNotImplementedError",
+    "ICATObjectExistsError",
+    "ICATParameterError",
+    "ICATPrivilegesError",
+    "ICATResponseError",
+    "ICATSessionError",
+    "ICATValidationError",
+    "IDSBadRequestError",
+    "IDSDataNotOnlineError",
+    "IDSError",
+    "IDSInsufficientPrivilegesError",
+    "IDSInsufficientStorageError",
+    "IDSInternalError",
+    "IDSNotFoundError",
+    "IDSNotImplementedError",
+    "IDSResponseError",
+    "IdsfsError",
+    "ServerError",
+    "TLSError",
+    "TransportError",
+    "TransportTimeoutError",
+    "TruncatedStreamError",
+    "VersionMethodError",
+    "icat_error_from_response",
+    "ids_error_from_response",
+    "redact",
+]
+
+
+class IdsfsError(Exception):
+    """Base class of every exception idsfs raises on purpose."""
+
+
+# ----------------------------------------------------------------------------
+# Redaction
+
+
+_SECRET_PARAM = re.compile(r"((?:sessionId|preparedId|password)=)[^&\s#\"']*", re.IGNORECASE)
+_SESSION_PATH = re.compile(r"(/session/)[^/?\s#\"']+")
+_JSON_SECRET = re.compile(r'("(?:sessionId|password)"\s*:\s*")[^"]*(")', re.IGNORECASE)
+REDACTED = "***"
+
+
+def redact(text: str, secrets: Iterable[str | None] = ()) -> str:
+    """Return ``text`` with session ids and other secrets replaced by ``***``.
+
+    Removes the values of ``sessionId=``, ``preparedId=`` and ``password=``
+    parameters in URLs and form bodies, the id in ICAT ``/session/<id>``
+    paths, ``"sessionId"``/``"password"`` values in JSON text, and every
+    occurrence of each string in ``secrets`` (e.g. the current session id,
+    which ICAT quotes in its SESSION error messages). Never raises.
+    """
+    out = _SECRET_PARAM.sub(r"\1" + REDACTED, text)
+    out = _SESSION_PATH.sub(r"\1" + REDACTED, out)
+    out = _JSON_SECRET.sub(r"\1" + REDACTED + r"\2", out)
+    for secret in secrets:
+        if secret and len(secret) >= 4:
+            out = out.replace(secret, REDACTED)
+    return out
+
+
+# ----------------------------------------------------------------------------
+# Errors reported by a server
+
+
+class ServerError(IdsfsError):
+    """An error answer from the ICAT or the IDS server.
+
+    Attributes: ``message`` (the server's text, session ids redacted),
+    ``type`` (the wire ``code``, e.g. ``"NotFoundException"`` or
+    ``"SESSION"``; ``None`` if the body had none), ``code`` (alias of
+    ``type``), ``status`` (HTTP status or ``None``) and ``offset`` (ICAT's
+    index of the offending entity, else ``None``).
+
+    Construct with a message string, or - as python-icat does - with a
+    mapping holding ``code``, ``message`` and optionally ``offset``.
+    """
+
+    def __init__(
+        self,
+        error: str | Mapping[str, Any],
+        status: int | None = None,
+        *,
+        type: str | None = None,
+        offset: int | None = None,
+    ) -> None:
+        if isinstance(error, Mapping):
+            message = str(error.get("message", ""))
+            code = error.get("code")
+            type = str(code) if code is not None else type
+            if offset is None:
+                offset = error.get("offset")
+        elif isinstance(error, str):
+            message = error
+        else:
+            raise TypeError(f"invalid error argument type {type_name(error)}")
+        super().__init__(message)
+        self.message: str = message
+        self.type: str | None = type
+        self.status: int | None = status
+        self.offset: int | None = _clean_offset(offset)
+
+    @property
+    def code(self) -> str | None:
+        """The wire error code (same as :attr:`type`)."""
+        return self.type
+
+    def __str__(self) -> str:
+        return self.message
+
+    def __repr__(self) -> str:
+        return (
+            f"{self.__class__.__name__}(message={self.message!r}, type={self.type!r}, "
+            f"status={self.status!r}, offset={self.offset!r})"
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (
+            _rebuild_server_error,
+            (self.__class__, self.message, self.status, self.type, self.offset),
+        )
+
+
+def _rebuild_server_error(
+    cls: type[ServerError], message: str, status: int | None, typ: str | None, offset: int | None
+) -> ServerError:
+    exc = cls.__new__(cls)
+    ServerError.__init__(exc, message, status, type=typ, offset=offset)
+    return exc
+
+
+def type_name(obj: object) -> str:
+    """Return the name of ``obj``'s type, for error messages."""
+    return type(obj).__name__
+
+
+def _clean_offset(offset: Any) -> int | None:
+    if offset is None:
+        return None
+    try:
+        value = int(offset)
+    except (TypeError, ValueError):
+        return None
+    return value if value >= 0 else None
+
+
+class IDSError(ServerError):
+    """An error reported by the IDS server (base of all IDS errors).
+
+    Raised as such, with the HTTP status, when the error body is not JSON or
+    its ``code`` is not one of the IDS exception names (e.g. the
+    ``NOT_IMPLEMENTED`` answer to an unknown path).
+    """
+
+
+class IDSBadRequestError(IDSError):
+    """``BadRequestException`` (HTTP 400): a malformed or missing parameter."""
+
+
+class IDSDataNotOnlineError(IDSError):
+    """``DataNotOnlineException`` (HTTP 503): data archived (a restore was
+    queued) or locked by another operation ("Data is busy")."""
+
+
+class IDSInsufficientPrivilegesError(IDSError):
+    """``InsufficientPrivilegesException`` (HTTP 403): access denied or the
+    session is unknown/expired."""
+
+
+class IDSInsufficientStorageError(IDSError):
+    """``InsufficientStorageException``: storage full or quota exceeded."""
+
+
+class IDSInternalError(IDSError):
+    """``InternalException`` (HTTP 500): server failure, also "Restore failed"."""
+
+
+class IDSNotFoundError(IDSError):
+    """``NotFoundException`` (HTTP 404): unknown datafile, dataset or preparedId."""
+
+
+class IDSNotImplementedError(IDSError):
+    """``NotImplementedException`` (HTTP 501): feature disabled on this server
+    (read-only, single-level storage, links)."""
+
+
+class IDSResponseError(IDSError):
+    """The IDS answered, but the answer cannot be used: a ``put`` checksum or
+    size mismatch, a body that is not what the call returns, a byte count
+    that differs from the expected size."""
+
+
+class ICATError(ServerError):
+    """An error reported by the ICAT server (base of all ICAT errors).
+
+    Raised as such, with the HTTP status, when the error body is not JSON or
+    its ``code`` is unknown.
+    """
+
+
+class ICATParameterError(ICATError):
+    """``BAD_PARAMETER`` (HTTP 400): bad query, unknown field, malformed JSON."""
+
+
+class ICATSessionError(ICATError):
+    """``SESSION`` (HTTP 403): unknown or expired session, failed login."""
+
+
+class ICATPrivilegesError(ICATError):
+    """``INSUFFICIENT_PRIVILEGES`` (HTTP 403): authorisation rules deny it."""
+
+
+class ICATNoObjectError(ICATError):
+    """``NO_SUCH_OBJECT_FOUND`` (HTTP 404): the object does not exist."""
+
+
+class ICATObjectExistsError(ICATError):
+    """``OBJECT_ALREADY_EXISTS`` (HTTP 412): uniqueness constraint violated."""
+
+
+class ICATValidationError(ICATError):
+    """``VALIDATION`` (HTTP 412): missing field, too long, too many results."""
+
+
+class ICATInternalError(ICATError):
+    """``INTERNAL`` (HTTP 500): unexpected server or database failure."""
+
+
+class ICATNotImplementedError(ICATError):
+    """``NOT_IMPLEMENTED`` (HTTP 501): no such operation on this ICAT server."""
+
+
+class ICATResponseError(ICATError):
+    """The ICAT answered, but the answer cannot be used (not JSON, wrong shape)."""
+
+
+# ----------------------------------------------------------------------------
+# Transport errors
+
+
+class TransportError(IdsfsError):
+    """No complete answer could be obtained from the server.
+
+    ``url`` is the request URL with secrets redacted (or ``None``).
+    Whether the call may be repeated is the caller's decision; the clients
+    already retried idempotent calls before raising this (see docs/client.md).
+    """
+
+    def __init__(self, message: str, url: str | None = None) -> None:
+        super().__init__(message)
+        self.url: str | None = url
+
+
+class ConnectError(TransportError):
+    """The connection could not be opened: refused, unreachable, DNS or proxy
+    failure. Nothing reached the server."""
+
+
+class TransportTimeoutError(TransportError, TimeoutError):
+    """A connect or read timeout expired (the server stalled)."""
+
+
+class TLSError(TransportError):
+    """TLS handshake or certificate verification failed."""
+
+
+class ConnectionLostError(TransportError):
+    """The connection broke while the request or the answer was in transit
+    (reset, closed early, malformed framing)."""
+
+
+class TruncatedStreamError(IDSResponseError, ConnectionLostError):
+    """A ``getData`` body ended before the length the server announced.
+
+    Both an :class:`IDSResponseError` (short stream) and a
+    :class:`ConnectionLostError` (the cause is a broken connection, so a
+    resumed download may succeed). ``received`` and ``expected`` count
+    bytes of this response.
+    """
+
+    def __init__(self, message: str, received: int, expected: int | None) -> None:
+        IDSResponseError.__init__(self, message)
+        self.url = None
+        self.received = received
+        self.expected = expected
+
+
+# ----------------------------------------------------------------------------
+# Client-side version check
+
+
+class VersionMethodError(IdsfsError):
+    """The called method (or this use of it) needs a newer server version."""
+
+    def __init__(self, method: str, version: object = None, service: str = "ICAT") -> None:
+        where = f"this {service} version" if version is None else f"{service} version {version}"
+        super().__init__(f"{method} is not supported in {where}.")
+        self.method = method
+        self.version = version
+        self.service = service
+
+
+# ----------------------------------------------------------------------------
+# Translation of error responses
+
+IDS_ERROR_TYPES: dict[str, type[IDSError]] = {
+    "BadRequestException": IDSBadRequestError,
+    "DataNotOnlineException": IDSDataNotOnlineError,
+    "InsufficientPrivilegesException": IDSInsufficientPrivilegesError,
+    "InsufficientStorageException": IDSInsufficientStorageError,
+    "InternalException": IDSInternalError,
+    "NotFoundException": IDSNotFoundError,
+    "NotImplementedException": IDSNotImplementedError,
+}
+"""IDS wire ``code`` -> exception class."""
+
+ICAT_ERROR_TYPES: dict[str, type[ICATError]] = {
+    "BAD_PARAMETER": ICATParameterError,
+    "SESSION": ICATSessionError,
+    "INSUFFICIENT_PRIVILEGES": ICATPrivilegesError,
+    "NO_SUCH_OBJECT_FOUND": ICATNoObjectError,
+    "OBJECT_ALREADY_EXISTS": ICATObjectExistsError,
+    "VALIDATION": ICATValidationError,
+    "INTERNAL": ICATInternalError,
+    "NOT_IMPLEMENTED": ICATNotImplementedError,
+}
+"""ICAT wire ``code`` -> exception class."""
+
+_MAX_BODY_IN_MESSAGE = 200
+
+
+def _from_response(
+    status: int,
+    body: bytes,
+    reason: str,
+    table: Mapping[str, type[ServerError]],
+    base: type[ServerError],
+    secrets: Iterable[str | None],
+) -> ServerError:
+    secrets = tuple(secrets)
+    text = body.decode("utf-8", errors="replace")
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        doc = None
+    if isinstance(doc, Mapping) and "message" in doc:
+        code = doc.get("code")
+        cls = table.get(code, base) if isinstance(code, str) else base
+        return cls(
+            redact(str(doc["message"]), secrets),
+            status,
+            type=str(code) if code is not None else None,
+            offset=doc.get("offset"),
+        )
+    snippet = text.strip()
+    if len(snippet) > _MAX_BODY_IN_MESSAGE:
+        snippet = snippet[:_MAX_BODY_IN_MESSAGE] + "..."
+    message = f"HTTP {status} {reason}".rstrip()
+    if snippet:
+        message += f": {snippet}"
+    return base(redact(message, secrets), status)
+
+
+def ids_error_from_response(
+    status: int, body: bytes, reason: str = "", secrets: Iterable[str | None] = ()
+) -> IDSError:
+    """Build the :class:`IDSError` subclass for an IDS error response.
+
+    ``body`` is decoded as UTF-8 and parsed as JSON whatever the content type;
+    a known ``code`` selects the class, anything else gives a plain
+    :class:`IDSError` carrying ``status``. Occurrences of ``secrets`` and
+    session ids in the message are redacted. Never raises.
+    """
+    exc = _from_response(status, body, reason, IDS_ERROR_TYPES, IDSError, secrets)
+    assert isinstance(exc, IDSError)
+    return exc
+
+
+def icat_error_from_response(
+    status: int, body: bytes, reason: str = "", secrets: Iterable[str | None] = ()
+) -> ICATError:
+    """Build the :class:`ICATError` subclass for an ICAT error response.
+
+    Same rules as :func:`ids_error_from_response`; ``offset`` is kept when
+    the body has a non-negative one.
+    """
+    exc = _from_response(status, body, reason, ICAT_ERROR_TYPES, ICATError, secrets)
+    assert isinstance(exc, ICATError)
+    return exc
