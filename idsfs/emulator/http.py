@@ -89,7 +89,7 @@ Hooks (fault injection and counters)
 :class:`HTTPServer` takes an optional :class:`ServerHooks` (``faults.py``
 implements it): ``before(request)`` runs after routing and before the handler
 (may sleep, may return a Response that replaces the handler's),
-``body_plan(request)`` may return a :class:`BodyPlan` (drop the connection or
+``body_plan(request, response)`` may return a :class:`BodyPlan` (drop the connection or
 stall after N body bytes), ``after(request, status, bytes_sent)`` runs when
 the exchange is over.
 """
@@ -825,8 +825,8 @@ class ServerHooks:
         """Called after routing, before the handler; a Response replaces the handler's."""
         return None
 
-    def body_plan(self, request: Request) -> BodyPlan | None:
-        """A plan to cut or stall the response body, or None."""
+    def body_plan(self, request: Request, response: Response) -> BodyPlan | None:
+        """A plan to cut or stall the body of ``response``, or None."""
         return None
 
     def after(self, request: Request, status: int, bytes_sent: int) -> None:
@@ -919,8 +919,13 @@ class HTTPServer:
 
     # ---------------------------------------------------------------- lifecycle
 
-    def start(self) -> None:
-        """Bind and listen (port 0 = a free port, stored in :attr:`port`); OSError if not."""
+    def bind(self) -> None:
+        """Bind and listen (port 0 = a free port, stored in :attr:`port`); OSError if not.
+
+        Connections are queued but not served until :meth:`start`.
+        """
+        if self._listener is not None:
+            return
         infos = socket.getaddrinfo(
             self.host, self.requested_port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
         )
@@ -935,6 +940,12 @@ class HTTPServer:
             raise
         self._listener = sock
         self.port = sock.getsockname()[1]
+
+    def start(self) -> None:
+        """Bind (unless :meth:`bind` was called) and serve in background threads."""
+        self.bind()
+        if self._accept_thread is not None:
+            return
         self._accept_thread = threading.Thread(
             target=self._accept_loop, name=f"emulator-accept-{self.port}", daemon=True
         )
@@ -1125,7 +1136,7 @@ class HTTPServer:
                         keep = False
             sock.settimeout(None)
             if method != "HEAD" and response.status not in _NO_BODY_STATUSES:
-                exchange.plan = self.hooks.body_plan(request)
+                exchange.plan = self.hooks.body_plan(request, response)
             keep = self._send(request, response, exchange, keep)
         except _Abort as exc:
             logger.debug("%s %s: %s", method, request.redacted_target(), exc)

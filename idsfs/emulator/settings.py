@@ -77,6 +77,9 @@ class EmulatorSettings:
     faults: tuple[Any, ...] = ()
     #: added latency (seconds) for every request, from the start
     latency: float = 0.0
+    #: ICAT base URL that IDS reports (getIcatUrl); None until the Emulator
+    #: has bound its port and filled it in (``http://host:port/icat``)
+    icat_url: str | None = None
 
     def __post_init__(self) -> None:
         """Normalise containers and validate values; raises ValueError."""
