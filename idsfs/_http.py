@@ -1,0 +1,351 @@
+"""HTTP plumbing shared by :mod:`idsfs.ids` and :mod:`idsfs.icat` (private).
+
+One :class:`Transport` per client wraps one ``requests.Session`` (connection
+pool), applies timeouts, TLS settings and proxies, retries idempotent calls,
+translates every ``requests``/``urllib3``/socket exception into the
+:class:`~idsfs.errors.TransportError` family and error answers into
+:class:`~idsfs.errors.ServerError` subclasses, and logs each request with
+secrets redacted.
+
+Retry rule (see docs/client.md): only calls marked idempotent by the client
+are retried, at most ``retries`` times with exponential back-off, when the
+connection failed (refused, reset, timed out before an answer) or the server
+answered 502/503/504 in a way the caller's ``is_busy`` predicate accepts.
+"""
+
+from __future__ import annotations
+
+import http.client
+import logging
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+from urllib.parse import urlencode
+
+import requests
+import requests.adapters
+import urllib3.exceptions
+
+from idsfs.errors import (
+    ConnectError,
+    ConnectionLostError,
+    ServerError,
+    TLSError,
+    TransportError,
+    TransportTimeoutError,
+    redact,
+)
+
+__all__ = [
+    "DEFAULT_BACKOFF",
+    "DEFAULT_RETRIES",
+    "DEFAULT_TIMEOUT",
+    "Timeout",
+    "Transport",
+    "translate_exception",
+]
+
+Timeout = float | tuple[float, float]
+
+#: (connect, read) seconds. The read timeout bounds every wait for data on the
+#: socket, so a stalled server ends a call after at most that long.
+DEFAULT_TIMEOUT: tuple[float, float] = (10.0, 120.0)
+#: Number of retries of an idempotent call (so up to 1 + 3 attempts).
+DEFAULT_RETRIES = 3
+#: First back-off delay in seconds; doubled per attempt, capped at MAX_BACKOFF.
+DEFAULT_BACKOFF = 0.25
+MAX_BACKOFF = 8.0
+#: Connections kept per host: enough for the FUSE layer's worker threads.
+POOL_MAXSIZE = 32
+#: Error bodies longer than this are cut before parsing.
+MAX_ERROR_BODY = 64 * 1024
+
+RETRY_STATUSES = frozenset({502, 503, 504})
+
+
+class _SSLContextAdapter(requests.adapters.HTTPAdapter):
+    """An HTTPAdapter whose HTTPS connections use a given ``ssl.SSLContext``.
+
+    ``requests`` has no SSLContext parameter; this passes the context to
+    urllib3's pool manager and stops ``requests`` from overriding its
+    verification settings with the certifi bundle.
+    """
+
+    def __init__(self, ssl_context: ssl.SSLContext | None, **kwargs: Any) -> None:
+        self._ssl_context = ssl_context
+        super().__init__(**kwargs)
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        if self._ssl_context is not None:
+            kwargs["ssl_context"] = self._ssl_context
+        super().init_poolmanager(*args, **kwargs)
+
+    def proxy_manager_for(self, proxy: str, **proxy_kwargs: Any) -> Any:
+        if self._ssl_context is not None:
+            proxy_kwargs["ssl_context"] = self._ssl_context
+        return super().proxy_manager_for(proxy, **proxy_kwargs)
+
+    def build_connection_pool_key_attributes(
+        self, request: requests.PreparedRequest, verify: Any, cert: Any = None
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        host_params, pool_kwargs = super().build_connection_pool_key_attributes(
+            request, verify, cert
+        )
+        if self._ssl_context is not None and host_params.get("scheme") == "https":
+            for key in ("cert_reqs", "ca_certs", "ca_cert_dir"):
+                pool_kwargs.pop(key, None)
+            pool_kwargs["ssl_context"] = self._ssl_context
+        return host_params, pool_kwargs
+
+    def cert_verify(self, conn: Any, url: str, verify: Any, cert: Any) -> None:
+        if self._ssl_context is None:
+            super().cert_verify(conn, url, verify, cert)
+
+
+def make_session(ssl_context: ssl.SSLContext | None = None) -> requests.Session:
+    """Return a ``requests.Session`` with a connection pool sized for threads."""
+    session = requests.Session()
+    adapter = _SSLContextAdapter(
+        ssl_context, pool_connections=4, pool_maxsize=POOL_MAXSIZE, max_retries=0
+    )
+    session.mount("https://", adapter)
+    session.mount("http://", adapter)
+    return session
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    """Follow the wrapped reasons of requests/urllib3 exceptions."""
+    seen = 0
+    cur: BaseException = exc
+    while seen < 10:
+        seen += 1
+        nxt: Any = None
+        if isinstance(cur, urllib3.exceptions.MaxRetryError):
+            nxt = cur.reason
+        elif cur.args and isinstance(cur.args[0], BaseException):
+            nxt = cur.args[0]
+        elif len(cur.args) > 1 and isinstance(cur.args[1], BaseException):
+            nxt = cur.args[1]
+        if nxt is None:
+            break
+        cur = nxt
+    return cur
+
+
+def translate_exception(exc: BaseException, url: str | None) -> TransportError:
+    """Return the :class:`TransportError` for a transport-level exception.
+
+    ``url`` must already be redacted. Handles ``requests``, ``urllib3``,
+    ``http.client``, ``ssl`` and socket exceptions.
+    """
+    root = _root_cause(exc)
+    where = f" ({url})" if url else ""
+    detail = redact(str(root) or type(root).__name__)
+    if isinstance(exc, requests.exceptions.SSLError) or isinstance(root, ssl.SSLError):
+        return TLSError(f"TLS failure{where}: {detail}", url)
+    if isinstance(
+        exc,
+        requests.exceptions.Timeout
+        | urllib3.exceptions.TimeoutError
+        | socket.timeout
+        | TimeoutError,
+    ) or isinstance(root, urllib3.exceptions.TimeoutError | TimeoutError):
+        return TransportTimeoutError(f"timed out{where}: {detail}", url)
+    if isinstance(exc, requests.exceptions.ProxyError):
+        return ConnectError(f"proxy failure{where}: {detail}", url)
+    if isinstance(
+        root,
+        urllib3.exceptions.NewConnectionError
+        | urllib3.exceptions.NameResolutionError
+        | ConnectionRefusedError
+        | socket.gaierror,
+    ):
+        return ConnectError(f"cannot connect{where}: {detail}", url)
+    if isinstance(
+        exc,
+        requests.exceptions.ConnectionError
+        | requests.exceptions.ChunkedEncodingError
+        | urllib3.exceptions.ProtocolError
+        | http.client.HTTPException
+        | OSError,
+    ):
+        return ConnectionLostError(f"connection lost{where}: {detail}", url)
+    return TransportError(f"HTTP request failed{where}: {detail}", url)
+
+
+class Transport:
+    """Send requests for one client; thread-safe.
+
+    ``secrets`` is a callable returning the strings to redact (the current
+    session id), evaluated per request so a swapped session id is covered.
+    ``error_factory(status, body, reason, secrets)`` builds the ServerError
+    for an error answer.
+    """
+
+    def __init__(
+        self,
+        *,
+        logger: logging.Logger,
+        error_factory: Callable[[int, bytes, str, Iterable[str | None]], ServerError],
+        secrets: Callable[[], Iterable[str | None]],
+        timeout: Timeout = DEFAULT_TIMEOUT,
+        retries: int = DEFAULT_RETRIES,
+        backoff: float = DEFAULT_BACKOFF,
+        verify: bool | str = True,
+        ssl_context: ssl.SSLContext | None = None,
+        proxies: Mapping[str, str] | None = None,
+        session: requests.Session | None = None,
+    ) -> None:
+        if retries < 0:
+            raise ValueError("retries must be >= 0")
+        self.log = logger
+        self.error_factory = error_factory
+        self.secrets = secrets
+        self.timeout = _check_timeout(timeout)
+        self.retries = retries
+        self.backoff = backoff
+        self.verify = verify
+        self.proxies = dict(proxies) if proxies else None
+        self._own_session = session is None
+        self.session = session if session is not None else make_session(ssl_context)
+        self._closed = threading.Event()
+
+    def close(self) -> None:
+        """Close the pooled connections (only of a session created here)."""
+        self._closed.set()
+        if self._own_session:
+            self.session.close()
+
+    def redact(self, text: str) -> str:
+        """Redact the secrets of this transport from ``text``."""
+        return redact(text, self.secrets())
+
+    def display_url(self, url: str, params: Mapping[str, Any] | None = None) -> str:
+        """Return ``url`` with ``params`` appended, secrets redacted (for logs)."""
+        if params:
+            url = f"{url}?{urlencode(params)}"
+        return self.redact(url)
+
+    def request(
+        self,
+        method: str,
+        url: str,
+        *,
+        params: Mapping[str, Any] | None = None,
+        data: Any = None,
+        headers: Mapping[str, str] | None = None,
+        stream: bool = False,
+        idempotent: bool = False,
+        is_busy: Callable[[ServerError], bool] | None = None,
+        timeout: Timeout | None = None,
+    ) -> requests.Response:
+        """Send one request and return the successful (status < 400) response.
+
+        Retries when ``idempotent`` (see the module docstring). Raises the
+        ServerError built by ``error_factory`` for an error status, and a
+        TransportError subclass when no answer was obtained. With
+        ``stream=True`` the body of a successful response is left unread.
+        """
+        shown = self.display_url(url, params)
+        attempts = 1 + (self.retries if idempotent else 0)
+        delay = self.backoff
+        for attempt in range(1, attempts + 1):
+            start = time.monotonic()
+            try:
+                response = self.session.request(
+                    method,
+                    url,
+                    params=params,
+                    data=data,
+                    headers=headers,
+                    stream=True,
+                    timeout=timeout if timeout is not None else self.timeout,
+                    verify=self.verify,
+                    proxies=self.proxies,
+                    allow_redirects=True,
+                )
+            except (requests.RequestException, urllib3.exceptions.HTTPError, OSError,
+                    http.client.HTTPException) as exc:
+                err = translate_exception(exc, shown)
+                elapsed = time.monotonic() - start
+                if attempt < attempts and not self._closed.is_set():
+                    self.log.info(
+                        "%s %s failed after %.3f s (%s); retry %d/%d in %.2f s",
+                        method, shown, elapsed, err, attempt, attempts - 1, delay,
+                    )
+                    time.sleep(delay)
+                    delay = min(delay * 2, MAX_BACKOFF)
+                    continue
+                self.log.info("%s %s failed after %.3f s: %s", method, shown, elapsed, err)
+                raise err from exc
+
+            status = response.status_code
+            if status < 400:
+                self.log.debug(
+                    "%s %s -> %d (%.3f s)", method, shown, status, time.monotonic() - start
+                )
+                if not stream:
+                    try:
+                        _ = response.content
+                    except (requests.RequestException, urllib3.exceptions.HTTPError,
+                            OSError, http.client.HTTPException) as exc:
+                        response.close()
+                        raise translate_exception(exc, shown) from exc
+                return response
+
+            error = self._error_from(response, shown)
+            retry = (
+                attempt < attempts
+                and status in RETRY_STATUSES
+                and is_busy is not None
+                and is_busy(error)
+                and not self._closed.is_set()
+            )
+            if retry:
+                wait = _retry_after(response, delay)
+                self.log.info(
+                    "%s %s -> %d %s; retry %d/%d in %.2f s",
+                    method, shown, status, error.message, attempt, attempts - 1, wait,
+                )
+                time.sleep(wait)
+                delay = min(delay * 2, MAX_BACKOFF)
+                continue
+            self.log.debug("%s %s -> %d %s", method, shown, status, error.message)
+            raise error
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _error_from(self, response: requests.Response, shown: str) -> ServerError:
+        """Read a (bounded) error body and build the ServerError; closes it."""
+        try:
+            body = response.raw.read(MAX_ERROR_BODY, decode_content=True) or b""
+        except (requests.RequestException, urllib3.exceptions.HTTPError, OSError,
+                http.client.HTTPException):
+            body = b""
+        finally:
+            response.close()
+        return self.error_factory(
+            response.status_code, body, response.reason or "", tuple(self.secrets())
+        )
+
+
+def _retry_after(response: requests.Response, default: float) -> float:
+    value = response.headers.get("Retry-After")
+    if value:
+        try:
+            return max(0.0, min(float(value), MAX_BACKOFF))
+        except ValueError:
+            pass
+    return default
+
+
+def _check_timeout(timeout: Timeout) -> Timeout:
+    if isinstance(timeout, tuple):
+        if len(timeout) != 2 or any(t is None or t <= 0 for t in timeout):
+            raise ValueError("timeout must be a positive number or (connect, read)")
+        return (float(timeout[0]), float(timeout[1]))
+    if timeout is None or timeout <= 0:
+        raise ValueError("timeout must be a positive number or (connect, read)")
+    return float(timeout)

@@ -1,0 +1,1017 @@
+"""IDSClient and DataSelection: python-icat's ``icat.ids`` API on ``requests``.
+
+Code written for python-icat works by changing the import::
+
+    from idsfs.ids import DataSelection, IDSClient
+
+    ids = IDSClient("https://ids.example.org/ids", sessionId=session_id)
+    sel = DataSelection({"datafileIds": [42]})
+    with ids.getData(sel) as stream:
+        data = stream.read()
+
+Every method of ``icat.ids.IDSClient`` is here with the same name, parameters,
+defaults and return type (see ``ids-protocol.md`` §11); errors are the
+classes of :mod:`idsfs.errors` with python-icat's names. Beyond python-icat:
+pooled connections, connect/read timeouts (``timeout=``), retries of
+idempotent calls (``retries=``), a fast streaming :class:`DataStream` for
+``getData``, and session ids redacted from every log line, message and repr.
+
+Thread safety: one IDSClient may be used from several threads at once; the
+only mutable state is the ``sessionId`` attribute, which may be replaced at
+any time (a call uses the value it read when it started).
+"""
+
+from __future__ import annotations
+
+import getpass
+import http.client
+import io
+import json
+import logging
+import re
+import ssl
+import zlib
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any, BinaryIO
+from urllib.parse import urlencode
+
+import requests
+import urllib3.exceptions
+
+from idsfs import _http
+from idsfs._http import DEFAULT_BACKOFF, DEFAULT_RETRIES, DEFAULT_TIMEOUT, Timeout
+from idsfs.errors import (
+    IDSError,
+    IDSResponseError,
+    ServerError,
+    TruncatedStreamError,
+    VersionMethodError,
+    ids_error_from_response,
+    redact,
+)
+
+__all__ = ["DataSelection", "DataStream", "IDSClient", "Version"]
+
+log = logging.getLogger("idsfs.ids")
+
+#: Block size for reading getData streams and sending put bodies.
+BLOCK_SIZE = 1 << 20
+
+_NO_CACHE = {"Cache-Control": "no-cache", "Pragma": "no-cache"}
+
+
+# ----------------------------------------------------------------------------
+# Version
+
+
+class Version:
+    """A server version such as ``2.1.1`` or ``2.1.2-SNAPSHOT``, comparable
+    with other Versions and with version strings (``v < "1.11.0"``).
+
+    A ``-SNAPSHOT`` (or other ``-suffix``) release sorts before the release
+    itself, as in python-icat. Raises ``ValueError`` for text without a
+    leading dotted number.
+    """
+
+    _PATTERN = re.compile(r"^\s*v?(\d+(?:\.\d+)*)(?:[-.]?(.*?))?\s*$")
+
+    def __init__(self, version: str) -> None:
+        match = self._PATTERN.match(str(version))
+        if not match:
+            raise ValueError(f"invalid version {version!r}")
+        self.text = str(version).strip()
+        numbers = [int(x) for x in match.group(1).split(".")]
+        while len(numbers) > 1 and numbers[-1] == 0:
+            numbers.pop()
+        self._release = tuple(numbers)
+        self._pre = match.group(2) or ""
+
+    def _key(self) -> tuple[tuple[int, ...], int, str]:
+        return (self._release, 0 if self._pre else 1, self._pre)
+
+    @staticmethod
+    def _coerce(other: object) -> Version | None:
+        if isinstance(other, Version):
+            return other
+        if isinstance(other, str):
+            return Version(other)
+        return None
+
+    def __eq__(self, other: object) -> bool:
+        o = self._coerce(other)
+        return NotImplemented if o is None else self._key() == o._key()
+
+    def __lt__(self, other: object) -> bool:
+        o = self._coerce(other)
+        return NotImplemented if o is None else self._key() < o._key()
+
+    def __le__(self, other: object) -> bool:
+        o = self._coerce(other)
+        return NotImplemented if o is None else self._key() <= o._key()
+
+    def __gt__(self, other: object) -> bool:
+        o = self._coerce(other)
+        return NotImplemented if o is None else self._key() > o._key()
+
+    def __ge__(self, other: object) -> bool:
+        o = self._coerce(other)
+        return NotImplemented if o is None else self._key() >= o._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __str__(self) -> str:
+        return self.text
+
+    def __repr__(self) -> str:
+        return f"Version({self.text!r})"
+
+
+# ----------------------------------------------------------------------------
+# DataSelection
+
+_SELECTION_KEYS = {"investigationIds": "invIds", "datasetIds": "dsIds", "datafileIds": "dfIds"}
+
+
+def _as_id(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise TypeError(f"invalid {what} {value!r}: expected an integer id")
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"invalid {what} {value!r}: expected an integer id") from None
+
+
+class DataSelection:
+    """A set of investigation, dataset and datafile ids to pass to IDS calls.
+
+    ``objs`` is passed to :meth:`extend`. The three sets are the attributes
+    ``invIds``, ``dsIds`` and ``dfIds``.
+    """
+
+    def __init__(self, objs: Any = None) -> None:
+        self.invIds: set[int] = set()
+        self.dsIds: set[int] = set()
+        self.dfIds: set[int] = set()
+        if objs:
+            self.extend(objs)
+
+    def __len__(self) -> int:
+        return len(self.invIds) + len(self.dsIds) + len(self.dfIds)
+
+    def __str__(self) -> str:
+        return f"{{invIds:{self.invIds}, dsIds:{self.dsIds}, dfIds:{self.dfIds}}}"
+
+    def __repr__(self) -> str:
+        return (
+            f"DataSelection({{'investigationIds': {sorted(self.invIds)}, "
+            f"'datasetIds': {sorted(self.dsIds)}, 'datafileIds': {sorted(self.dfIds)}}})"
+        )
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, DataSelection):
+            return NotImplemented
+        return (self.invIds, self.dsIds, self.dfIds) == (other.invIds, other.dsIds, other.dfIds)
+
+    __hash__ = None  # type: ignore[assignment]  # mutable
+
+    def extend(self, objs: Any) -> None:
+        """Add ``objs`` to the selection.
+
+        ``objs`` is another DataSelection (union); a mapping with any of the
+        keys ``investigationIds``, ``datasetIds``, ``datafileIds`` whose
+        values are iterables of integer ids; or an iterable of entity objects
+        (anything with ``BeanName`` and ``id``: :mod:`idsfs.model` objects or
+        python-icat entities) of type Investigation, Dataset, Datafile or
+        DataCollection (which contributes its linked datasets, datafiles and
+        investigations). A single entity object is accepted too.
+
+        Raises ``ValueError`` for an unknown entity type, an unknown mapping
+        key or an id that is not an integer; ``TypeError`` for an element
+        that is not an entity, or any other argument type. Nothing is added
+        when an error is raised.
+        """
+        inv: set[int] = set()
+        ds: set[int] = set()
+        df: set[int] = set()
+        if isinstance(objs, DataSelection):
+            inv, ds, df = set(objs.invIds), set(objs.dsIds), set(objs.dfIds)
+        elif isinstance(objs, Mapping):
+            unknown = set(objs) - set(_SELECTION_KEYS)
+            if unknown:
+                raise ValueError(
+                    f"unknown key(s) {sorted(map(str, unknown))} in selection; expected "
+                    "investigationIds, datasetIds, datafileIds"
+                )
+            targets = {"investigationIds": inv, "datasetIds": ds, "datafileIds": df}
+            for key, ids in objs.items():
+                if ids is None:
+                    continue
+                if isinstance(ids, str | bytes) or not isinstance(ids, Iterable):
+                    ids = [ids]
+                targets[key].update(_as_id(i, key[:-1]) for i in ids)
+        elif hasattr(objs, "BeanName"):
+            self._add_entity(objs, inv, ds, df)
+        elif isinstance(objs, str | bytes):
+            raise TypeError(
+                "objs must be a DataSelection, a dict of ids or a list of entity objects, "
+                f"not {type(objs).__name__} (a preparedId is passed to the IDS call directly)"
+            )
+        elif isinstance(objs, Iterable):
+            for obj in objs:
+                if not hasattr(obj, "BeanName"):
+                    raise TypeError(f"invalid object type {type(obj).__name__!r} in selection")
+                self._add_entity(obj, inv, ds, df)
+        else:
+            raise TypeError(
+                "objs must be a DataSelection, a dict of ids or a list of entity objects, "
+                f"not {type(objs).__name__}"
+            )
+        self.invIds |= inv
+        self.dsIds |= ds
+        self.dfIds |= df
+
+    @staticmethod
+    def _add_entity(obj: Any, inv: set[int], ds: set[int], df: set[int]) -> None:
+        bean = obj.BeanName
+        if bean == "Investigation":
+            inv.add(_entity_id(obj))
+        elif bean == "Dataset":
+            ds.add(_entity_id(obj))
+        elif bean == "Datafile":
+            df.add(_entity_id(obj))
+        elif bean == "DataCollection":
+            for link in getattr(obj, "dataCollectionDatasets", None) or ():
+                if getattr(link, "dataset", None) is not None:
+                    ds.add(_entity_id(link.dataset))
+            for link in getattr(obj, "dataCollectionDatafiles", None) or ():
+                if getattr(link, "datafile", None) is not None:
+                    df.add(_entity_id(link.datafile))
+            try:
+                links = getattr(obj, "dataCollectionInvestigations", None) or ()
+            except AttributeError:  # python-icat entity of an ICAT < 5 schema
+                links = ()
+            for link in links:
+                if getattr(link, "investigation", None) is not None:
+                    inv.add(_entity_id(link.investigation))
+        else:
+            raise ValueError(f"invalid object {bean!r}: not an Investigation, Dataset, "
+                             "Datafile or DataCollection")
+
+    def fillParams(self, params: dict[str, Any]) -> None:
+        """Add ``investigationIds``/``datasetIds``/``datafileIds`` to ``params``.
+
+        Each non-empty set becomes a comma-joined string of ids (ascending);
+        empty sets add nothing.
+        """
+        if self.invIds:
+            params["investigationIds"] = ",".join(str(i) for i in sorted(self.invIds))
+        if self.dsIds:
+            params["datasetIds"] = ",".join(str(i) for i in sorted(self.dsIds))
+        if self.dfIds:
+            params["datafileIds"] = ",".join(str(i) for i in sorted(self.dfIds))
+
+
+def _entity_id(obj: Any) -> int:
+    value = getattr(obj, "id", None)
+    if value is None:
+        raise ValueError(f"{getattr(obj, 'BeanName', type(obj).__name__)} object has no id")
+    return _as_id(value, "id")
+
+
+# ----------------------------------------------------------------------------
+# getData stream
+
+
+class DataStream(io.RawIOBase):
+    """The body of a ``getData`` answer, read as it arrives.
+
+    A binary file object: ``read(n)``, ``readinto(b)`` (fills ``b``
+    completely unless the stream ends), ``readall()``, iteration (yields
+    blocks of up to 1 MiB as ``bytes`` - not lines), ``copyto(file)`` and use
+    as a context manager. Never holds the whole body in memory.
+
+    Attributes: ``status`` (200, or 206 for an offset), ``headers``,
+    ``content_length`` (``Content-Length`` or ``None`` when chunked),
+    ``length`` (bytes left according to ``Content-Length``), ``offset`` (the
+    requested start offset) and ``bytes_read``. ``getheader``, ``info`` and
+    ``geturl`` mirror ``http.client.HTTPResponse`` as python-icat returns it.
+
+    Errors while reading: :class:`~idsfs.errors.TruncatedStreamError` when
+    the body ends before ``Content-Length`` or the chunked framing breaks,
+    :class:`~idsfs.errors.TransportTimeoutError` when the server stalls
+    longer than the read timeout, :class:`~idsfs.errors.ConnectionLostError`
+    on a reset. The stream is closed after an error.
+    """
+
+    def __init__(self, response: requests.Response, offset: int = 0, url: str = "") -> None:
+        super().__init__()
+        self._response = response
+        raw = response.raw
+        fp = getattr(raw, "_fp", None)
+        # Reading the http.client response directly lets socket data land in the
+        # caller's buffer without the copies urllib3's read() makes.
+        self._fp: Any = fp if isinstance(fp, http.client.HTTPResponse) else None
+        self._raw = raw
+        self._url = url
+        self.status: int = response.status_code
+        self.code: int = self.status
+        self.reason: str = response.reason or ""
+        self.headers = response.headers
+        self.offset = offset
+        self.bytes_read = 0
+        cl = response.headers.get("Content-Length")
+        try:
+            self.content_length: int | None = int(cl) if cl is not None else None
+        except ValueError:
+            self.content_length = None
+        self._eof = False
+
+    # -- python-icat / http.client compatibility
+    @property
+    def length(self) -> int | None:
+        """Bytes still to come according to ``Content-Length`` (else ``None``)."""
+        if self.content_length is None:
+            return None
+        return max(0, self.content_length - self.bytes_read)
+
+    def getheader(self, name: str, default: str | None = None) -> str | None:
+        """Return the value of header ``name`` (case-insensitive)."""
+        return self.headers.get(name, default)
+
+    def getheaders(self) -> list[tuple[str, str]]:
+        """Return all headers as (name, value) pairs."""
+        return list(self.headers.items())
+
+    def info(self) -> Any:
+        """Return the headers (as ``urllib`` responses do)."""
+        return self.headers
+
+    def geturl(self) -> str:
+        """Return the request URL with session ids redacted."""
+        return self._url
+
+    def __repr__(self) -> str:
+        return (
+            f"<DataStream status={self.status} offset={self.offset} "
+            f"read={self.bytes_read} length={self.content_length} closed={self.closed}>"
+        )
+
+    # -- reading
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        """Read into the writable buffer ``b``; return the number of bytes.
+
+        Fills ``b`` completely unless the stream ends first; 0 means end of
+        stream. Raises a TransportError subclass (see the class docstring).
+        """
+        if self.closed:
+            raise ValueError("I/O operation on closed DataStream")
+        view = memoryview(b)
+        if view.format != "B" or view.ndim != 1:
+            view = view.cast("B")
+        if self._eof or not len(view):
+            return 0
+        try:
+            n = self._fp.readinto(view) if self._fp is not None else self._readinto_urllib3(view)
+        except http.client.IncompleteRead as exc:
+            self._fail()
+            raise TruncatedStreamError(
+                f"download ended after {self.bytes_read} bytes: broken stream ({self._url})",
+                self.bytes_read,
+                self.content_length,
+            ) from exc
+        except (OSError, http.client.HTTPException, urllib3.exceptions.HTTPError,
+                requests.RequestException) as exc:
+            self._fail()
+            if isinstance(exc, urllib3.exceptions.ProtocolError) and "IncompleteRead" in str(exc):
+                raise TruncatedStreamError(
+                    f"download ended after {self.bytes_read} bytes: broken stream ({self._url})",
+                    self.bytes_read,
+                    self.content_length,
+                ) from exc
+            raise _http.translate_exception(exc, self._url) from exc
+        if n:
+            self.bytes_read += n
+            if self.content_length is not None and self.bytes_read >= self.content_length:
+                self._finish()
+            return n
+        self._finish()
+        if self.content_length is not None and self.bytes_read < self.content_length:
+            self._fail()
+            raise TruncatedStreamError(
+                f"download ended after {self.bytes_read} of {self.content_length} bytes "
+                f"({self._url})",
+                self.bytes_read,
+                self.content_length,
+            )
+        return 0
+
+    def _readinto_urllib3(self, view: memoryview) -> int:
+        total = 0
+        while total < len(view):
+            chunk = self._raw.read(len(view) - total)
+            if not chunk:
+                break
+            view[total:total + len(chunk)] = chunk
+            total += len(chunk)
+        return total
+
+    def read(self, size: int | None = -1) -> bytes:
+        """Read up to ``size`` bytes (all remaining bytes if negative/None)."""
+        if size is None or size < 0:
+            return self.readall()
+        buf = bytearray(size)
+        n = self.readinto(buf)
+        del buf[n:]
+        return bytes(buf)
+
+    def readall(self) -> bytes:
+        """Read everything that is left (this does hold it in memory)."""
+        parts = []
+        while True:
+            block = self.read(BLOCK_SIZE)
+            if not block:
+                return b"".join(parts)
+            parts.append(block)
+
+    def __iter__(self) -> Iterator[bytes]:  # type: ignore[override]
+        return self
+
+    def __next__(self) -> bytes:
+        block = self.read(BLOCK_SIZE)
+        if not block:
+            raise StopIteration
+        return block
+
+    def copyto(
+        self,
+        fileobj: BinaryIO | Any,
+        progress: Any = None,
+        blocksize: int = BLOCK_SIZE,
+    ) -> int:
+        """Write the rest of the stream to ``fileobj``; return the byte count.
+
+        Uses one reused buffer of ``blocksize`` bytes. ``progress(n)`` is
+        called with the size of each block written.
+        """
+        buf = bytearray(blocksize)
+        view = memoryview(buf)
+        total = 0
+        while True:
+            n = self.readinto(view)
+            if not n:
+                return total
+            fileobj.write(view[:n])
+            total += n
+            if progress is not None:
+                progress(n)
+
+    # -- closing
+    def _finish(self) -> None:
+        """End of body reached: give the connection back to the pool."""
+        if self._eof:
+            return
+        self._eof = True
+        if self._fp is not None and not self._fp.isclosed():
+            self._response.close()
+            return
+        try:
+            self._raw.release_conn()
+        except Exception:  # noqa: BLE001 - pool bookkeeping must not fail a read
+            self._response.close()
+
+    def _fail(self) -> None:
+        self._eof = True
+        self._response.close()
+
+    def close(self) -> None:
+        """Close the stream; an unfinished body closes the connection."""
+        if self.closed:
+            return
+        if not self._eof:
+            self._eof = True
+            self._response.close()
+        super().close()
+
+
+# ----------------------------------------------------------------------------
+# put body
+
+
+class _PutBody:
+    """Iterable of body blocks read from the input, computing CRC32 and size."""
+
+    def __init__(self, source: Any, blocksize: int = BLOCK_SIZE) -> None:
+        self.source = source
+        self.blocksize = blocksize
+        self.crc32 = 0
+        self.size = 0
+
+    def __iter__(self) -> Iterator[Any]:
+        src = self.source
+        if isinstance(src, bytes | bytearray | memoryview):
+            view = memoryview(src).cast("B")
+            for start in range(0, len(view), self.blocksize):
+                yield self._account(view[start:start + self.blocksize])
+        elif hasattr(src, "readinto"):
+            # One reused buffer: urllib3 copies each block into its chunk frame
+            # before asking for the next one.
+            buf = bytearray(self.blocksize)
+            view = memoryview(buf)
+            while True:
+                n = src.readinto(view)
+                if not n:
+                    break
+                yield self._account(view[:n])
+        elif hasattr(src, "read"):
+            while True:
+                block = src.read(self.blocksize)
+                if not block:
+                    break
+                if isinstance(block, str):
+                    raise TypeError("put input stream must be binary, got text")
+                yield self._account(memoryview(block).cast("B"))
+        else:
+            for block in src:
+                if isinstance(block, str):
+                    raise TypeError("put input iterable must yield bytes, got str")
+                if block:
+                    yield self._account(memoryview(block).cast("B"))
+
+    def _account(self, view: memoryview) -> memoryview:
+        self.crc32 = zlib.crc32(view, self.crc32)
+        self.size += len(view)
+        return view
+
+
+# ----------------------------------------------------------------------------
+# IDSClient
+
+
+def _is_busy(error: ServerError) -> bool:
+    """Retry predicate: a lock conflict or a proxy-level overload.
+
+    ``DataNotOnlineException`` whose message says the data is busy (a lock,
+    which clears by itself) and 502/503/504 answers that are not IDS error
+    JSON are retried; "data not online" for archived data is not.
+    """
+    if error.type is None:
+        return True
+    return error.type == "DataNotOnlineException" and "busy" in error.message.lower()
+
+
+class IDSClient:
+    """A client of the ICAT Data Service (python-icat's ``icat.ids.IDSClient``).
+
+    ``url`` is the IDS base URL (``https://host:8181/ids``). ``sessionId``
+    (settable attribute) is the ICAT session used by the calls that need
+    one. ``sslContext`` is an ``ssl.SSLContext`` used for HTTPS instead of
+    the default verification against the system CA bundle; ``proxy`` is a
+    mapping ``{"https": "http://proxy:3128", ...}`` as in python-icat.
+
+    Keyword-only extras: ``timeout`` (seconds, or ``(connect, read)``),
+    ``retries`` (for idempotent calls, see docs/client.md), ``backoff``
+    (first retry delay), ``verify`` (``False`` or a CA bundle path when no
+    ``sslContext`` is given) and ``session`` (a ``requests.Session`` to share).
+
+    The constructor calls ``version`` once and stores the result in
+    ``apiversion``; it raises :class:`~idsfs.errors.TransportError` if the
+    server cannot be reached.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        sessionId: str | None = None,
+        sslContext: ssl.SSLContext | None = None,
+        proxy: Mapping[str, str] | None = None,
+        *,
+        timeout: Timeout = DEFAULT_TIMEOUT,
+        retries: int = DEFAULT_RETRIES,
+        backoff: float = DEFAULT_BACKOFF,
+        verify: bool | str = True,
+        session: requests.Session | None = None,
+    ) -> None:
+        if not isinstance(url, str) or not re.match(r"^https?://", url):
+            raise ValueError(f"IDS URL must start with http:// or https://: {url!r}")
+        self.url = url if url.endswith("/") else url + "/"
+        self.sessionId: str | None = sessionId
+        self._transport = _http.Transport(
+            logger=log,
+            error_factory=ids_error_from_response,
+            secrets=lambda: (self.sessionId,),
+            timeout=timeout,
+            retries=retries,
+            backoff=backoff,
+            verify=verify,
+            ssl_context=sslContext,
+            proxies=proxy,
+            session=session,
+        )
+        self.apiversion = Version(self.version()["version"])
+
+    def __repr__(self) -> str:
+        state = "set" if self.sessionId else "none"
+        return f"<IDSClient url={self.url!r} apiversion={getattr(self, 'apiversion', None)} " \
+               f"sessionId={state}>"
+
+    def close(self) -> None:
+        """Close pooled connections. The client must not be used afterwards."""
+        self._transport.close()
+
+    def __enter__(self) -> IDSClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- plumbing
+    def _call(
+        self,
+        method: str,
+        endpoint: str,
+        params: Mapping[str, Any] | None = None,
+        *,
+        idempotent: bool,
+        stream: bool = False,
+        data: Any = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> requests.Response:
+        hdrs = dict(_NO_CACHE) if method == "GET" else {}
+        if headers:
+            hdrs.update(headers)
+        form = None
+        query = params
+        if method == "POST" and data is None:
+            form, query = params, None
+        return self._transport.request(
+            method,
+            self.url + endpoint,
+            params=query,
+            data=form if form is not None else data,
+            headers=hdrs,
+            stream=stream,
+            idempotent=idempotent,
+            is_busy=_is_busy,
+        )
+
+    def _text(self, endpoint: str, params: Mapping[str, Any] | None = None,
+              method: str = "GET") -> str:
+        response = self._call(method, endpoint, params, idempotent=method == "GET")
+        return response.content.decode("utf-8")
+
+    def _json(self, endpoint: str, params: Mapping[str, Any] | None = None) -> Any:
+        text = self._text(endpoint, params)
+        try:
+            return json.loads(text)
+        except ValueError as exc:
+            raise IDSResponseError(
+                f"{endpoint}: response is not JSON: {redact(text[:200], (self.sessionId,))}"
+            ) from exc
+
+    def _require_session(self) -> str:
+        if not self.sessionId:
+            raise RuntimeError("Must be logged in to make this call.")
+        return self.sessionId
+
+    def _selectionParams(
+        self, selection: DataSelection | str, requireSessionId: bool = True
+    ) -> dict[str, Any]:
+        """Query parameters for a DataSelection (+ sessionId) or a preparedId."""
+        if isinstance(selection, DataSelection):
+            params: dict[str, Any] = {}
+            if self.sessionId:
+                params["sessionId"] = self.sessionId
+            elif requireSessionId:
+                raise RuntimeError("Must be logged in to make this call.")
+            selection.fillParams(params)
+            return params
+        if isinstance(selection, str):
+            return {"preparedId": selection}
+        raise TypeError("selection must either be a DataSelection or a preparedId")
+
+    def _sessionSelection(self, selection: DataSelection) -> dict[str, Any]:
+        """Parameters for calls that take only a DataSelection (archive ...)."""
+        if not isinstance(selection, DataSelection):
+            raise TypeError(f"selection must be a DataSelection, not {type(selection).__name__}")
+        params: dict[str, Any] = {"sessionId": self._require_session()}
+        selection.fillParams(params)
+        return params
+
+    def _versionMethodError(self, method: str, minversion: str, exc: Exception) -> Exception:
+        if self.apiversion < minversion:
+            return VersionMethodError(method, version=self.apiversion, service="IDS")
+        return exc
+
+    # -- discovery
+    def ping(self) -> None:
+        """Check that the server is alive and is an IDS.
+
+        Raises :class:`~idsfs.errors.IDSResponseError` if the answer is not
+        ``IdsOK``.
+        """
+        result = self._text("ping")
+        if result != "IdsOK":
+            raise IDSResponseError(f"unexpected response to ping: {result[:100]!r}")
+
+    def version(self) -> dict[str, Any]:
+        """Return the server's version document, e.g. ``{"version": "2.1.1"}``.
+
+        Servers older than 1.8.0 have no ``version`` call; their version is
+        then guessed from ``getApiVersion``, ``ping`` and ``isReadOnly``
+        (as python-icat does).
+        """
+        try:
+            doc = self._json("version")
+        except IDSError as err:
+            try:
+                return {"version": self._get_legacy_version()}
+            except (IDSError, ValueError):
+                raise err from None
+        if not isinstance(doc, dict) or not isinstance(doc.get("version"), str):
+            raise IDSResponseError(f"unexpected response to version: {doc!r}")
+        return doc
+
+    def _get_legacy_version(self) -> str:
+        try:
+            text = self._text("getApiVersion").strip()
+            Version(text)
+            return text
+        except (IDSError, ValueError):
+            pass
+        self.ping()
+        try:
+            self.isReadOnly()
+            return "1.2.0"
+        except IDSError:
+            return "1.0.0"
+
+    def getApiVersion(self) -> str:
+        """Return the server version string (emulated through ``version``)."""
+        return str(self.version()["version"])
+
+    def getIcatUrl(self) -> str:
+        """Return the URL of the ICAT server this IDS uses (IDS >= 1.4.0)."""
+        try:
+            return self._text("getIcatUrl")
+        except IDSError as exc:
+            raise self._versionMethodError("getIcatUrl", "1.4.0", exc) from exc
+
+    def isReadOnly(self) -> bool:
+        """Return whether the server is read-only."""
+        return self._text("isReadOnly").strip().lower() == "true"
+
+    def isTwoLevel(self) -> bool:
+        """Return whether the server has archive storage (two-level)."""
+        return self._text("isTwoLevel").strip().lower() == "true"
+
+    def getServiceStatus(self) -> dict[str, Any]:
+        """Return what the IDS is doing (``opsQueue``, ``locks``, ``failures``).
+
+        Needs a session of a user in the IDS ``rootUserNames``; others get
+        :class:`~idsfs.errors.IDSInsufficientPrivilegesError`.
+        """
+        result = self._json("getServiceStatus", {"sessionId": self._require_session()})
+        if not isinstance(result, dict):
+            raise IDSResponseError("getServiceStatus: response is not a JSON object")
+        return result
+
+    # -- information on selections
+    def getSize(self, selection: DataSelection | str) -> int:
+        """Return the total ICAT ``fileSize`` of the selected datafiles.
+
+        ``selection`` is a DataSelection or a preparedId (IDS >= 1.11.0,
+        else :class:`~idsfs.errors.VersionMethodError`). Raises
+        ``RuntimeError`` for a DataSelection when no sessionId is set.
+        """
+        params = self._selectionParams(selection)
+        if "preparedId" in params and self.apiversion < "1.11.0":
+            raise VersionMethodError("getSize(preparedId)", version=self.apiversion,
+                                     service="IDS")
+        text = self._text("getSize", params)
+        try:
+            return int(text)
+        except ValueError as exc:
+            raise IDSResponseError(f"getSize: not a number: {text[:100]!r}") from exc
+
+    def getStatus(self, selection: DataSelection | str) -> str:
+        """Return ``ONLINE``, ``RESTORING`` or ``ARCHIVED`` for the selection.
+
+        Without a sessionId the parameter is left out and the IDS uses its
+        reader account. A preparedId needs IDS >= 1.11.0.
+        """
+        params = self._selectionParams(selection, requireSessionId=False)
+        if "preparedId" in params and self.apiversion < "1.11.0":
+            raise VersionMethodError("getStatus(preparedId)", version=self.apiversion,
+                                     service="IDS")
+        return self._text("getStatus", params)
+
+    def getDatafileIds(self, selection: DataSelection | str) -> list[int]:
+        """Return the ids of the datafiles in the selection (IDS >= 1.5.0)."""
+        params = self._selectionParams(selection)
+        try:
+            doc = self._json("getDatafileIds", params)
+        except IDSError as exc:
+            if isinstance(exc, IDSResponseError):
+                raise
+            raise self._versionMethodError("getDatafileIds", "1.5.0", exc) from exc
+        if not isinstance(doc, dict) or not isinstance(doc.get("ids"), list):
+            raise IDSResponseError("getDatafileIds: response has no 'ids' list")
+        return [int(i) for i in doc["ids"]]
+
+    # -- deferred operations
+    def archive(self, selection: DataSelection) -> None:
+        """Ask the IDS to move the selected data to archive storage."""
+        self._call("POST", "archive", self._sessionSelection(selection), idempotent=False)
+
+    def restore(self, selection: DataSelection) -> None:
+        """Ask the IDS to bring the selected data back online."""
+        self._call("POST", "restore", self._sessionSelection(selection), idempotent=False)
+
+    def write(self, selection: DataSelection) -> None:
+        """Ask the IDS to (re)write the selected data to archive storage
+        (IDS >= 1.9.0)."""
+        params = self._sessionSelection(selection)
+        try:
+            self._call("POST", "write", params, idempotent=False)
+        except IDSError as exc:
+            raise self._versionMethodError("write", "1.9.0", exc) from exc
+
+    def reset(self, selection: DataSelection | str) -> None:
+        """Clear a recorded restore failure of the selection (IDS >= 1.6.0)."""
+        params = self._selectionParams(selection)
+        try:
+            self._call("POST", "reset", params, idempotent=False)
+        except IDSError as exc:
+            raise self._versionMethodError("reset", "1.6.0", exc) from exc
+
+    # -- prepared downloads
+    def prepareData(
+        self, selection: DataSelection, compressFlag: bool = False, zipFlag: bool = False
+    ) -> str:
+        """Prepare the selection for download; return the preparedId."""
+        params = self._sessionSelection(selection)
+        if zipFlag:
+            params["zip"] = "true"
+        if compressFlag:
+            params["compress"] = "true"
+        response = self._call("POST", "prepareData", params, idempotent=False)
+        return response.content.decode("utf-8")
+
+    def isPrepared(self, preparedId: str) -> bool:
+        """Return whether the data of ``preparedId`` is ready for getData."""
+        return self._text("isPrepared", {"preparedId": preparedId}).strip().lower() == "true"
+
+    def _getDataParams(
+        self,
+        selection: DataSelection | str,
+        compressFlag: bool,
+        zipFlag: bool,
+        outname: str | None,
+        flags_for_prepared: bool,
+    ) -> dict[str, Any]:
+        params = self._selectionParams(selection)
+        if isinstance(selection, DataSelection) or flags_for_prepared:
+            if zipFlag:
+                params["zip"] = "true"
+            if compressFlag:
+                params["compress"] = "true"
+        if outname:
+            params["outname"] = outname
+        return params
+
+    def getData(
+        self,
+        selection: DataSelection | str,
+        compressFlag: bool = False,
+        zipFlag: bool = False,
+        outname: str | None = None,
+        offset: int = 0,
+    ) -> DataStream:
+        """Open the download of the selection; return a :class:`DataStream`.
+
+        ``offset > 0`` sends ``Range: bytes=<offset>-`` (status 206). The
+        flags are sent only for a DataSelection (a preparedId has its own).
+        The opening request is retried like other idempotent calls; errors
+        while reading the body are the stream's (see :class:`DataStream`).
+        """
+        if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
+            raise ValueError(f"offset must be a non-negative integer, not {offset!r}")
+        params = self._getDataParams(selection, compressFlag, zipFlag, outname, False)
+        headers = {"Accept-Encoding": "identity"}
+        if offset > 0:
+            headers["Range"] = f"bytes={offset}-"
+        url = self.url + "getData"
+        response = self._call(
+            "GET", "getData", params, idempotent=True, stream=True, headers=headers
+        )
+        return DataStream(response, offset, self._transport.display_url(url, params))
+
+    def getDataUrl(
+        self,
+        selection: DataSelection | str,
+        compressFlag: bool = False,
+        zipFlag: bool = False,
+        outname: str | None = None,
+    ) -> str:
+        """Return the getData URL for the selection without requesting it.
+
+        The URL contains the session id (or preparedId): treat it as secret.
+        """
+        params = self._getDataParams(selection, compressFlag, zipFlag, outname, True)
+        return self.url + "getData?" + urlencode(params)
+
+    def getLink(self, datafileId: int, username: str | None = None) -> str:
+        """Return the path of a hard link to the datafile (deprecated IDS call).
+
+        ``username`` defaults to the local login name.
+        """
+        if username is None:
+            username = getpass.getuser()
+        params = {
+            "sessionId": self._require_session(),
+            "datafileId": str(_as_id(datafileId, "datafileId")),
+            "username": username,
+        }
+        return self._call("POST", "getLink", params, idempotent=False).content.decode("utf-8")
+
+    # -- writing
+    def put(
+        self,
+        inputStream: Any,
+        name: str,
+        datasetId: int,
+        datafileFormatId: int,
+        description: str | None = None,
+        doi: str | None = None,
+        datafileCreateTime: int | None = None,
+        datafileModTime: int | None = None,
+    ) -> int:
+        """Upload ``inputStream`` as a new datafile ``name`` in dataset
+        ``datasetId``; return the new datafile id.
+
+        ``inputStream`` is a binary file object (``readinto`` or ``read``),
+        a bytes-like object, or an iterable of bytes blocks. It is streamed
+        with chunked transfer encoding while its CRC32 is computed; the
+        server's checksum and size are compared with it and a mismatch raises
+        :class:`~idsfs.errors.IDSResponseError`. The times are epoch
+        milliseconds. Never retried (a retry could create a second datafile).
+        Raises ``ValueError`` when ``inputStream`` is None, ``RuntimeError``
+        without a sessionId.
+        """
+        params: dict[str, Any] = {
+            "sessionId": self._require_session(),
+            "name": name,
+            "datasetId": str(_as_id(datasetId, "datasetId")),
+            "datafileFormatId": str(_as_id(datafileFormatId, "datafileFormatId")),
+        }
+        if description:
+            params["description"] = description
+        if doi:
+            params["doi"] = doi
+        if datafileCreateTime:
+            params["datafileCreateTime"] = str(int(datafileCreateTime))
+        if datafileModTime:
+            params["datafileModTime"] = str(int(datafileModTime))
+        if inputStream is None:
+            raise ValueError("Input stream is null")
+        if isinstance(inputStream, str):
+            raise TypeError("put needs binary data, not str")
+        body = _PutBody(inputStream)
+        response = self._call(
+            "PUT",
+            "put",
+            params,
+            idempotent=False,
+            data=body,
+            headers={"Content-Type": "application/octet-stream"},
+        )
+        text = response.content.decode("utf-8", errors="replace")
+        try:
+            doc = json.loads(text)
+            new_id = int(doc["id"])
+            checksum = int(doc["checksum"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise IDSResponseError(f"put: unexpected response {text[:200]!r}") from exc
+        crc = body.crc32 & 0xFFFFFFFF
+        if checksum != crc:
+            raise IDSResponseError(
+                f"checksum error: server computed {checksum:08x}, sent data has {crc:08x} "
+                f"(datafile id {new_id})"
+            )
+        size = doc.get("size")
+        if isinstance(size, int) and size != body.size:
+            raise IDSResponseError(
+                f"size error: server stored {size} bytes, {body.size} were sent "
+                f"(datafile id {new_id})"
+            )
+        return new_id
+
+    def delete(self, selection: DataSelection) -> None:
+        """Delete the selected datafiles (ICAT objects and stored bytes)."""
+        params = self._sessionSelection(selection)
+        self._call("DELETE", "delete", params, idempotent=False)
+
