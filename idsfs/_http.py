@@ -146,6 +146,15 @@ def translate_exception(exc: BaseException, url: str | None) -> TransportError:
     detail = redact(str(root) or type(root).__name__)
     if isinstance(exc, requests.exceptions.SSLError) or isinstance(root, ssl.SSLError):
         return TLSError(f"TLS failure{where}: {detail}", url)
+    # urllib3's NewConnectionError derives from ConnectTimeoutError: test it first.
+    if isinstance(
+        root,
+        urllib3.exceptions.NewConnectionError
+        | urllib3.exceptions.NameResolutionError
+        | ConnectionRefusedError
+        | socket.gaierror,
+    ):
+        return ConnectError(f"cannot connect{where}: {detail}", url)
     if isinstance(
         exc,
         requests.exceptions.Timeout
@@ -156,14 +165,6 @@ def translate_exception(exc: BaseException, url: str | None) -> TransportError:
         return TransportTimeoutError(f"timed out{where}: {detail}", url)
     if isinstance(exc, requests.exceptions.ProxyError):
         return ConnectError(f"proxy failure{where}: {detail}", url)
-    if isinstance(
-        root,
-        urllib3.exceptions.NewConnectionError
-        | urllib3.exceptions.NameResolutionError
-        | ConnectionRefusedError
-        | socket.gaierror,
-    ):
-        return ConnectError(f"cannot connect{where}: {detail}", url)
     if isinstance(
         exc,
         requests.exceptions.ConnectionError
