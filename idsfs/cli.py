@@ -18,6 +18,8 @@ from idsfs import __version__
 #: sub-command name -> module implementing it
 SUBCOMMANDS: dict[str, str] = {
     "emulator": "idsfs.emulator.cli",
+    "get": "idsfs.getput",
+    "put": "idsfs.getput",
 }
 
 

@@ -1,0 +1,327 @@
+"""Download from (``idsfs get``) or upload to (``idsfs put``) an ICAT Data Service.
+
+``idsfs get`` writes the data of datafiles, datasets or investigations to a
+file (a zip unless it is exactly one datafile), resuming after a dropped
+connection. ``idsfs put`` uploads one local file as a new datafile and prints
+its id. A progress bar is shown on a terminal for transfers longer than a
+moment.
+
+Credentials never go on the command line. Either an existing ICAT session:
+``--session-file FILE`` or the environment variable IDSFS_SESSION_ID; or a
+login: ``--user NAME`` (``--auth PLUGIN``, default ``simple``) with the
+password from ``--password-file FILE``, the environment variable
+IDSFS_PASSWORD, or a prompt on a terminal. The ICAT URL for the login is
+``--icat`` or else the one the IDS reports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import getpass
+import logging
+import os
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from idsfs.download import (
+    ProgressCallback,
+    download,
+    download_to,
+    filename_from_headers,
+    is_zipped,
+    upload,
+)
+from idsfs.errors import IdsfsError
+from idsfs.icat import ICATClient
+from idsfs.ids import DataSelection, IDSClient
+
+HELP = "download data from (get) or upload a file to (put) an IDS"
+
+ENV_SESSION = "IDSFS_SESSION_ID"
+ENV_PASSWORD = "IDSFS_PASSWORD"
+ENV_IDS_URL = "IDSFS_IDS_URL"
+
+log = logging.getLogger("idsfs.getput")
+
+_GET_DESCRIPTION = """Download datafiles, datasets or investigations from an IDS.
+
+One datafile is written as is; anything else arrives as one zip file. The
+output name defaults to the name the server gives (in the current directory).
+"""
+
+_PUT_DESCRIPTION = """Upload a local file as a new datafile of a dataset; prints the new id."""
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    conn = parser.add_argument_group("server and credentials")
+    conn.add_argument("--ids", metavar="URL", default=os.environ.get(ENV_IDS_URL),
+                      help=f"IDS base URL, e.g. https://host:8181/ids (default: ${ENV_IDS_URL})")
+    conn.add_argument("--icat", metavar="URL",
+                      help="ICAT base URL for --user logins (default: as reported by the IDS)")
+    conn.add_argument("--auth", metavar="PLUGIN", default="simple",
+                      help="ICAT authenticator for --user (default: simple)")
+    conn.add_argument("--user", metavar="NAME", help="log in to ICAT as NAME")
+    conn.add_argument("--password-file", metavar="FILE", type=Path,
+                      help=f"file holding the password (else ${ENV_PASSWORD}, else a prompt)")
+    conn.add_argument("--session-file", metavar="FILE", type=Path,
+                      help=f"file holding an ICAT session id (else ${ENV_SESSION})")
+    conn.add_argument("--timeout", metavar="SECONDS", type=float, default=120.0,
+                      help="read timeout of each request (default: 120)")
+    conn.add_argument("--retries", metavar="N", type=int, default=5,
+                      help="attempts after a dropped connection (default: 5)")
+    conn.add_argument("--insecure", action="store_true",
+                      help="do not verify TLS certificates")
+    conn.add_argument("--ca-file", metavar="FILE", help="CA bundle for TLS verification")
+    out = parser.add_argument_group("output")
+    bar = out.add_mutually_exclusive_group()
+    bar.add_argument("--progress", dest="progress", action="store_true", default=None,
+                     help="always show a progress bar")
+    bar.add_argument("--no-progress", dest="progress", action="store_false",
+                     help="never show a progress bar")
+    out.add_argument("-v", "--verbose", action="store_true", help="log requests to stderr")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the options of ``idsfs get`` or ``idsfs put`` (chosen by ``parser.prog``)."""
+    command = parser.prog.split()[-1]
+    if command == "put":
+        parser.description = _PUT_DESCRIPTION
+        parser.add_argument("file", type=Path, help="local file to upload")
+        parser.add_argument("--dataset", metavar="ID", type=int, required=True,
+                            help="id of the dataset to add the datafile to")
+        parser.add_argument("--format", metavar="ID", type=int, required=True,
+                            dest="datafile_format", help="id of the DatafileFormat")
+        parser.add_argument("--name", help="datafile name (default: the file's name)")
+        parser.add_argument("--description", help="datafile description")
+    else:
+        parser.description = _GET_DESCRIPTION
+        sel = parser.add_argument_group("selection (repeatable, at least one)")
+        sel.add_argument("--datafile", metavar="ID", type=int, action="append", default=[])
+        sel.add_argument("--dataset", metavar="ID", type=int, action="append", default=[])
+        sel.add_argument("--investigation", metavar="ID", type=int, action="append",
+                         default=[])
+        parser.add_argument("-o", "--output", metavar="PATH",
+                            help="output file, '-' for standard output, or a directory")
+        parser.add_argument("--zip", action="store_true", help="always return a zip")
+        parser.add_argument("--compress", action="store_true", help="compress the zip")
+        parser.add_argument("--resume", action="store_true",
+                            help="continue an interrupted download (PATH.part)")
+        parser.add_argument("-f", "--force", action="store_true",
+                            help="overwrite an existing output file")
+    _add_common(parser)
+
+
+# ---------------------------------------------------------------------------------------
+# Credentials: one small function, so a config file (issue 6) can replace it.
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """Either an existing ``session_id`` or a login (``auth``, ``user``, ``password``).
+
+    ``repr`` never shows the secret values.
+    """
+
+    session_id: str | None = None
+    auth: str | None = None
+    user: str | None = None
+    password: str | None = None
+
+    def __repr__(self) -> str:
+        if self.session_id:
+            return "Credentials(session_id=***)"
+        return f"Credentials(auth={self.auth!r}, user={self.user!r}, password=***)"
+
+
+class UsageError(Exception):
+    """Bad command line or missing credentials (exit status 2)."""
+
+
+def _read_secret_file(path: Path) -> str:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    value = text.strip("\r\n")
+    if not value:
+        raise UsageError(f"{path} is empty")
+    return value
+
+
+def resolve_credentials(
+    args: argparse.Namespace, environ: Mapping[str, str] | None = None
+) -> Credentials:
+    """Pick the credentials from the options and the environment.
+
+    Order: ``--session-file``; ``--user`` with ``--password-file``,
+    ``$IDSFS_PASSWORD`` or a terminal prompt; ``$IDSFS_SESSION_ID``.
+    Raises :class:`UsageError` when nothing usable is given.
+    """
+    env = os.environ if environ is None else environ
+    if args.session_file is not None:
+        return Credentials(session_id=_read_secret_file(args.session_file).strip())
+    if args.user:
+        if args.password_file is not None:
+            password = _read_secret_file(args.password_file)
+        elif env.get(ENV_PASSWORD):
+            password = env[ENV_PASSWORD]
+        elif sys.stdin is not None and sys.stdin.isatty():
+            password = getpass.getpass(f"ICAT password for {args.user}: ")
+        else:
+            raise UsageError(f"no password: use --password-file or ${ENV_PASSWORD}")
+        return Credentials(auth=args.auth, user=args.user, password=password)
+    if env.get(ENV_SESSION):
+        return Credentials(session_id=env[ENV_SESSION].strip())
+    raise UsageError(f"no credentials: use --user, --session-file or ${ENV_SESSION}")
+
+
+def connect(args: argparse.Namespace, creds: Credentials) -> tuple[IDSClient, ICATClient | None]:
+    """Open the IDS client (and log in to ICAT when ``creds`` ask for it)."""
+    if not args.ids:
+        raise UsageError(f"no IDS URL: use --ids or ${ENV_IDS_URL}")
+    verify: bool | str = False if args.insecure else (args.ca_file or True)
+    timeout = (min(10.0, args.timeout), args.timeout)
+    ids = IDSClient(args.ids, creds.session_id, timeout=timeout, verify=verify)
+    icat: ICATClient | None = None
+    if creds.session_id is None:
+        icat_url = args.icat or ids.getIcatUrl()
+        icat = ICATClient(icat_url, timeout=timeout, verify=verify)
+        assert creds.auth is not None and creds.user is not None and creds.password is not None
+        ids.sessionId = icat.login(
+            creds.auth, {"username": creds.user, "password": creds.password}, remember=False
+        )
+    return ids, icat
+
+
+# ---------------------------------------------------------------------------------------
+# Progress
+
+
+class _Bar:
+    """A tqdm progress bar behind the ProgressCallback interface."""
+
+    def __init__(self, enabled: bool | None, label: str) -> None:
+        if enabled is None:
+            enabled = sys.stderr.isatty()
+        self.enabled = enabled
+        self.label = label
+        self.bar: Any = None
+
+    def __call__(self, done: int, total: int | None) -> None:
+        if not self.enabled:
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
+                            desc=self.label, delay=0.5, file=sys.stderr, leave=True)
+        if total is not None and self.bar.total != total:
+            self.bar.total = total
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# ---------------------------------------------------------------------------------------
+# Commands
+
+
+def _run_get(args: argparse.Namespace, ids: IDSClient) -> int:
+    selection = DataSelection({
+        "datafileIds": args.datafile,
+        "datasetIds": args.dataset,
+        "investigationIds": args.investigation,
+    })
+    zipped = is_zipped(ids, selection, args.zip)
+    expected = None if zipped else ids.getSize(selection)
+    bar = _Bar(args.progress, "get")
+    progress: ProgressCallback = bar
+    try:
+        if args.output == "-":
+            # A pipe cannot be rewound: only an unzipped stream can be resumed.
+            download_to(
+                ids, selection, sys.stdout.buffer, expected_size=expected,
+                progress=progress, compressFlag=args.compress, zipFlag=args.zip,
+                retries=0 if zipped else args.retries, resumable=not zipped,
+            )
+            sys.stdout.buffer.flush()
+            return 0
+        dest = _output_path(ids, selection, args, zipped)
+        result = download(
+            ids, selection, dest, expected_size=expected, progress=progress,
+            compressFlag=args.compress, zipFlag=args.zip, retries=args.retries,
+            resume=args.resume, overwrite=args.force,
+        )
+    finally:
+        bar.close()
+    print(f"{result.path} ({result.size} bytes)", file=sys.stderr)
+    return 0
+
+
+def _output_path(
+    ids: IDSClient, selection: DataSelection, args: argparse.Namespace, zipped: bool
+) -> Path:
+    if args.output and not Path(args.output).is_dir():
+        return Path(args.output)
+    directory = Path(args.output) if args.output else Path.cwd()
+    if zipped:
+        name = "ids-download.zip"
+    else:
+        with ids.getData(selection) as probe:
+            name = filename_from_headers(probe) or f"datafile-{min(selection.dfIds)}"
+    safe = os.path.basename(name.replace("\\", "/")) or "download"
+    if safe in (".", ".."):
+        safe = "download"
+    return directory / safe
+
+
+def _run_put(args: argparse.Namespace, ids: IDSClient) -> int:
+    if not args.file.is_file():
+        raise UsageError(f"{args.file} is not a regular file")
+    bar = _Bar(args.progress, "put")
+    try:
+        new_id = upload(ids, args.file, args.name, args.dataset, args.datafile_format,
+                        description=args.description, progress=bar)
+    finally:
+        bar.close()
+    print(new_id)
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``idsfs get`` or ``idsfs put``; return the exit status.
+
+    0 on success, 1 on a server or transfer error, 2 on a usage error.
+    Messages go to stderr without session ids or passwords.
+    """
+    if args.verbose:
+        logging.basicConfig(level=logging.DEBUG, format="%(name)s: %(message)s")
+    command = getattr(args, "command", None) or ("put" if hasattr(args, "file") else "get")
+    icat: ICATClient | None = None
+    try:
+        if command == "get" and not (args.datafile or args.dataset or args.investigation):
+            raise UsageError("select something: --datafile, --dataset or --investigation")
+        creds = resolve_credentials(args)
+        ids, icat = connect(args, creds)
+        with ids:
+            return _run_put(args, ids) if command == "put" else _run_get(args, ids)
+    except UsageError as exc:
+        print(f"idsfs {command}: {exc}", file=sys.stderr)
+        return 2
+    except (IdsfsError, OSError) as exc:
+        print(f"idsfs {command}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"idsfs {command}: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        if icat is not None:
+            with contextlib.suppress(IdsfsError):
+                icat.logout()
+            icat.close()
