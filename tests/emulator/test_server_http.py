@@ -617,7 +617,11 @@ def test_debug_log_redacts_session_ids(server, caplog):
     caplog.set_level(logging.DEBUG, logger="idsfs.emulator.http")
     sid = "0d9a3706-80d4-4d29-9ff3-4d65d4308a24"
     requests.get(f"{server.base_url}/api/item/{sid}?sessionId=secret-value&x=1")
-    text = "\n".join(r.getMessage() for r in caplog.records)
+    deadline = time.monotonic() + 5
+    text = ""
+    while "/api/item/" not in text and time.monotonic() < deadline:
+        time.sleep(0.01)  # the request line is logged just after the response went out
+        text = "\n".join(r.getMessage() for r in caplog.records)
     assert "/api/item/" in text
     assert sid not in text and "secret-value" not in text
 
