@@ -46,7 +46,8 @@ class DsInfo:
 class DfInfo:
     """A datafile with bytes in IDS: id, name, storage location, creator ids, owner dataset.
 
-    ``mtime`` (epoch seconds) is the metadata-derived time stamped on zip entries.
+    ``mtime`` (epoch seconds) is the metadata-derived time stamped on zip entries; ``size`` is
+    the ICAT ``fileSize`` when it was read (-1 = unknown or null).
     """
 
     id: int
@@ -56,6 +57,7 @@ class DfInfo:
     mod_id: str
     ds_id: int
     mtime: float
+    size: int = -1
 
     def __str__(self) -> str:
         return self.location
