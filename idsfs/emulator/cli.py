@@ -294,7 +294,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         try:
             emulator.start()
-        except OSError as exc:
+        except (OSError, ValueError) as exc:
             print(f"idsfs emulator: error: {exc}", file=sys.stderr)
             return 1
         print(

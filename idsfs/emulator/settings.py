@@ -97,6 +97,8 @@ class EmulatorSettings:
         unknown_roots = sorted(r for r in self.roots if r not in users)
         if unknown_roots:
             raise ValueError(f"root user(s) without an account: {', '.join(unknown_roots)}")
+        if self.demo and not self.roots:
+            raise ValueError("demo data needs at least one root user (ICAT writes need one)")
         if self.storage not in STORAGE_KINDS:
             raise ValueError(
                 f"storage must be one of {', '.join(STORAGE_KINDS)}, not {self.storage!r}"
