@@ -163,6 +163,10 @@ class Std:
     def icat_datafile(self, df_id: int) -> dict[str, Any]:
         return self.emu.catalogue.get(READER, "Datafile", df_id)["Datafile"]
 
+    @staticmethod
+    def zip_entries(data: bytes) -> dict[str, tuple[bytes, zipfile.ZipInfo]]:
+        return zip_entries(data)
+
 
 def _params(params: dict[str, Any]) -> dict[str, str]:
     out: dict[str, str] = {}
