@@ -355,3 +355,116 @@ def test_counters_under_concurrency(emu):
     while emu.counters["ids/(unknown)"] < 120 and time.monotonic() < deadline:
         time.sleep(0.01)
     assert emu.counters["ids/(unknown)"] == 120
+
+
+# ------------------------------------------------------------------ on the real IDS/ICAT API
+
+
+def make_dataset(emu: Emulator) -> tuple[int, int]:
+    """A facility/investigation/dataset readable by alice; returns (dataset id, format id)."""
+    root = "simple/root"
+    cat = emu.catalogue
+    (fac,) = cat.write(root, [{"Facility": {"name": "F"}}])
+    (itype,) = cat.write(root, [{"InvestigationType": {"name": "t", "facility": {"id": fac}}}])
+    (dtype,) = cat.write(root, [{"DatasetType": {"name": "t", "facility": {"id": fac}}}])
+    (fmt,) = cat.write(
+        root, [{"DatafileFormat": {"name": "f", "version": "1", "facility": {"id": fac}}}]
+    )
+    (inv,) = cat.write(
+        root,
+        [
+            {
+                "Investigation": {
+                    "name": "I",
+                    "visitId": "1",
+                    "title": "t",
+                    "facility": {"id": fac},
+                    "type": {"id": itype},
+                }
+            }
+        ],
+    )
+    (user,) = cat.write(root, [{"User": {"name": "simple/alice"}}])
+    cat.write(
+        root,
+        [{"InvestigationUser": {"role": "r", "user": {"id": user}, "investigation": {"id": inv}}}],
+    )
+    (ds,) = cat.write(
+        root,
+        [{"Dataset": {"name": "ds", "investigation": {"id": inv}, "type": {"id": dtype}}}],
+    )
+    return ds, fmt
+
+
+def put(emu: Emulator, sid: str, ds: int, fmt: int, name: str, data: bytes) -> requests.Response:
+    return requests.put(
+        emu.ids_url + "/put",
+        params={"sessionId": sid, "name": name, "datasetId": ds, "datafileFormatId": fmt},
+        data=data,
+        headers={"Content-Type": "application/octet-stream"},
+    )
+
+
+def test_corrupt_checksum_on_ids_put(emulator):
+    import zlib
+
+    ds, fmt = make_dataset(emulator)
+    sid = emulator.login("alice")
+    data = b"some bytes to upload"
+    emulator.faults.corrupt_checksum(count=1)
+    r = put(emulator, sid, ds, fmt, "a.dat", data)
+    assert r.status_code == 201
+    assert r.json()["checksum"] != zlib.crc32(data)
+    r = put(emulator, sid, ds, fmt, "b.dat", data)
+    assert r.json()["checksum"] == zlib.crc32(data)  # spent
+
+
+def test_drop_and_counters_on_ids_getdata(emulator):
+    ds, fmt = make_dataset(emulator)
+    sid = emulator.login("alice")
+    df = put(emulator, sid, ds, fmt, "big.bin", DATA).json()["id"]
+    emulator.counters.reset()
+    emulator.faults.drop(after_bytes=4096, endpoint="ids/getData", count=1)
+    status, headers, body = raw_get(emulator, f"/ids/getData?sessionId={sid}&datafileIds={df}")
+    assert status == 200 and headers["content-length"] == str(len(DATA))
+    assert body == DATA[:4096]
+    r = requests.get(emulator.ids_url + "/getData", params={"sessionId": sid, "datafileIds": df})
+    assert r.content == DATA
+    deadline = time.monotonic() + 5
+    while emulator.counters["ids/getData"] < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert emulator.counters["ids/getData"] == 2
+    assert emulator.counters.bytes_sent("ids/getData") == len(DATA) + 4096
+    assert emulator.counters["ids/put"] == 0  # put happened before the reset
+
+
+def test_expire_session_rule(emulator, http):
+    ds, _ = make_dataset(emulator)
+    sid = emulator.login("alice")
+    params = {"sessionId": sid, "datasetIds": ds}
+    assert http.get(emulator.ids_url + "/getDatafileIds", params=params).status_code == 200
+    http.post(
+        emulator.admin_url + "/faults",
+        json={"kind": "expire_session", "endpoint": "ids/getDatafileIds", "count": 1},
+    )
+    r = http.get(emulator.ids_url + "/getDatafileIds", params=params)
+    assert r.status_code == 403
+    assert r.json()["code"] == "InsufficientPrivilegesException"
+    r = http.get(emulator.icat_url + f"/session/{sid}")
+    assert r.status_code == 403 and r.json()["code"] == "SESSION"
+    other = emulator.login("alice")  # a new login works
+    assert http.get(emulator.icat_url + f"/session/{other}").status_code == 200
+
+
+def test_expire_all_sessions(emulator, http):
+    a, b = emulator.login("alice"), emulator.login("bob")
+    r = http.post(emulator.admin_url + "/expire")
+    assert r.status_code == 200 and r.json()["expired"] >= 2
+    for sid in (a, b):
+        assert http.get(emulator.icat_url + f"/session/{sid}").status_code == 403
+    c, d = emulator.login("alice"), emulator.login("bob")
+    assert http.post(emulator.admin_url + "/expire", data={"sessionId": c}).json() == {"expired": 1}
+    assert http.get(emulator.icat_url + f"/session/{c}").status_code == 403
+    assert http.get(emulator.icat_url + f"/session/{d}").status_code == 200
+    assert emulator.expire_sessions() >= 1  # Python API
+    assert http.get(emulator.icat_url + f"/session/{d}").status_code == 403
