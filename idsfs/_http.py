@@ -66,6 +66,25 @@ MAX_ERROR_BODY = 64 * 1024
 RETRY_STATUSES = frozenset({502, 503, 504})
 
 
+class _RedactingFilter(logging.Filter):
+    """Redact session ids from records of urllib3's own loggers (it logs URLs)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except (TypeError, ValueError):
+            return True
+        cleaned = redact(message)
+        if cleaned != message:
+            record.msg = cleaned
+            record.args = ()
+        return True
+
+
+for _name in ("urllib3.connectionpool", "urllib3.connection", "urllib3.poolmanager"):
+    logging.getLogger(_name).addFilter(_RedactingFilter())
+
+
 class _SSLContextAdapter(requests.adapters.HTTPAdapter):
     """An HTTPAdapter whose HTTPS connections use a given ``ssl.SSLContext``.
 
