@@ -468,6 +468,10 @@ def _keeper_order(candidate: _Candidate) -> tuple[int, str, tuple[int, ...]]:
     return (0 if candidate.is_dir else 1, candidate.name, candidate.ids)
 
 
+def _file_name_of(entry: Entry) -> str:
+    return entry.file_name
+
+
 def _clash_suffix(candidate: _Candidate) -> str:
     if candidate.ids:
         return f"{DISAMBIGUATION_MARK}{candidate.ids[0]}"
@@ -514,11 +518,20 @@ class Directory(Mapping[str, Entry]):
             _Candidate(name, False, () if item_id is None else (item_id,))
             for name, item_id in files
         ]
-        groups: dict[str, list[_Candidate]] = {}
+        first: dict[str, _Candidate] = {}
+        clashes: dict[str, list[_Candidate]] = {}
         for candidate in candidates:
-            groups.setdefault(escape_name(candidate.name), []).append(candidate)
+            file_name = escape_name(candidate.name)
+            if file_name not in first:
+                first[file_name] = candidate
+            else:
+                clashes.setdefault(file_name, [first[file_name]]).append(candidate)
         entries: list[Entry] = []
-        for file_name, group in groups.items():
+        for file_name, candidate in first.items():
+            group = clashes.get(file_name)
+            if group is None:
+                entries.append(Entry(file_name, candidate.name, candidate.is_dir, candidate.ids))
+                continue
             group.sort(key=_keeper_order)
             keeper, *others = group
             entries.append(Entry(file_name, keeper.name, keeper.is_dir, keeper.ids))
@@ -526,7 +539,7 @@ class Directory(Mapping[str, Entry]):
                 suffix = _clash_suffix(other)
                 shown = _fit(_escape(other.name), other.name, len(suffix.encode())) + suffix
                 entries.append(Entry(shown, other.name, other.is_dir, other.ids))
-        entries.sort(key=lambda entry: entry.file_name)
+        entries.sort(key=_file_name_of)
         self._entries = tuple(entries)
         self._by_file_name = {entry.file_name: entry for entry in entries}
         self._by_name: dict[tuple[str, bool], Entry] = {}
