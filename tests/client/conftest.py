@@ -158,3 +158,106 @@ def dead_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+# ---------------------------------------------------------------------------------------
+# A populated emulator, built through the clients' own HTTP calls
+
+
+CONTENT = {n: f"df{n} content of the client test world".encode().ljust(52, b".")
+           for n in range(1, 5)}
+
+
+@dataclass
+class World:
+    """An emulator with F / I / ds1{df1,df2} ds2{df3,df4} ds3{} and logged-in clients."""
+
+    emu: Any
+    icat: Any  # ICATClient logged in as root
+    ids: Any  # IDSClient with root's session
+    root: str
+    alice: str
+    forbidden: str
+    fac: int
+    inv: int
+    fmt: int
+    ds1: int
+    ds2: int
+    ds3: int
+    df: dict[int, int]  # n -> datafile id
+    names: dict[int, str]
+
+    def content(self, n: int) -> bytes:
+        return CONTENT[n]
+
+    def ids_client(self, session: str | None = None, **kw: Any) -> Any:
+        from idsfs.ids import IDSClient
+
+        kw.setdefault("backoff", 0.01)
+        return IDSClient(self.emu.ids_url, session, **kw)
+
+    def wait_idle(self, timeout: float = 20.0) -> None:
+        import time
+
+        deadline = time.monotonic() + timeout
+        while self.ids.getServiceStatus()["opsQueue"]:
+            assert time.monotonic() < deadline, "IDS did not become idle"
+            time.sleep(0.02)
+
+
+def build_world(emu: Any, archived: bool = False) -> World:
+    from idsfs.icat import ICATClient
+    from idsfs.ids import DataSelection, IDSClient
+    from idsfs.model import (
+        DatafileFormat,
+        Dataset,
+        DatasetType,
+        Facility,
+        Investigation,
+        InvestigationType,
+        InvestigationUser,
+        User,
+    )
+
+    icat = ICATClient(emu.icat_url, backoff=0.01)
+    root = icat.login("simple", {"username": "root", "password": "root-secret"})
+    fac = Facility(id=icat.create(Facility(name="F")))
+    it = InvestigationType(id=icat.create(InvestigationType(name="exp", facility=fac)))
+    dt = DatasetType(id=icat.create(DatasetType(name="raw", facility=fac)))
+    fmt = icat.create(DatafileFormat(name="test_format", version="42.0.0", facility=fac))
+    inv = Investigation(id=icat.create(Investigation(
+        name="I", visitId="N/A", title="the investigation", facility=fac, type=it)))
+    alice_user = User(id=icat.create(User(name="simple/alice")))
+    icat.create(InvestigationUser(user=alice_user, investigation=inv, role="member"))
+    ds_ids = icat.create([Dataset(name=f"ds{i}", investigation=inv, type=dt, complete=False)
+                          for i in (1, 2, 3)])
+    ids = IDSClient(emu.ids_url, root, backoff=0.01)
+    names = {1: "a/df1", 2: "df2", 3: "df3", 4: "df4 Person's file"}
+    owner = {1: ds_ids[0], 2: ds_ids[0], 3: ds_ids[1], 4: ds_ids[1]}
+    df = {n: ids.put(CONTENT[n], names[n], owner[n], fmt) for n in (1, 2, 3, 4)}
+    world = World(
+        emu=emu, icat=icat, ids=ids, root=root, alice=emu.login("alice"),
+        forbidden=emu.login("forbidden"), fac=fac.id or 0, inv=inv.id or 0, fmt=fmt,
+        ds1=ds_ids[0], ds2=ds_ids[1], ds3=ds_ids[2], df=df, names=names,
+    )
+    if archived and ids.isTwoLevel():
+        world.wait_idle()
+        ids.archive(DataSelection({"datasetIds": [ds_ids[0], ds_ids[1]]}))
+        world.wait_idle()
+    return world
+
+
+@pytest.fixture
+def world(emulator: Any) -> World:
+    """Single-level emulator with the client test world."""
+    return build_world(emulator)
+
+
+@pytest.fixture
+def world_factory(emulator_factory: Callable[..., Any]) -> Callable[..., World]:
+    """Build worlds on emulators with other settings (``storage="dataset"`` ...)."""
+
+    def make(archived: bool = False, **settings: Any) -> World:
+        return build_world(emulator_factory(**settings), archived=archived)
+
+    return make
