@@ -14,7 +14,6 @@ import requests
 
 from idsfs.errors import (
     IDSBadRequestError,
-    IDSDataNotOnlineError,
     IDSError,
     IDSInsufficientPrivilegesError,
     IDSInternalError,
@@ -224,9 +223,8 @@ def test_prepared_download(world) -> None:
         assert stream.status == 206 and stream.read() == world.content(4)[5:]
     assert anon.reset(pid) is None
     zpid = ids.prepareData(sel(dataset=[world.ds1]), compressFlag=True, zipFlag=True)
-    with anon.getData(zpid) as stream:
-        with zipfile.ZipFile(io.BytesIO(stream.read())) as z:
-            assert len(z.namelist()) == 2
+    with anon.getData(zpid) as stream, zipfile.ZipFile(io.BytesIO(stream.read())) as z:
+        assert len(z.namelist()) == 2
 
 
 def test_getdataurl(world) -> None:
