@@ -206,8 +206,9 @@ def test_getdata_zip_and_flags(world) -> None:
         assert z.testzip() is None
     assert contents == sorted(world.content(n) for n in (1, 2, 3, 4))
     with ids.getData(sel(datafile=[world.df[2]]), zipFlag=True) as stream:
-        with zipfile.ZipFile(io.BytesIO(stream.read())) as z:
-            assert [z.read(n) for n in z.namelist()] == [world.content(2)]
+        data = stream.read()
+    with zipfile.ZipFile(io.BytesIO(data)) as z:
+        assert [z.read(n) for n in z.namelist()] == [world.content(2)]
 
 
 def test_prepared_download(world) -> None:
