@@ -209,8 +209,14 @@ class Counters:
             entry = self._data.setdefault(endpoint, {"requests": 0, "bytes_sent": 0, "errors": 0})
             entry["requests"] += 1
             entry["bytes_sent"] += bytes_sent
-            if status >= 400 or status == 0:
+            if status >= 400:
                 entry["errors"] += 1
+
+    def add_bytes(self, endpoint: str, n: int) -> None:
+        """Add ``n`` response body bytes to ``endpoint``."""
+        with self._lock:
+            entry = self._data.setdefault(endpoint, {"requests": 0, "bytes_sent": 0, "errors": 0})
+            entry["bytes_sent"] += n
 
     def get(self, endpoint: str) -> int:
         """Number of requests counted for ``endpoint`` (0 if none)."""
@@ -443,10 +449,15 @@ class FaultInjector(ServerHooks):
             plan.stall = lambda: self._stall_for(rule.seconds)
         return plan
 
-    def after(self, request: Request, status: int, bytes_sent: int) -> None:
-        """Count the request (admin requests are not counted)."""
+    def responding(self, request: Request, status: int) -> None:
+        """Count the request and its status (admin requests are not counted)."""
         if not self._exempt(request):
-            self.counters.record(request.endpoint, status, bytes_sent)
+            self.counters.record(request.endpoint, status, 0)
+
+    def sending(self, request: Request, n: int) -> None:
+        """Count ``n`` body bytes about to be sent."""
+        if not self._exempt(request):
+            self.counters.add_bytes(request.endpoint, n)
 
     def to_json(self) -> dict[str, Any]:
         """Rules and fire counts, JSON-able (for ``GET /admin/faults``)."""

@@ -90,8 +90,11 @@ Hooks (fault injection and counters)
 implements it): ``before(request)`` runs after routing and before the handler
 (may sleep, may return a Response that replaces the handler's),
 ``body_plan(request, response)`` may return a :class:`BodyPlan` (drop the connection or
-stall after N body bytes), ``after(request, status, bytes_sent)`` runs when
-the exchange is over.
+stall after N body bytes), ``responding(request, status)`` runs just before
+the status line goes out, ``sending(request, n)`` before every ``n`` body
+bytes are handed to the socket (so a client that has read a response always
+finds it counted), ``after(request, status, bytes_sent)`` runs when the
+exchange is over.
 """
 
 from __future__ import annotations
@@ -108,7 +111,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from http import HTTPStatus
 from typing import IO, Any, BinaryIO
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -829,6 +832,12 @@ class ServerHooks:
         """A plan to cut or stall the body of ``response``, or None."""
         return None
 
+    def responding(self, request: Request, status: int) -> None:
+        """Called just before the status line of the response is sent."""
+
+    def sending(self, request: Request, n: int) -> None:
+        """Called before ``n`` more body bytes are handed to the socket."""
+
     def after(self, request: Request, status: int, bytes_sent: int) -> None:
         """Called once when the exchange is over (also after failures)."""
 
@@ -846,11 +855,16 @@ class _Exchange:
 
     sock: socket.socket
     plan: BodyPlan | None
+    progress: Callable[[int], None] | None = None
     sent: int = 0
     stalled: bool = False
-    closing: bool = False
     status: int = 0
-    extra: list[bytes] = field(default_factory=list)
+
+    def count(self, n: int) -> None:
+        """Account ``n`` body bytes about to be handed to the socket (may be negative)."""
+        self.sent += n
+        if self.progress is not None and n:
+            self.progress(n)
 
     def allow(self, n: int) -> int:
         """How many of the next ``n`` body bytes may go out now (stalls inline)."""
@@ -1120,7 +1134,7 @@ class HTTPServer:
             return False
 
         handler = self.router.resolve(request)
-        exchange = _Exchange(sock, None)
+        exchange = _Exchange(sock, None, lambda n: self.hooks.sending(request, n))
         response: Response | None = None
         try:
             response = self._run_handler(request, handler)
@@ -1285,6 +1299,10 @@ class HTTPServer:
         """Send ``response``; return whether the connection stays usable."""
         status = response.status
         ex.status = status
+        try:
+            self.hooks.responding(request, status)
+        except Exception:
+            logger.exception("request hook failed")
         head_only = request.method == "HEAD"
         http10 = request.http_version == "HTTP/1.0"
         sock = ex.sock
@@ -1346,8 +1364,8 @@ class HTTPServer:
             sock.sendall(head)
             return keep
         if ex.plan is None and len(body) <= _COALESCE:
+            ex.count(len(body))
             sock.sendall(head + body)
-            ex.sent = len(body)
             return keep
         sock.sendall(head)
         self._write_body(ex, body, False)
@@ -1358,11 +1376,11 @@ class HTTPServer:
         while len(view):
             n = ex.allow(len(view))
             piece = view[:n]
+            ex.count(n)
             if chunked:
                 _sendv(ex.sock, [f"{n:x}\r\n".encode(), piece, b"\r\n"])
             else:
                 ex.sock.sendall(piece)
-            ex.sent += n
             view = view[n:]
 
     def _send_file(
@@ -1396,10 +1414,12 @@ class HTTPServer:
             left = length
             while left > 0:
                 n = ex.allow(left)
+                ex.count(n)
                 sent = ex.sock.sendfile(f, offset, n)
+                if sent < n:
+                    ex.count(sent - n)
                 if sent <= 0:
                     raise _Abort("file shorter than the announced length")
-                ex.sent += sent
                 offset += sent
                 left -= sent
             return keep
