@@ -72,6 +72,7 @@ from .schema import (
     bad,
     ddl,
     decode,
+    format_date,
     now_ms,
     parse_date,
     q,
@@ -398,8 +399,17 @@ class Catalogue:
                         pairs.append((row, d))
                         out.append({name: d})
                 else:
-                    kind = it.kind or STRING
-                    out = [_scalar(kind, row[0]) for row in rows]
+                    fn = _DECODERS.get(it.kind or STRING)
+                    if fn is None:
+                        out = [row[0] for row in rows]
+                    else:
+                        out = [None if row[0] is None else fn(row[0]) for row in rows]
+            elif all(it.entity is None for it in items):
+                decoders = [(it.start, _DECODERS.get(it.kind or STRING)) for it in items]
+                out = [
+                    [row[i] if fn is None or row[i] is None else fn(row[i]) for i, fn in decoders]
+                    for row in rows
+                ]
             else:
                 for row in rows:
                     out.append([self._item_value(it, row) for it in items])
@@ -917,14 +927,15 @@ class Catalogue:
 
 
 # ---------------------------------------------------------------- value conversion
+#: stored value -> JSON value per result kind (absent: the value as stored)
+_DECODERS: dict[str, Any] = {DATE: format_date, BOOLEAN: bool, DOUBLE: float, "count": int}
+
+
 def _scalar(kind: str, value: Any) -> Any:
     if value is None:
         return None
-    if kind == "count":
-        return int(value)
-    if kind == DOUBLE:
-        return float(value)
-    return decode(kind, value)
+    fn = _DECODERS.get(kind)
+    return value if fn is None else fn(value)
 
 
 def _int_id(value: Any, what: str) -> int:

@@ -398,8 +398,13 @@ class _Parser:
     def search(self) -> SearchQuery:
         if not self.at_kw("SELECT"):
             t = self.peek()
-            if t.kind == "NAME" and "." not in t.value:
+            if t.kind == "NAME" and t.value in ENTITIES:
                 return self.old_style()
+            if t.kind == "NAME" and t.value.split(".")[0] in ENTITIES:
+                raise bad(
+                    f"Old-style query {t.value!r} is not supported by this ICAT emulator: "
+                    "use SELECT or a bare entity name"
+                )
             raise self.error("SELECT or an entity name")
         self.next()
         distinct = self.accept_kw("DISTINCT") is not None
@@ -543,6 +548,8 @@ class _Parser:
                 raise bad("INCLUDE 1 cannot be combined with other INCLUDE paths")
             return spec
         while True:
+            if self.peek().kind == "INT":
+                raise bad("INCLUDE 1 cannot be combined with other INCLUDE paths")
             t = self.expect_name("an INCLUDE path")
             if "." in t.value:
                 path = self.path(t)
@@ -558,8 +565,6 @@ class _Parser:
                 spec.types.append(t.value)
             if not self.accept_punct(","):
                 break
-        if self.peek().kind == "INT":
-            raise bad("INCLUDE 1 cannot be combined with other INCLUDE paths")
         if spec.paths and spec.types:
             raise bad("INCLUDE mixes paths and entity type names")
         return spec

@@ -455,12 +455,13 @@ _TS_RE = re.compile(r"^(\d{4})-(\d{2})-(\d{2}) (\d{2}):(\d{2}):(\d{2})$")
 def format_date(ms: int) -> str:
     """Epoch milliseconds -> ``yyyy-MM-ddTHH:mm:ss.SSS+hh:mm`` (server's local zone)."""
     seconds, millis = divmod(int(ms), 1000)
-    dt = datetime.fromtimestamp(seconds).astimezone()
-    off = dt.utcoffset() or timedelta(0)
-    total = int(off.total_seconds()) // 60
-    sign = "+" if total >= 0 else "-"
-    hh, mm = divmod(abs(total), 60)
-    return f"{dt:%Y-%m-%dT%H:%M:%S}.{millis:03d}{sign}{hh:02d}:{mm:02d}"
+    t = time.localtime(seconds)
+    off = t.tm_gmtoff // 60
+    sign = "+" if off >= 0 else "-"
+    hh, mm = divmod(abs(off), 60)
+    return "%04d-%02d-%02dT%02d:%02d:%02d.%03d%s%02d:%02d" % (  # noqa: UP031 (speed)
+        t.tm_year, t.tm_mon, t.tm_mday, t.tm_hour, t.tm_min, t.tm_sec, millis, sign, hh, mm
+    )  # fmt: skip
 
 
 def parse_date(text: str) -> int:
