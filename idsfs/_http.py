@@ -304,16 +304,23 @@ class Transport:
 
             status = response.status_code
             if status < 400:
-                self.log.debug(
-                    "%s %s -> %d (%.3f s)", method, shown, status, time.monotonic() - start
-                )
                 if not stream:
                     try:
                         _ = response.content
                     except (requests.RequestException, urllib3.exceptions.HTTPError,
                             OSError, http.client.HTTPException) as exc:
                         response.close()
-                        raise translate_exception(exc, shown) from exc
+                        err = translate_exception(exc, shown)
+                        if attempt < attempts and not self._closed.is_set():
+                            self.log.info("%s %s: body lost (%s); retry %d/%d in %.2f s",
+                                          method, shown, err, attempt, attempts - 1, delay)
+                            time.sleep(delay)
+                            delay = min(delay * 2, MAX_BACKOFF)
+                            continue
+                        raise err from exc
+                self.log.debug(
+                    "%s %s -> %d (%.3f s)", method, shown, status, time.monotonic() - start
+                )
                 return response
 
             error = self._error_from(response, shown)

@@ -224,6 +224,8 @@ def download(
                 resumable=resumable,
                 backoff=backoff,
             )
+        except TransportError:
+            raise  # keep the .part file for resume=True (also for TruncatedStreamError)
         except IDSResponseError:
             out.close()
             part.unlink(missing_ok=True)
