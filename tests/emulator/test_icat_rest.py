@@ -676,3 +676,57 @@ def test_S7_filesystem_writes(icat, root, data):
     assert icat.search(
         root, f"SELECT COUNT(df) FROM Datafile df WHERE df.id = {data.df['df3']}"
     ) == [0]
+
+
+# --------------------------------------------------------------------------- state
+
+
+def test_restart_keeps_sessions_and_entities(emulator_factory, http, tmp_path):
+    data_dir = tmp_path / "kept"
+    emu = emulator_factory(data_dir=data_dir)
+    icat = Icat(emu, http)
+    root = icat.login("root")
+    [fac] = icat.write(root, {"Facility": {"name": "Persistent"}})
+    emu.stop()
+    emu2 = emulator_factory(data_dir=data_dir)
+    icat2 = Icat(emu2, http)
+    assert icat2.http.get(f"{icat2.url}/session/{root}", timeout=TIMEOUT).json()["userName"] == (
+        "simple/root"
+    )
+    assert icat2.search(root, "SELECT f.id, f.name FROM Facility f") == [[fac, "Persistent"]]
+    [new] = icat2.write(root, {"Facility": {"name": "After"}})
+    assert new > fac
+
+
+def test_concurrent_clients(emulator):
+    import threading
+
+    failures: list[BaseException] = []
+    setup = Icat(emulator, requests.Session())
+    root = setup.login("root")
+    [fac] = setup.write(root, {"Facility": {"name": "C"}})
+
+    def client(n: int) -> None:
+        try:
+            with requests.Session() as s:
+                icat = Icat(emulator, s)
+                sid = icat.login("root" if n % 2 == 0 else "alice")
+                for i in range(10):
+                    if n % 2 == 0:
+                        icat.write(
+                            sid, {"DatasetType": {"name": f"t{n}-{i}", "facility": {"id": fac}}}
+                        )
+                    rows = icat.search(sid, "SELECT COUNT(t) FROM DatasetType t")
+                    assert isinstance(rows[0], int)
+                icat.http.delete(f"{icat.url}/session/{sid}", timeout=TIMEOUT)
+        except BaseException as exc:  # pragma: no cover - reported below
+            failures.append(exc)
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures, failures
+    assert setup.search(root, "SELECT COUNT(t) FROM DatasetType t") == [30]
+    setup.http.close()
