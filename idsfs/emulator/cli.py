@@ -225,9 +225,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "error, drop, stall, expire_session, corrupt_checksum)",
     )
     out = parser.add_argument_group("output")
-    out.add_argument(
-        "-v", "--verbose", action="store_true", help="log every request (debug level)"
-    )
+    out.add_argument("-v", "--verbose", action="store_true", help="log every request (debug level)")
     out.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
 
 
@@ -288,18 +286,14 @@ def run(args: argparse.Namespace) -> int:
     def on_signal(signum: int, frame: FrameType | None) -> None:
         stop_requested.set()
 
-    previous = {
-        sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)
-    }
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         try:
             emulator.start()
         except (OSError, ValueError) as exc:
             print(f"idsfs emulator: error: {exc}", file=sys.stderr)
             return 1
-        print(
-            f"idsfs emulator ready icat={emulator.icat_url} ids={emulator.ids_url}", flush=True
-        )
+        print(f"idsfs emulator ready icat={emulator.icat_url} ids={emulator.ids_url}", flush=True)
         while not stop_requested.wait(3600):
             pass
         log.info("stopping")
