@@ -436,7 +436,7 @@ def ddl() -> list[str]:
                 f"CREATE INDEX IF NOT EXISTS {q(e.name + '_' + m.column)} "
                 f"ON {e.table} ({q(m.column)})"
             )
-        if "name" in e.attr_by_name:
+        if "name" in e.attr_by_name and e.unique[:1] != ("name",):
             out.append(f'CREATE INDEX IF NOT EXISTS {q(e.name + "_name")} ON {e.table} ("name")')
         if e.name == "Datafile":
             out.append('CREATE INDEX IF NOT EXISTS "Datafile_location" ON "Datafile" ("location")')
