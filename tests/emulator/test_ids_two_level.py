@@ -80,6 +80,7 @@ def test_H4_single_file_restores_dataset_or_file(std2) -> None:
         assert r.status_code == 200 and r.content == s.content(s.df4)
     else:
         err(r, 503, "DataNotOnlineException")
+        s.wait_idle()  # df4's restore locks ds2 exclusively while it runs
         assert s.get("getData", sessionId=s.root, datafileIds=s.df3).status_code == 200
 
 
@@ -291,8 +292,10 @@ def test_H15_restore_data_loop(std2) -> None:
     assert s.status(datasetIds=s.ds1) == "ONLINE"
 
 
-def test_H16_datafile_queue_drains(std_df) -> None:
-    s = std_df
+def test_H16_datafile_queue_drains(std_factory) -> None:
+    # as in the reference set-up, datafile operations are batched after a delay, so the
+    # restore does not run (and lock ds1) while the put is in progress
+    s = std_factory(storage="datafile", datafile_op_delay=0.3)
     assert s.post("restore", sessionId=s.root, datasetIds=s.ds1).status_code == 204
     new = s.upload("extra", b"extra data")
     assert s.post("archive", sessionId=s.root, datasetIds=s.ds1).status_code == 204
