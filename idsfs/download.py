@@ -250,6 +250,12 @@ class _ProgressReader:
         self.progress = progress
         self.done = 0
 
+    def fileno(self) -> int:
+        return int(self.raw.fileno())
+
+    def tell(self) -> int:
+        return int(self.raw.tell())
+
     def readinto(self, b: Any) -> int:
         if hasattr(self.raw, "readinto"):
             n = self.raw.readinto(b)

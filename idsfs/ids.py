@@ -28,8 +28,10 @@ import http.client
 import io
 import json
 import logging
+import os
 import re
 import ssl
+import stat
 import zlib
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, BinaryIO
@@ -509,10 +511,21 @@ class _PutBody:
         self.blocksize = blocksize
         self.crc32 = 0
         self.size = 0
+        self.length = _regular_file_length(source)
+
+    def __len__(self) -> int:
+        # Only defined (non-zero) for regular files: requests then sends a
+        # Content-Length body (as curl -T does) instead of chunked encoding.
+        return self.length or 0
+
+    def __bool__(self) -> bool:
+        return True  # requests replaces a falsy body by an empty one
 
     def __iter__(self) -> Iterator[Any]:
         src = self.source
-        if isinstance(src, bytes | bytearray | memoryview):
+        if self.length:
+            yield from self._iter_exact(src, self.length)
+        elif isinstance(src, bytes | bytearray | memoryview):
             view = memoryview(src).cast("B")
             for start in range(0, len(view), self.blocksize):
                 yield self._account(view[start:start + self.blocksize])
@@ -541,10 +554,35 @@ class _PutBody:
                 if block:
                     yield self._account(memoryview(block).cast("B"))
 
+    def _iter_exact(self, src: Any, length: int) -> Iterator[memoryview]:
+        buf = bytearray(min(self.blocksize, length))
+        view = memoryview(buf)
+        left = length
+        while left:
+            n = src.readinto(view[:min(left, len(view))])
+            if not n:
+                raise ValueError(f"put input file shrank during the upload ({left} bytes short)")
+            left -= n
+            yield self._account(view[:n])
+
     def _account(self, view: memoryview) -> memoryview:
         self.crc32 = zlib.crc32(view, self.crc32)
         self.size += len(view)
         return view
+
+
+def _regular_file_length(source: Any) -> int | None:
+    """Bytes left in ``source`` if it is a regular file read with readinto."""
+    if not hasattr(source, "readinto") or not hasattr(source, "fileno"):
+        return None
+    try:
+        st = os.fstat(source.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        left = st.st_size - source.tell()
+    except (OSError, ValueError, io.UnsupportedOperation):
+        return None
+    return left if left > 0 else None
 
 
 # ----------------------------------------------------------------------------

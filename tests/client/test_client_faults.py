@@ -184,3 +184,13 @@ def test_upload_with_progress(world, tmp_path) -> None:
         other = upload(world.ids, f, "again.bin", world.ds3, world.fmt)
     with world.ids.getData(sel(datafile=[other])) as stream:
         assert stream.read() == BIG
+
+
+def test_put_of_regular_file_uses_content_length(world, tmp_path) -> None:
+    path = tmp_path / "f.bin"
+    path.write_bytes(BIG)
+    with open(path, "rb") as f:
+        f.seek(100)
+        new_id = world.ids.put(f, "tail.bin", world.ds3, world.fmt)
+    with world.ids.getData(sel(datafile=[new_id])) as stream:
+        assert stream.read() == BIG[100:]
