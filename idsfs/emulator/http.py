@@ -260,6 +260,27 @@ class _Body(io.RawIOBase):
     def _readinto(self, view: memoryview) -> int:
         raise NotImplementedError
 
+    def read(self, size: int | None = -1) -> bytes:
+        """Return up to ``size`` body bytes (what is available, at least 1); b"" at the end.
+
+        Reads without first allocating ``size`` bytes, so large reads stay cheap.
+        """
+        if size is None or size < 0:
+            return self.readall()
+        if self.done or size == 0:
+            return b""
+        self._start()
+        try:
+            data = self._read1(size)
+        except OSError:
+            self.failed = True
+            raise
+        self.bytes_read += len(data)
+        return data
+
+    def _read1(self, size: int) -> bytes:
+        raise NotImplementedError
+
     def read_exact(self, view: memoryview) -> None:
         """Fill ``view`` completely from the connection (BadRequestSyntax at EOF)."""
         pos = 0
@@ -299,10 +320,20 @@ class _LengthBody(_Body):
         n = self._rfile.readinto(view[:want])  # type: ignore[attr-defined]
         if not n:
             raise BadRequestSyntax("request body shorter than Content-Length")
+        self._consumed(n)
+        return n
+
+    def _read1(self, size: int) -> bytes:
+        data = self._rfile.read1(min(size, self._left))  # type: ignore[attr-defined]
+        if not data:
+            raise BadRequestSyntax("request body shorter than Content-Length")
+        self._consumed(len(data))
+        return bytes(data)
+
+    def _consumed(self, n: int) -> None:
         self._left -= n
         if self._left == 0:
             self.done = True
-        return n
 
 
 class _ChunkedBody(_Body):
@@ -343,12 +374,26 @@ class _ChunkedBody(_Body):
         n = self._rfile.readinto(view[:want])  # type: ignore[attr-defined]
         if not n:
             raise BadRequestSyntax("chunked body ended early")
+        self._consumed(n)
+        return n
+
+    def _read1(self, size: int) -> bytes:
+        if self._left == 0:
+            self._next_chunk()
+            if self.done:
+                return b""
+        data = self._rfile.read1(min(size, self._left))  # type: ignore[attr-defined]
+        if not data:
+            raise BadRequestSyntax("chunked body ended early")
+        self._consumed(len(data))
+        return bytes(data)
+
+    def _consumed(self, n: int) -> None:
         self._left -= n
         if self._left == 0:
             crlf = self._rfile.readline(3)
             if crlf not in (b"\r\n", b"\n"):
                 raise BadRequestSyntax("chunk not followed by CRLF")
-        return n
 
 
 @dataclass
