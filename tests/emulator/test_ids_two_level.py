@@ -6,6 +6,8 @@ from __future__ import annotations
 import zipfile
 import zlib
 
+import pytest
+
 from idsfs.emulator.ids_api import storage_items
 
 
@@ -123,8 +125,10 @@ def test_H7_prepare_archived(std2) -> None:
             assert s.online(df)
 
 
-def test_H8_prepare_queue_and_data(std2) -> None:
-    s = std2
+@pytest.mark.parametrize("unit", ["dataset", "datafile"])
+def test_H8_prepare_queue_and_data(std_factory, unit: str) -> None:
+    # the restore takes 0.5 s, so the queue is observably non-empty after prepareData
+    s = std_factory(storage=unit, restore_delay=0.5)
     pid = s.prepare(datafileIds=s.df1)
     queue = s.service_status()["opsQueue"]
     assert queue and all(set(e) == {"data", "request"} for e in queue)
@@ -260,7 +264,7 @@ def test_H14_pending_operations_in_status(std_factory) -> None:
 
 
 def test_H14_restoring_while_running(std_factory) -> None:
-    s = std_factory(storage="dataset", restore_delay=0.4)
+    s = std_factory(storage="dataset", restore_delay=1.0)
     assert s.post("restore", sessionId=s.root, datasetIds=s.ds1).status_code == 204
     s.poll(lambda: any(lock["id"] == s.ds1 for lock in s.service_status()["locks"]))
     assert s.status(datasetIds=s.ds1) == "RESTORING"
