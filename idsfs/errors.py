@@ -31,6 +31,13 @@ original stays attached as ``__cause__``)::
     │       ├── ICATInternalError               INTERNAL (500)
     │       ├── ICATNotImplementedError         NOT_IMPLEMENTED (501)
     │       └── ICATResponseError       the ICAT response is unusable (bad JSON, ...)
+    ├── TransferError                   the mount could not deliver a datafile's bytes
+    │   │                               (idsfs.transfer; .datafile_id, .errno for FUSE)
+    │   ├── RestoreTimeoutError         archived data not online within --restore-wait (EAGAIN)
+    │   ├── RestoreFailedError          the IDS reports "Restore failed" for it (EIO)
+    │   ├── DataBusyError               "Data is busy" (a lock) outlasted the retries (EBUSY)
+    │   └── IncompleteDownloadError     the stream ended early or broke and could not be
+    │                                   resumed within the bound (EIO)
     ├── TransportError                  no (complete) answer from the server
     │   ├── ConnectError                connection refused, name not resolved, proxy
     │   ├── TransportTimeoutError       connect or read timeout (also a TimeoutError)
@@ -53,6 +60,7 @@ id: callers build messages through :func:`redact`.
 
 from __future__ import annotations
 
+import errno as _errno
 import json
 import re
 from collections.abc import Iterable, Mapping
@@ -61,6 +69,7 @@ from typing import Any
 __all__ = [
     "ConnectError",
     "ConnectionLostError",
+    "DataBusyError",
     "ICATError",
     "ICATInternalError",
     "ICATNoObjectError",
@@ -81,8 +90,12 @@ __all__ = [
     "IDSNotImplementedError",
     "IDSResponseError",
     "IdsfsError",
+    "IncompleteDownloadError",
+    "RestoreFailedError",
+    "RestoreTimeoutError",
     "ServerError",
     "TLSError",
+    "TransferError",
     "TransportError",
     "TransportTimeoutError",
     "TruncatedStreamError",
@@ -349,6 +362,65 @@ class TruncatedStreamError(IDSResponseError, ConnectionLostError):
         self.url = None
         self.received = received
         self.expected = expected
+
+
+# ----------------------------------------------------------------------------
+# Errors of the mount's read path (idsfs.transfer)
+
+
+class TransferError(IdsfsError):
+    """The mount could not deliver the bytes of a datafile.
+
+    Raised by :mod:`idsfs.transfer`; the original server or transport error,
+    if any, is the ``__cause__``. ``datafile_id`` names the datafile and the
+    class attribute ``errno`` is the error number a FUSE read returns for it.
+    Messages never contain session or prepared ids.
+    """
+
+    errno: int = _errno.EIO
+
+    def __init__(self, message: str, datafile_id: int | None = None) -> None:
+        super().__init__(message)
+        self.datafile_id = datafile_id
+
+
+class RestoreTimeoutError(TransferError):
+    """Archived data was still not online after the configured wait
+    (``--restore-wait``); the restore goes on in the IDS, so trying again
+    later may succeed (``EAGAIN``). ``waited`` is the time waited in seconds."""
+
+    errno = _errno.EAGAIN
+
+    def __init__(self, message: str, datafile_id: int | None = None, waited: float = 0.0) -> None:
+        super().__init__(message, datafile_id)
+        self.waited = waited
+
+
+class RestoreFailedError(TransferError):
+    """The IDS recorded that restoring the datafile from archive storage
+    failed (IDS 500 ``Restore failed``); ``EIO``. The next read prepares the
+    file again, which makes the IDS retry the restore."""
+
+    errno = _errno.EIO
+
+
+class DataBusyError(TransferError):
+    """The IDS kept answering ``Data is busy`` (another operation holds a lock
+    on the dataset) beyond the retry bound (``EBUSY``)."""
+
+    errno = _errno.EBUSY
+
+
+class IncompleteDownloadError(TransferError):
+    """A download ended before the datafile's size or broke, and resuming it
+    at the offset reached did not succeed within the bound (``EIO``).
+    ``offset`` is the file offset that could not be read."""
+
+    errno = _errno.EIO
+
+    def __init__(self, message: str, datafile_id: int | None = None, offset: int = 0) -> None:
+        super().__init__(message, datafile_id)
+        self.offset = offset
 
 
 # ----------------------------------------------------------------------------
