@@ -77,6 +77,11 @@ ERRNO_TABLE: tuple[tuple[type[BaseException], int | None], ...] = (
     (errors.IDSInsufficientPrivilegesError, errno.EACCES),
     (errors.ICATNoObjectError, errno.ENOENT),
     (errors.IDSNotFoundError, errno.ENOENT),
+    (errors.RestoreTimeoutError, errno.EAGAIN),
+    (errors.DataBusyError, errno.EBUSY),
+    (errors.RestoreFailedError, errno.EIO),
+    (errors.IncompleteDownloadError, errno.EIO),
+    (errors.TransferError, None),
     (errors.IDSDataNotOnlineError, errno.EAGAIN),
     (errors.ICATObjectExistsError, errno.EEXIST),
     (errors.ICATParameterError, errno.EINVAL),
@@ -547,7 +552,9 @@ class Operations(pyfuse3.Operations):
         entry = self._inodes.get(inode) or entry
         entry.node = node
         version = node.datafile.version
-        keep_cache = entry.version == version
+        # keep the kernel's pages only when this inode was last opened at the same
+        # version (and the read path, which tracks the datafile, agrees)
+        keep_cache = entry.version == version and bool(getattr(reader, "keep_cache", True))
         entry.version = version
         entry.opens += 1
         fh = next(self._next_fh)
