@@ -20,6 +20,9 @@ SUBCOMMANDS: dict[str, str] = {
     "emulator": "idsfs.emulator.cli",
     "get": "idsfs.getput",
     "put": "idsfs.getput",
+    "mount": "idsfs.mountcli",
+    "umount": "idsfs.mountcli",
+    "demo": "idsfs.mountcli",
 }
 
 

@@ -1,0 +1,958 @@
+"""The mount's lifecycle: connect, mount, serve, refresh the session, unmount.
+
+:func:`mount` is what ``idsfs mount`` runs. In order:
+
+1. **Check the mount point** (an existing directory, not already a FUSE
+   mount; a stale mount left by a killed daemon is reported with the command
+   that clears it: ``idsfs umount``).
+2. **Background or foreground.** Without ``-f`` the process forks before any
+   thread or connection exists; the child starts a new session and does the
+   rest, and the parent waits on a pipe. The parent exits 0 only once the
+   child reports that the mount answers; otherwise it prints the child's error
+   and exits non-zero (nothing stays mounted). With ``-f`` everything runs in
+   the calling process.
+3. **Connect** (:meth:`Daemon.connect`). ICAT: log in with the configured
+   authenticator, user and password, or adopt the given session id (checked
+   with a session-info call). IDS: ``--ids``, or when absent the rule of
+   :func:`default_ids_url`: the ICAT server's scheme, host and port with the
+   path ``/ids`` (the reference deployment, and the emulator, serve both
+   there), accepted only if ``ping`` answers ``IdsOK``. Without ``--icat`` the
+   ICAT URL is the one the IDS reports (``getIcatUrl``).
+4. **Build the stack**: :class:`~idsfs.aio.ThreadBridge` (``--max-threads``),
+   :class:`~idsfs.blockcache.BlockCache` (``--cache-size``, ``--block-size``),
+   ``catalog.Catalog`` (``--metadata-ttl``), ``transfer.Transfer``
+   (``--restore-wait``) and ``fs.Operations`` (uid, gid, read-only).
+5. **Mount**: ``pyfuse3.init`` with ``fsname=<ICAT URL or -o fsname>``,
+   ``subtype=idsfs``, ``default_permissions``, ``ro`` for read-only mounts
+   and the ``-o`` VFS options; never ``direct_io`` (it serialises reads and
+   breaks shared mmap).
+6. **Serve**: ``pyfuse3.main`` runs in ``trio.run`` next to three tasks:
+   the readiness probe (``stat`` + ``statvfs`` of the mount point through a
+   worker thread; then the kernel readahead of the mount is raised by writing
+   ``/sys/class/bdi/<major>:<minor>/read_ahead_kb``, a failure being only a
+   warning; then "ready" goes to the waiting parent and ``READY=1`` to
+   systemd), the session keeper (refreshes the ICAT session at half its
+   lifetime, at most every 30 minutes; logs in again when the session was
+   lost and credentials are known; listeners hand the new session id to the
+   IDS client) and the signal watcher.
+7. **Stop**: SIGINT, SIGTERM or SIGHUP ends the FUSE loop gracefully
+   (requests in progress get :data:`STOP_GRACE` seconds, a second signal stops
+   at once), then ``pyfuse3.close(unmount=True)``; an unmount from outside
+   (``idsfs umount``, ``fusermount3 -u``) ends the loop the same way; a fatal
+   error in the loop also unmounts. The daemon then logs out of ICAT when it
+   logged in itself (an adopted session is left alone).
+
+systemd: with ``$NOTIFY_SOCKET`` set, :func:`sd_notify` sends ``READY=1`` once
+the mount answers (with ``MAINPID`` when forked) and ``STOPPING=1`` when it
+begins to unmount, plus ``STATUS=`` lines.
+
+Logging: one line per event on standard error (foreground), a ``--log-file``,
+or syslog in the background; session ids and the password are redacted from
+every line, tracebacks included (:class:`RedactingFormatter`). ``--debug``
+logs every request (the clients' debug lines) and pyfuse3's own messages.
+Under journald (``$JOURNAL_STREAM``) lines carry ``<N>`` priority prefixes
+instead of time stamps.
+
+Exit status of :func:`mount`: 0 after a clean unmount (or, in the parent, once
+the background daemon is ready), 1 when mounting failed or the loop died, 2
+for a bad mount point.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import logging.handlers
+import os
+import signal
+import socket
+import stat
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from idsfs.config import Config, format_size
+from idsfs.errors import (
+    ICATSessionError,
+    IdsfsError,
+    ServerError,
+    TransportError,
+    redact,
+)
+from idsfs.icat import ICATClient
+from idsfs.ids import IDSClient
+
+__all__ = [
+    "READY_TIMEOUT",
+    "STOP_GRACE",
+    "Daemon",
+    "MountEntry",
+    "RedactingFormatter",
+    "StartupError",
+    "default_ids_url",
+    "find_mount",
+    "mount",
+    "probe_mount",
+    "sd_notify",
+    "set_readahead",
+]
+
+log = logging.getLogger("idsfs.daemon")
+
+#: seconds the mount may take to answer its first stat before start-up fails
+READY_TIMEOUT = 30.0
+#: seconds requests in progress get to finish after SIGINT/SIGTERM
+STOP_GRACE = 5.0
+#: seconds the logout at exit may take
+LOGOUT_TIMEOUT = 3.0
+#: pyfuse3 worker tasks (must stay above 1: reads run concurrently)
+FUSE_MAX_TASKS = 64
+#: the longest and shortest interval between session refreshes, seconds
+MAX_REFRESH_INTERVAL = 30 * 60.0
+MIN_REFRESH_INTERVAL = 0.5
+
+
+class StartupError(IdsfsError):
+    """Mounting failed before the mount answered; the message says why, for the user."""
+
+
+# ----------------------------------------------------------------------------- mounts table
+
+
+@dataclass(frozen=True)
+class MountEntry:
+    """One line of ``/proc/self/mountinfo``: mount point, type and source."""
+
+    mountpoint: str
+    fstype: str
+    source: str
+    options: str
+
+    @property
+    def is_fuse(self) -> bool:
+        """True for FUSE mounts (``fuse``, ``fuse.idsfs``, ``fuseblk``...)."""
+        return self.fstype == "fuse" or self.fstype.startswith(("fuse.", "fuseblk"))
+
+
+def _unescape_mountinfo(text: str) -> str:
+    r"""Undo the octal escapes (``\040`` for a space) of /proc/self/mountinfo."""
+    out = bytearray()
+    raw = text.encode("utf-8", "surrogateescape")
+    i = 0
+    while i < len(raw):
+        if raw[i] == 0x5C and i + 3 < len(raw) + 0 and raw[i + 1: i + 4].isdigit():
+            out.append(int(raw[i + 1: i + 4], 8))
+            i += 4
+        else:
+            out.append(raw[i])
+            i += 1
+    return out.decode("utf-8", "surrogateescape")
+
+
+def _mount_path(path: str | Path) -> str:
+    """Absolute path of a mount point without touching it (a stale mount cannot be stat'ed)."""
+    p = os.path.abspath(path)
+    parent, name = os.path.split(p)
+    return os.path.join(os.path.realpath(parent), name) if name else p
+
+
+def find_mount(path: str | Path, mountinfo: str = "/proc/self/mountinfo") -> MountEntry | None:
+    """Return the topmost mount whose mount point is ``path``, or None.
+
+    The path is made absolute and its parent resolved, but ``path`` itself is
+    not touched (so a stale FUSE mount is found without hanging or failing).
+    """
+    target = _mount_path(path)
+    found: MountEntry | None = None
+    try:
+        with open(mountinfo, encoding="utf-8", errors="surrogateescape") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        left, sep, right = line.partition(" - ")
+        if not sep:
+            continue
+        fields = left.split()
+        rest = right.split()
+        if len(fields) < 5 or len(rest) < 2:
+            continue
+        point = _unescape_mountinfo(fields[4])
+        if point == target:
+            found = MountEntry(point, rest[0], _unescape_mountinfo(rest[1]),
+                               rest[2] if len(rest) > 2 else "")
+    return found
+
+
+_PROBE = r"""
+import os, sys
+p = sys.argv[1]
+try:
+    os.statvfs(p)
+    os.listdir(p)
+except OSError as e:
+    print(e.errno)
+    sys.exit(3)
+print(0)
+"""
+
+
+def probe_mount(path: str | Path, timeout: float = 5.0) -> int | None:
+    """Check whether a mount answers: ``statvfs`` and ``listdir`` in a child process.
+
+    Returns 0 when it answers, the errno when it fails (``ENOTCONN`` for a
+    mount whose daemon is gone), or None when it did not answer within
+    ``timeout`` seconds (the child is killed). A child is used because a
+    request to a hung FUSE daemon blocks the caller. Never raises.
+    """
+    import subprocess
+
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", _PROBE, str(path)],
+            capture_output=True, text=True, timeout=timeout, check=False,
+            stdin=subprocess.DEVNULL,
+        )
+    except subprocess.TimeoutExpired:
+        return None
+    except OSError as exc:
+        return exc.errno or errno.EIO
+    try:
+        return int(done.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return errno.EIO
+
+
+# ----------------------------------------------------------------------------- systemd
+
+
+def sd_notify(*lines: str, environ: dict[str, str] | None = None) -> bool:
+    """Send ``lines`` (``READY=1``, ``STATUS=...``) to systemd's ``$NOTIFY_SOCKET``.
+
+    One datagram, lines joined by newlines. An address starting with ``@`` is
+    an abstract socket. Returns True when sent, False when there is no socket
+    or sending failed (logged at debug level). Never raises.
+    """
+    env = os.environ if environ is None else environ
+    address = env.get("NOTIFY_SOCKET")
+    if not address or not lines:
+        return False
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.connect(address)
+            sock.sendall("\n".join(lines).encode("utf-8"))
+        return True
+    except OSError as exc:
+        log.debug("sd_notify failed: %s", exc)
+        return False
+
+
+# ----------------------------------------------------------------------------- logging
+
+
+class RedactingFormatter(logging.Formatter):
+    """A formatter whose output never contains the secrets ``secrets()`` returns.
+
+    Applies :func:`idsfs.errors.redact` (session ids in URLs, forms, JSON,
+    ``/session/<id>`` paths) plus every current secret to the whole line,
+    traceback included. With ``journal=True`` lines start with the syslog
+    priority ``<N>`` that journald understands, instead of a time stamp.
+    """
+
+    _PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
+                 logging.CRITICAL: 2}
+
+    def __init__(self, secrets: Callable[[], Iterable[str | None]], *, journal: bool = False,
+                 fmt: str | None = None) -> None:
+        if fmt is None:
+            fmt = ("%(name)s: %(message)s" if journal
+                   else "%(asctime)s %(levelname)s %(name)s: %(message)s")
+        super().__init__(fmt)
+        self._secrets = secrets
+        self._journal = journal
+
+    def format(self, record: logging.LogRecord) -> str:
+        """Format ``record`` and remove every secret from the result."""
+        text = redact(super().format(record), tuple(self._secrets()))
+        if self._journal:
+            level = max((lv for lv in self._PRIORITY if lv <= record.levelno), default=10)
+            text = f"<{self._PRIORITY.get(level, 7)}>{text}"
+        return text
+
+
+def _journal_attached() -> bool:
+    """True when stderr is the journald stream systemd connected ($JOURNAL_STREAM)."""
+    value = os.environ.get("JOURNAL_STREAM", "")
+    dev, _, ino = value.partition(":")
+    try:
+        st = os.fstat(2)
+        return bool(value) and st.st_dev == int(dev) and st.st_ino == int(ino)
+    except (OSError, ValueError):
+        return False
+
+
+class _LogSetup:
+    """The handlers of one daemon run; the background child switches to syslog when ready."""
+
+    def __init__(self, config: Config, secrets: Callable[[], Iterable[str | None]],
+                 background: bool) -> None:
+        self.config = config
+        self.secrets = secrets
+        self.background = background
+        self.handler: logging.Handler | None = None
+        self.logger = logging.getLogger("idsfs")
+        self.logger.setLevel(config.effective_log_level)
+        self.logger.propagate = False
+        logging.getLogger("pyfuse3").setLevel(
+            logging.DEBUG if config.debug else logging.WARNING)
+        logging.getLogger("pyfuse3").propagate = False
+        if config.log_file is not None:
+            handler: logging.Handler = logging.FileHandler(config.log_file, encoding="utf-8")
+            handler.setFormatter(RedactingFormatter(secrets))
+        else:
+            handler = logging.StreamHandler(sys.stderr)
+            handler.setFormatter(RedactingFormatter(secrets, journal=_journal_attached()))
+            if background:
+                # Until ready, only problems reach the terminal of `idsfs mount`;
+                # the fatal start-up error itself travels through the pipe.
+                handler.setLevel(logging.WARNING)
+        self._install(handler)
+
+    def _install(self, handler: logging.Handler) -> None:
+        for name in ("idsfs", "pyfuse3"):
+            lg = logging.getLogger(name)
+            if self.handler is not None:
+                lg.removeHandler(self.handler)
+            lg.addHandler(handler)
+        old, self.handler = self.handler, handler
+        if old is not None:
+            old.close()
+
+    def detach_terminal(self) -> None:
+        """Background child, once ready: log to syslog (if there is one) instead of stderr."""
+        if self.config.log_file is not None:
+            return
+        handler: logging.Handler
+        if os.path.exists("/dev/log"):
+            try:
+                handler = logging.handlers.SysLogHandler(
+                    "/dev/log", facility=logging.handlers.SysLogHandler.LOG_DAEMON)
+                handler.setFormatter(RedactingFormatter(
+                    self.secrets, fmt=f"idsfs[{os.getpid()}]: %(levelname)s %(name)s: "
+                                      f"%(message)s"))
+            except OSError:
+                handler = logging.NullHandler()
+        else:
+            handler = logging.NullHandler()
+        self._install(handler)
+
+    def close(self) -> None:
+        """Remove and close the handler."""
+        if self.handler is not None:
+            for name in ("idsfs", "pyfuse3"):
+                logging.getLogger(name).removeHandler(self.handler)
+            self.handler.close()
+            self.handler = None
+
+
+# ----------------------------------------------------------------------------- IDS discovery
+
+
+def default_ids_url(icat_url: str) -> str:
+    """The IDS URL tried when ``--ids`` is absent: ICAT's scheme, host and port, path ``/ids``.
+
+    ``https://icat.example.org:8181`` and ``https://icat.example.org:8181/icat``
+    both give ``https://icat.example.org:8181/ids``; a deeper path keeps its
+    prefix (``https://h/facility/icat`` gives ``https://h/facility/ids``).
+    """
+    parts = urlsplit(icat_url)
+    path = parts.path.rstrip("/")
+    if path.endswith("/icat"):
+        path = path[: -len("/icat")]
+    return urlunsplit((parts.scheme, parts.netloc, path + "/ids", "", ""))
+
+
+def _describe_error(exc: BaseException) -> str:
+    """A one-line reason for a start-up failure (no secrets: the clients redact)."""
+    if isinstance(exc, ServerError):
+        return f"{exc.message} ({exc.type or exc.status})" if exc.message else str(exc)
+    text = str(exc) or type(exc).__name__
+    return text
+
+
+# ----------------------------------------------------------------------------- readahead
+
+
+def set_readahead(st_dev: int, nbytes: int, sysfs: str = "/sys/class/bdi") -> bool:
+    """Set ``read_ahead_kb`` of the backing device ``st_dev`` (a FUSE mount's) to ``nbytes``.
+
+    Returns True on success; False (with a warning logged) when the file is
+    missing or not writable (e.g. not root). ``nbytes`` 0 does nothing.
+    """
+    if nbytes <= 0:
+        return True
+    path = Path(sysfs) / f"{os.major(st_dev)}:{os.minor(st_dev)}" / "read_ahead_kb"
+    try:
+        path.write_text(f"{nbytes // 1024}\n")
+    except OSError as exc:
+        log.warning("could not raise the kernel readahead to %s (%s: %s); sequential reads "
+                    "will be slower", format_size(nbytes), path, exc.strerror or exc)
+        return False
+    log.info("kernel readahead of the mount: %s", format_size(nbytes))
+    return True
+
+
+# ----------------------------------------------------------------------------- the daemon
+
+
+class _Reporter:
+    """Tells whoever waits for the mount (parent process, systemd) how start-up went."""
+
+    def __init__(self, ready_fd: int | None, on_ready: Callable[[], None] | None) -> None:
+        self.ready_fd = ready_fd
+        self.on_ready = on_ready
+        self.done = False
+
+    def ready(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        if self.on_ready is not None:
+            self.on_ready()
+        extra = [f"MAINPID={os.getpid()}"] if self.ready_fd is not None else []
+        sd_notify("READY=1", "STATUS=mounted", *extra)
+        self._send("READY\n")
+
+    def failed(self, message: str) -> None:
+        if self.done:
+            return
+        self.done = True
+        self._send("ERROR " + message.replace("\n", " ") + "\n")
+
+    def _send(self, text: str) -> None:
+        if self.ready_fd is None:
+            return
+        try:
+            os.write(self.ready_fd, text.encode("utf-8", "replace"))
+        except OSError:
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                os.close(self.ready_fd)
+            self.ready_fd = None
+
+
+class Daemon:
+    """One mount: the clients, the FUSE stack and its trio main loop.
+
+    Use :meth:`connect`, :meth:`build`, :meth:`mount`, then ``trio.run(daemon.serve,
+    reporter)``, and :meth:`close` in a ``finally``; :func:`mount` does all of it.
+    ``secrets()`` returns every session id seen and the password (for log
+    redaction). Attributes after :meth:`connect`: ``icat``, ``ids``,
+    ``owns_session`` (the daemon logged in, so it re-logs in and logs out).
+    """
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.icat: ICATClient | None = None
+        self.ids: IDSClient | None = None
+        self.owns_session = False
+        self.mounted = False
+        self.fatal: BaseException | None = None
+        self.lifetime: float | None = None
+        self.operations: Any = None
+        self.bridge: Any = None
+        self.cache: Any = None
+        self.catalog: Any = None
+        self.transfer: Any = None
+        self.read_only = config.read_only
+        self._session_ids: list[str] = []
+        self._lock = threading.Lock()
+        self._stop_requested = False
+
+    # -------------------------------------------------------------- secrets
+
+    def secrets(self) -> tuple[str, ...]:
+        """Every session id this daemon has used, and the password."""
+        with self._lock:
+            out = list(self._session_ids)
+        for secret in (self.config.password, self.config.session):
+            if secret is not None:
+                out.append(secret.reveal())
+        return tuple(out)
+
+    def _remember_session(self, sid: str | None) -> None:
+        if sid:
+            with self._lock:
+                if sid not in self._session_ids:
+                    self._session_ids.append(sid)
+
+    def _on_session(self, sid: str | None) -> None:
+        """ICAT session listener: a new session id (login, re-login) goes to the IDS client."""
+        self._remember_session(sid)
+        if self.ids is not None and sid:
+            self.ids.sessionId = sid
+
+    # -------------------------------------------------------------- connect
+
+    def connect(self) -> None:
+        """Log in (or adopt the session) and find and check the IDS.
+
+        Raises :class:`StartupError` with a message naming the server and the
+        reason (refused login, unreachable server, no IDS at the derived URL...).
+        """
+        cfg = self.config
+        if cfg.session is not None:
+            self._remember_session(cfg.session.reveal())
+        ids_url = cfg.ids_url
+        icat_url = cfg.icat_url
+        ids: IDSClient | None = None
+        if icat_url is None:
+            assert ids_url is not None
+            ids = self._ids_client(ids_url)
+            try:
+                icat_url = ids.getIcatUrl().strip()
+            except (IdsfsError, ValueError) as exc:
+                raise StartupError(f"the IDS at {ids_url} does not tell its ICAT URL "
+                                   f"({_describe_error(exc)}); give --icat URL") from exc
+            log.info("ICAT URL from the IDS: %s", icat_url)
+        self.icat = icat = self._icat_login(icat_url)
+        if ids is None:
+            if ids_url is None:
+                ids_url = default_ids_url(icat_url)
+                try:
+                    ids = self._ids_client(ids_url)
+                    ids.ping()
+                except StartupError as exc:
+                    raise StartupError(f"{exc}; the IDS URL was derived from the ICAT URL: "
+                                       f"give --ids URL") from exc
+                except IdsfsError as exc:
+                    raise StartupError(f"no IDS at {ids_url} ({_describe_error(exc)}); give "
+                                       f"--ids URL") from exc
+            else:
+                ids = self._ids_client(ids_url)
+                try:
+                    ids.ping()
+                except IdsfsError as exc:
+                    raise StartupError(f"{ids_url} is not an IDS: "
+                                       f"{_describe_error(exc)}") from exc
+        self.ids = ids
+        ids.sessionId = icat.sessionId
+        icat.add_session_listener(self._on_session)
+        try:
+            if ids.isReadOnly() and not self.read_only:
+                log.warning("the IDS is read-only: mounting read-only")
+                self.read_only = True
+            two_level = ids.isTwoLevel()
+        except IdsfsError as exc:
+            raise StartupError(f"IDS at {ids_url}: {_describe_error(exc)}") from exc
+        log.info("IDS %s, version %s, %s storage", ids_url, ids.apiversion,
+                 "two-level" if two_level else "single-level")
+
+    def _ids_client(self, url: str) -> IDSClient:
+        cfg = self.config
+        try:
+            return IDSClient(url, None, timeout=cfg.http_timeout, verify=cfg.verify)
+        except TransportError as exc:
+            raise StartupError(f"cannot reach the IDS at {url}: {_describe_error(exc)}") from exc
+        except IdsfsError as exc:
+            raise StartupError(f"{url} is not an IDS: {_describe_error(exc)}") from exc
+
+    def _icat_login(self, url: str) -> ICATClient:
+        cfg = self.config
+        try:
+            icat = ICATClient(url, timeout=cfg.http_timeout, verify=cfg.verify)
+        except ValueError as exc:
+            raise StartupError(str(exc)) from exc
+        try:
+            if cfg.session is not None:
+                icat.sessionId = cfg.session.reveal()
+                info = icat.session_info()
+                log.info("using the existing ICAT session of %s at %s", info.userName,
+                         icat.url)
+            else:
+                assert cfg.user is not None and cfg.password is not None
+                icat.login(cfg.auth, {"username": cfg.user, "password": cfg.password.reveal()})
+                self.owns_session = True
+                self._remember_session(icat.sessionId)
+                info = icat.session_info()
+                log.info("logged in to ICAT %s as %s (authenticator %s)", icat.url,
+                         info.userName, cfg.auth)
+        except ICATSessionError as exc:
+            icat.close()
+            if cfg.session is not None:
+                raise StartupError(f"the ICAT session from {cfg.session.origin} is not valid "
+                                   f"at {url} (expired or unknown)") from exc
+            raise StartupError(f"login to ICAT at {url} refused for user {cfg.user!r} with "
+                               f"authenticator {cfg.auth!r}: {_describe_error(exc)}") from exc
+        except TransportError as exc:
+            icat.close()
+            raise StartupError(f"cannot reach ICAT at {url}: {_describe_error(exc)}") from exc
+        except IdsfsError as exc:
+            icat.close()
+            raise StartupError(f"ICAT at {url}: {_describe_error(exc)}") from exc
+        self.lifetime = info.remainingMinutes * 60.0
+        return icat
+
+    # -------------------------------------------------------------- the stack
+
+    def build(self) -> None:
+        """Create the bridge, the block cache, the catalogue, the transfers and the Operations."""
+        from idsfs import catalog, fs, transfer
+        from idsfs.aio import ThreadBridge
+        from idsfs.blockcache import BlockCache
+
+        cfg = self.config
+        assert self.icat is not None and self.ids is not None
+        self.bridge = ThreadBridge(cfg.max_threads)
+        self.cache = BlockCache(cfg.cache_size, cfg.block_size)
+        self.catalog = catalog.Catalog(self.icat, self.bridge, metadata_ttl=cfg.metadata_ttl)
+        self.transfer = transfer.Transfer(self.ids, self.bridge, self.cache,
+                                          restore_wait=cfg.restore_wait)
+        self.operations = fs.Operations(self.catalog, self.transfer, uid=cfg.uid, gid=cfg.gid,
+                                        read_only=self.read_only)
+
+    def fuse_options(self) -> set[str]:
+        """The option set given to ``pyfuse3.init`` (never ``direct_io``)."""
+        cfg = self.config
+        opts = {f"fsname={cfg.effective_fsname}", "subtype=idsfs", "default_permissions"}
+        opts.add("ro" if self.read_only else "rw")
+        if cfg.allow_other:
+            opts.add("allow_other")
+        opts |= set(cfg.fuse_options)
+        return opts
+
+    def mount(self) -> None:
+        """``pyfuse3.init``: the kernel mount exists afterwards. Raises StartupError."""
+        import pyfuse3
+
+        try:
+            pyfuse3.init(self.operations, str(self.config.mountpoint), self.fuse_options())
+        except RuntimeError as exc:
+            raise StartupError(f"cannot mount on {self.config.mountpoint}: {exc}") from exc
+        self.mounted = True
+        cfg = self.config
+        log.info("mounted %s on %s (%s, cache %s, block %s, metadata ttl %gs, restore wait "
+                 "%gs)", cfg.effective_fsname, cfg.mountpoint,
+                 "read-only" if self.read_only else "read-write", format_size(cfg.cache_size),
+                 format_size(cfg.block_size), cfg.metadata_ttl, cfg.restore_wait)
+
+    # -------------------------------------------------------------- trio main
+
+    async def serve(self, reporter: _Reporter) -> None:
+        """Run the FUSE loop with the readiness probe, the session keeper and the signals.
+
+        Returns when the loop ended (signal, unmount from outside, fatal error:
+        stored in ``self.fatal``). Must run inside ``trio.run``.
+        """
+        import pyfuse3
+        import trio
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._watch_signals, nursery.cancel_scope)
+            nursery.start_soon(self._probe_ready, reporter)
+            nursery.start_soon(self._keep_session)
+            try:
+                await pyfuse3.main(max_tasks=FUSE_MAX_TASKS)
+            except Exception as exc:  # a handler let a non-FUSEError escape
+                self.fatal = exc
+                log.error("the FUSE loop failed: %s", exc, exc_info=True)
+            finally:
+                nursery.cancel_scope.cancel()
+        if not reporter.done:
+            reporter.failed(f"the mount on {self.config.mountpoint} ended before it answered"
+                            + (f": {self.fatal}" if self.fatal else ""))
+
+    def _request_stop(self, why: str) -> None:
+        import pyfuse3
+
+        if self._stop_requested:
+            return
+        self._stop_requested = True
+        log.info("%s: unmounting %s", why, self.config.mountpoint)
+        sd_notify("STOPPING=1", "STATUS=unmounting")
+        with contextlib.suppress(Exception):
+            pyfuse3.terminate()
+
+    async def _watch_signals(self, scope: Any) -> None:
+        import trio
+
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as sigs:
+            async for signum in sigs:
+                name = signal.Signals(signum).name
+                if self._stop_requested:
+                    log.info("%s again: stopping at once", name)
+                    scope.cancel()
+                    return
+                self._request_stop(f"received {name}")
+                # Requests in progress get a grace period, then everything is cancelled.
+                scope_deadline = trio.current_time() + STOP_GRACE
+                async with trio.open_nursery() as inner:
+                    async def deadline(d: float = scope_deadline) -> None:
+                        await trio.sleep_until(d)
+                        log.info("requests still running after %gs: cancelling them",
+                                 STOP_GRACE)
+                        scope.cancel()
+
+                    inner.start_soon(deadline)
+                    async for signum2 in sigs:
+                        log.info("%s again: stopping at once", signal.Signals(signum2).name)
+                        scope.cancel()
+                        return
+
+    async def _probe_ready(self, reporter: _Reporter) -> None:
+        import trio
+
+        mp = str(self.config.mountpoint)
+        try:
+            with trio.fail_after(READY_TIMEOUT):
+                st = await self.bridge.run(os.stat, mp, name="ready probe stat")
+                await self.bridge.run(os.statvfs, mp, name="ready probe statvfs")
+        except trio.TooSlowError:
+            msg = f"the mount on {mp} did not answer within {READY_TIMEOUT:g} s"
+            log.error("%s", msg)
+            reporter.failed(msg)
+            self._request_stop("not ready")
+            return
+        except OSError as exc:
+            msg = f"the mount on {mp} does not answer: {exc.strerror or exc}"
+            log.error("%s", msg)
+            reporter.failed(msg)
+            self._request_stop("not ready")
+            return
+        if self.config.readahead:
+            await self.bridge.run(set_readahead, st.st_dev, self.config.readahead,
+                                  name="set readahead")
+        log.info("ready: %s answers", mp)
+        reporter.ready()
+
+    def refresh_interval(self) -> float:
+        """Seconds between session refreshes: half the lifetime, 0.5 s to 30 min."""
+        lifetime = self.lifetime or 2 * MAX_REFRESH_INTERVAL
+        return max(MIN_REFRESH_INTERVAL, min(lifetime / 2, MAX_REFRESH_INTERVAL))
+
+    async def _keep_session(self) -> None:
+        """Refresh the ICAT session before it expires; log in again if it was lost."""
+        import trio
+
+        assert self.icat is not None
+        icat = self.icat
+        failures = 0
+        while True:
+            interval = self.refresh_interval()
+            await trio.sleep(interval if failures == 0 else min(interval, 5.0 * failures))
+            try:
+                await self.bridge.run(icat.refresh, name="session refresh")
+                failures = 0
+                log.debug("ICAT session refreshed")
+            except ICATSessionError:
+                if not self.owns_session:
+                    failures = max(failures, 1) + 1
+                    log.error("the ICAT session has expired and there are no credentials to "
+                              "log in again: the mount answers EACCES; remount with a new "
+                              "session")
+                    continue
+                try:
+                    await self.bridge.run(self._login_again, name="ICAT login")
+                    failures = 0
+                    log.info("the ICAT session had expired: logged in again")
+                except IdsfsError as exc:
+                    failures += 1
+                    log.error("logging in to ICAT again failed: %s", _describe_error(exc))
+            except IdsfsError as exc:
+                failures += 1
+                log.warning("refreshing the ICAT session failed: %s", _describe_error(exc))
+
+    def _login_again(self) -> None:
+        """Blocking: log in with the configured credentials; note the new lifetime."""
+        cfg = self.config
+        assert self.icat is not None and cfg.user is not None and cfg.password is not None
+        self.icat.login(cfg.auth, {"username": cfg.user, "password": cfg.password.reveal()})
+        self.lifetime = self.icat.session_info().remainingMinutes * 60.0
+
+    # -------------------------------------------------------------- teardown
+
+    def unmount(self) -> None:
+        """``pyfuse3.close(unmount=True)`` if mounted (idempotent, never raises)."""
+        import pyfuse3
+
+        if not self.mounted:
+            return
+        self.mounted = False
+        try:
+            pyfuse3.close(unmount=True)
+            log.info("unmounted %s", self.config.mountpoint)
+        except (RuntimeError, OSError) as exc:
+            log.error("unmounting %s failed: %s", self.config.mountpoint, exc)
+
+    def close(self) -> None:
+        """Unmount, log out (when the daemon logged in; bounded) and close the clients."""
+        self.unmount()
+        icat, ids = self.icat, self.ids
+        if icat is not None and self.owns_session:
+            done = threading.Event()
+
+            def logout() -> None:
+                try:
+                    icat.logout()
+                    log.info("logged out of ICAT")
+                except IdsfsError as exc:
+                    log.debug("logout failed: %s", exc)
+                finally:
+                    done.set()
+
+            threading.Thread(target=logout, name="idsfs logout", daemon=True).start()
+            if not done.wait(LOGOUT_TIMEOUT):
+                log.info("logout did not finish within %gs; leaving the session to expire",
+                         LOGOUT_TIMEOUT)
+        for client in (ids, icat):
+            if client is not None:
+                with contextlib.suppress(Exception):
+                    client.close()
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def check_mountpoint(path: Path) -> None:
+    """Raise :class:`StartupError` unless ``path`` is a directory one can mount on."""
+    entry = find_mount(path)
+    if entry is not None and entry.is_fuse:
+        state = probe_mount(path, timeout=3.0)
+        if state == 0:
+            raise StartupError(f"{path} is already mounted ({entry.fstype} {entry.source}); "
+                               f"unmount it first: idsfs umount {path}")
+        raise StartupError(f"{path} is a stale mount ({entry.fstype}, its daemon is gone or "
+                           f"hung); clear it with: idsfs umount {path}")
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise StartupError(f"mount point {path} does not exist") from None
+    except OSError as exc:
+        raise StartupError(f"mount point {path}: {exc.strerror or exc}") from exc
+    if not stat.S_ISDIR(st.st_mode):
+        raise StartupError(f"mount point {path} is not a directory")
+
+
+def _redirect_stdio() -> None:
+    """Point fds 0, 1 and 2 at /dev/null (background child, once ready)."""
+    fd = os.open(os.devnull, os.O_RDWR)
+    for target in (0, 1, 2):
+        os.dup2(fd, target)
+    if fd > 2:
+        os.close(fd)
+
+
+def _run(config: Config, ready_fd: int | None, background: bool,
+         when_ready: Callable[[], None] | None = None) -> int:
+    """Connect, mount, serve until stopped; the whole life of one daemon. Returns the status."""
+    import trio
+
+    daemon = Daemon(config)
+    logs = _LogSetup(config, daemon.secrets, background)
+
+    def on_ready() -> None:
+        if when_ready is not None:
+            when_ready()
+        if background:
+            os.chdir("/")
+            logs.detach_terminal()
+            _redirect_stdio()
+
+    reporter = _Reporter(ready_fd, on_ready)
+    try:
+        try:
+            sd_notify("STATUS=connecting")
+            daemon.connect()
+            daemon.build()
+            daemon.mount()
+        except StartupError as exc:
+            message = redact(str(exc), daemon.secrets())
+            if ready_fd is None:
+                print(f"idsfs mount: {message}", file=sys.stderr)
+                log.debug("start-up failed", exc_info=True)
+            else:
+                log.debug("start-up failed: %s", message, exc_info=True)
+            reporter.failed(message)
+            return 1
+        try:
+            trio.run(daemon.serve, reporter)
+        except BaseException as exc:  # e.g. KeyboardInterrupt before the signal watcher ran
+            daemon.fatal = daemon.fatal or exc
+            log.error("the daemon stopped: %s", exc, exc_info=not isinstance(
+                exc, KeyboardInterrupt))
+        return 1 if daemon.fatal is not None else 0
+    finally:
+        daemon.close()
+        reporter.failed("the daemon stopped during start-up")
+        logs.close()
+
+
+def mount(config: Config, *, when_ready: Callable[[], None] | None = None) -> int:
+    """Mount as ``config`` says; see the module docstring. Returns the exit status.
+
+    Foreground: returns after the unmount; ``when_ready()`` is called (on the
+    trio thread, keep it short) once the mount answers. Background: returns in the parent
+    once the child's mount answers (0) or failed (1, the reason printed on
+    stderr); the child never returns (it ends with ``os._exit``).
+    """
+    try:
+        check_mountpoint(config.mountpoint)
+    except StartupError as exc:
+        print(f"idsfs mount: {exc}", file=sys.stderr)
+        return 2
+    if config.foreground:
+        return _run(config, None, background=False, when_ready=when_ready)
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the daemon
+        status = 1
+        try:
+            os.close(read_fd)
+            os.setsid()
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            status = _run(config, write_fd, background=True)
+        except BaseException:  # never return into the caller's code in the child
+            with contextlib.suppress(Exception):
+                log.exception("the daemon failed")
+        finally:
+            os._exit(status)
+    os.close(write_fd)
+    return _wait_for_child(pid, read_fd, config.mountpoint)
+
+
+def _wait_for_child(pid: int, read_fd: int, mountpoint: Path) -> int:
+    """Parent side of a background mount: wait for READY or an error from the child."""
+    chunks = []
+    with os.fdopen(read_fd, "rb") as pipe:
+        for chunk in iter(lambda: pipe.read(4096), b""):
+            chunks.append(chunk)
+    text = b"".join(chunks).decode("utf-8", "replace").strip()
+    if text.startswith("READY"):
+        return 0
+    status: int | None = None
+    deadline = time.monotonic() + 10.0
+    while time.monotonic() < deadline:
+        done, raw = os.waitpid(pid, os.WNOHANG)
+        if done:
+            status = os.waitstatus_to_exitcode(raw)
+            break
+        time.sleep(0.02)
+    if text.startswith("ERROR "):
+        print(f"idsfs mount: {text[6:]}", file=sys.stderr)
+    else:
+        how = f"status {status}" if status is not None else "no status"
+        print(f"idsfs mount: the daemon for {mountpoint} exited during start-up ({how})",
+              file=sys.stderr)
+    return 1
