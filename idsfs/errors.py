@@ -36,8 +36,9 @@ original stays attached as ``__cause__``)::
     │   ├── RestoreTimeoutError         archived data not online within --restore-wait (EAGAIN)
     │   ├── RestoreFailedError          the IDS reports "Restore failed" for it (EIO)
     │   ├── DataBusyError               "Data is busy" (a lock) outlasted the retries (EBUSY)
-    │   └── IncompleteDownloadError     the stream ended early or broke and could not be
-    │                                   resumed within the bound (EIO)
+    │   ├── IncompleteDownloadError     the stream ended early or broke and could not be
+    │   │                               resumed within the bound (EIO)
+    │   └── ChecksumMismatchError       the bytes read differ from the ICAT CRC32 (EIO)
     ├── TransportError                  no (complete) answer from the server
     │   ├── ConnectError                connection refused, name not resolved, proxy
     │   ├── TransportTimeoutError       connect or read timeout (also a TimeoutError)
@@ -67,6 +68,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 __all__ = [
+    "ChecksumMismatchError",
     "ConnectError",
     "ConnectionLostError",
     "DataBusyError",
@@ -421,6 +423,21 @@ class IncompleteDownloadError(TransferError):
     def __init__(self, message: str, datafile_id: int | None = None, offset: int = 0) -> None:
         super().__init__(message, datafile_id)
         self.offset = offset
+
+
+class ChecksumMismatchError(TransferError):
+    """The CRC32 of a datafile read from start to end differs from its ICAT
+    ``checksum`` (``EIO``): the bytes cannot be trusted. ``expected`` and
+    ``actual`` are lower-case hex."""
+
+    errno = _errno.EIO
+
+    def __init__(
+        self, message: str, datafile_id: int | None = None, expected: str = "", actual: str = ""
+    ) -> None:
+        super().__init__(message, datafile_id)
+        self.expected = expected
+        self.actual = actual
 
 
 # ----------------------------------------------------------------------------
