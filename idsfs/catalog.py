@@ -694,7 +694,7 @@ class Catalog:
     @staticmethod
     def _name_node(key: NodeKey, parent: NodeKey, file_name: str, visits: Listing) -> Node:
         t = max((node.mtime_ns for node in visits.entries), default=0)
-        ids = " ".join(str(node.key.id) for node in visits.entries)
+        ids = " ".join(str(i) for i in sorted(node.key.id for node in visits.entries))
         return Node(key, parent, file_name, mtime_ns=t, ctime_ns=t,
                     extra=_extra(name=key.path[0], investigation_ids=ids))
 
