@@ -616,9 +616,10 @@ class Daemon:
         self.cache = BlockCache(cfg.cache_size, cfg.block_size)
         self.catalog = catalog.Catalog(self.icat, self.bridge, metadata_ttl=cfg.metadata_ttl)
         self.transfer = transfer.Transfer(self.ids, self.bridge, self.cache,
-                                          restore_wait=cfg.restore_wait)
+                                          restore_wait=cfg.restore_wait,
+                                          renew_session=self.renew_session)
         self.operations = fs.Operations(self.catalog, self.transfer, uid=cfg.uid, gid=cfg.gid,
-                                        read_only=self.read_only)
+                                        read_only=self.read_only, block_size=cfg.block_size)
 
     def fuse_options(self) -> set[str]:
         """The option set given to ``pyfuse3.init`` (never ``direct_io``)."""
@@ -657,6 +658,7 @@ class Daemon:
         import trio
 
         async with trio.open_nursery() as nursery:
+            await nursery.start(self.transfer.run)
             nursery.start_soon(self._watch_signals, nursery.cancel_scope)
             nursery.start_soon(self._probe_ready, reporter)
             nursery.start_soon(self._keep_session)
@@ -667,6 +669,8 @@ class Daemon:
                 log.error("the FUSE loop failed: %s", exc, exc_info=True)
             finally:
                 nursery.cancel_scope.cancel()
+                with trio.CancelScope(shield=True):
+                    await self.transfer.aclose()
         if not reporter.done:
             reporter.failed(f"the mount on {self.config.mountpoint} ended before it answered"
                             + (f": {self.fatal}" if self.fatal else ""))
@@ -770,6 +774,27 @@ class Daemon:
             except IdsfsError as exc:
                 failures += 1
                 log.warning("refreshing the ICAT session failed: %s", _describe_error(exc))
+
+    async def renew_session(self) -> bool:
+        """Called by the transfers when IDS refused the session (403).
+
+        Asks ICAT about the session (the client logs in again by itself on a
+        SESSION error when it holds credentials, and the listener passes the
+        new id on). Returns True when ``ids.sessionId`` changed, so that the
+        refused call is worth repeating once; never raises.
+        """
+        assert self.icat is not None and self.ids is not None
+        before = self.ids.sessionId
+        try:
+            await self.bridge.run(self.icat.session_info, name="session check")
+        except IdsfsError as exc:
+            log.debug("session check failed: %s", exc)
+            if self.owns_session:
+                try:
+                    await self.bridge.run(self._login_again, name="ICAT login")
+                except IdsfsError as exc2:
+                    log.error("logging in to ICAT again failed: %s", _describe_error(exc2))
+        return self.ids.sessionId != before
 
     def _login_again(self) -> None:
         """Blocking: log in with the configured credentials; note the new lifetime."""
