@@ -138,8 +138,13 @@ def emulator_process(tmp_path: Path) -> Iterator[Callable[..., EmulatorProcess]]
 
 
 @pytest.fixture
-def mount(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Callable[..., Mounted]]:
-    """Factory of real mounts (see the module docstring); all removed at teardown."""
+def mount(tmp_path: Path, request: pytest.FixtureRequest,
+          emulator_process: Callable[..., EmulatorProcess]) -> Iterator[Callable[..., Mounted]]:
+    """Factory of real mounts (see the module docstring); all removed at teardown.
+
+    It depends on ``emulator_process`` so that the emulators a test starts are
+    stopped only after its mounts are gone.
+    """
     made: list[Mounted] = []
 
     def make(emulator: Any = None, *args: str, **options: Any) -> Mounted:
