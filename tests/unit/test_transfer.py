@@ -1,0 +1,528 @@
+"""idsfs.transfer against a single-level emulator: bytes, streams, readahead,
+single flight, idle streams and locks, versions, sessions, checksums."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import random
+
+import pytest
+import trio
+from transferkit import KiB, MiB, World, make_transfer, make_world, random_bytes, read_all, run
+from transferkit import running as running_transfer
+
+from idsfs.errors import (
+    ChecksumMismatchError,
+    IDSDataNotOnlineError,
+    IDSInsufficientPrivilegesError,
+    IncompleteDownloadError,
+    TransferError,
+)
+from idsfs.ids import DataSelection
+from idsfs.transfer import ONLINE, Transfer
+
+BS = 64 * KiB
+
+
+@pytest.fixture
+def world(emulator) -> World:
+    return make_world(emulator)
+
+
+def getdata(world: World) -> int:
+    return world.emu.counters.get("ids/getData")
+
+
+SIZES = [0, 1, BS - 1, BS, BS + 1, 3 * MiB + 123]
+
+
+def test_sequential_reads_match_stored_bytes(world: World) -> None:
+    files = [world.put(f"f{size}.bin", random_bytes(size)) for size in SIZES]
+    transfer = make_transfer(world.client(), block_size=BS)
+
+    async def body() -> None:
+        async with running_transfer(transfer):
+            for df in files:
+                reader = await transfer.open(df)
+                assert reader.size == df.fileSize and reader.datafile_id == df.id
+                for chunk in (4096, 128 * KiB, 1 * MiB):
+                    got = await read_all(reader, chunk)
+                    assert got == world.content[df.id], (df.fileSize, chunk)
+                # reads are short only at EOF
+                if df.fileSize:
+                    tail = await reader.read(df.fileSize - 1, 100)
+                    assert bytes(tail) == world.content[df.id][-1:]
+                assert len(await reader.read(df.fileSize, 10)) == 0
+                assert len(await reader.read(df.fileSize + 12345, 10)) == 0
+                await reader.close()
+
+    run(body)
+    # the empty file needs no request
+    assert transfer.stats().bytes_fetched == sum(SIZES)
+
+
+def test_random_reads_match_stored_bytes(world: World) -> None:
+    data = random_bytes(2 * MiB + 777)
+    df = world.put("random.bin", data)
+    transfer = make_transfer(world.client(), block_size=BS, capacity=512 * KiB)
+    rng = random.Random(4)
+
+    async def body() -> None:
+        async with running_transfer(transfer):
+            reader = await transfer.open(df)
+            for _ in range(150):
+                offset = rng.randrange(0, len(data) + 10)
+                size = rng.choice([1, 100, 4096, BS, 3 * BS + 5, 300 * KiB])
+                got = await reader.read(offset, size)
+                assert bytes(got) == data[offset:offset + size]
+            await reader.close()
+
+    run(body)
+    assert transfer.stats().failures == 0
+
+
+def test_open_makes_no_ids_call(world: World) -> None:
+    df = world.put("a.bin", random_bytes(100))
+    transfer = make_transfer(world.client(), single_level=True)
+
+    async def body() -> None:
+        async with running_transfer(transfer):
+            world.emu.counters.reset()
+            reader = await transfer.open(df)
+            assert world.emu.counters.total("ids/*") == 0
+            assert bytes(await reader.read(0, 100)) == world.content[df.id]
+            assert world.emu.counters.total("ids/*") == 1  # one getData
+            await reader.close()
+
+    run(body)
+
+
+def test_sequential_read_reuses_one_stream(world: World) -> None:
+    data = random_bytes(4 * MiB + 5)
+    df = world.put("big.bin", data)
+    transfer = make_transfer(world.client(), block_size=BS)
+
+    async def body() -> None:
+        async with running_transfer(transfer):
+            world.emu.counters.reset()
+            reader = await transfer.open(df)
+            assert await read_all(reader, 128 * KiB) == data
+            await reader.close()
+
+    run(body)
+    stats = transfer.stats()
+    assert getdata(world) == 1
+    assert stats.streams_opened == 1
+    assert stats.blocks_fetched == -(-len(data) // BS)
+    assert stats.stream_reuses == stats.blocks_fetched - 1
+    assert stats.streams == ()  # closed at EOF
+
+
+def test_readahead_grows_on_sequential_reads_only(world: World) -> None:
+    data = random_bytes(4 * MiB)
+    df = world.put("ra.bin", data)
+    transfer = make_transfer(world.client(), block_size=BS, max_readahead=8 * BS, max_gap=0)
+    cache = transfer.cache
+
+    async def until_fetched(n: int) -> None:
+        with trio.fail_after(10):
+            while cache.stats().bytes_fetched < n:
+                await trio.sleep(0.005)
+
+    async def body() -> None:
+        async with running_transfer(transfer):
+            reader = await transfer.open(df)
+            key = reader.key
+            # sequential reads from 0: the window doubles (1, 2, 4, 8 blocks)
+            for i in range(4):
+                assert bytes(await reader.read(i * BS, BS)) == data[i * BS:(i + 1) * BS]
+            await until_fetched(12 * BS)
+            assert all(cache.contains(key, i) for i in range(4, 12))
+            await trio.sleep(0.05)
+            assert not cache.contains(key, 12)  # 3 + 8 is the last one
+            readahead = transfer.stats().readahead_blocks
+            assert readahead >= 8
+            # a random read resets it: nothing more is prefetched
+            await reader.read(40 * BS, 100)
+            await trio.sleep(0.05)
+            assert not cache.contains(key, 41)
+            assert transfer.stats().readahead_blocks == readahead
+            await reader.close()
+
+    run(body)
+
+
+def test_read_through_small_gap_and_new_stream_for_far_offset(world: World) -> None:
+    data = random_bytes(8 * MiB)
+    df = world.put("gaps.bin", data)
+    transfer = make_transfer(world.client(), block_size=BS, max_readahead=0, max_gap=4 * BS)
+    cache = transfer.cache
+
+    async def body() -> None:
+        async with running_transfer(transfer):
+            world.emu.counters.reset()
+            reader = await transfer.open(df)
+            key = reader.key
+            assert bytes(await reader.read(0, 10)) == data[:10]
+            assert getdata(world) == 1
+            # 3 blocks further: read through on the same stream, gap blocks cached
+            off = 4 * BS + 7
+            assert bytes(await reader.read(off, 10)) == data[off:off + 10]
+            assert getdata(world) == 1
+            for i in (1, 2, 3):
+                with trio.fail_after(5):
+                    while not cache.contains(key, i):
+                        await trio.sleep(0.005)
+            hits = cache.stats().hits
+            assert bytes(await reader.read(2 * BS, BS)) == data[2 * BS:3 * BS]
+            assert cache.stats().hits == hits + 1
+            # far away: a new stream at that offset
+            off = 100 * BS
+            assert bytes(await reader.read(off, 10)) == data[off:off + 10]
+            assert getdata(world) == 2
+            # and back to where the first stream stands: reused
+            assert bytes(await reader.read(5 * BS, 10)) == data[5 * BS:5 * BS + 10]
+            assert getdata(world) == 2
+            await reader.close()
+
+    run(body)
+
+
+def test_sixteen_readers_of_one_file_fetch_each_block_once(world: World) -> None:
+    data = random_bytes(3 * MiB + 17)
+    df = world.put("shared.bin", data)
+    transfer = make_transfer(world.client(), block_size=BS)
+    results: list[bytes] = []
+
+    async def one(chunk: int) -> None:
+        reader = await transfer.open(df)
+        results.append(await read_all(reader, chunk))
+        await reader.close()
+
+    async def body() -> None:
+        async with running_transfer(transfer):
+            world.emu.counters.reset()
+            async with trio.open_nursery() as nursery:
+                for i in range(16):
+                    nursery.start_soon(one, [4 * KiB, 128 * KiB, 1 * MiB, 100_000][i % 4])
+
+    run(body)
+    assert len(results) == 16 and all(r == data for r in results)
+    blocks = -(-len(data) // BS)
+    stats = transfer.stats()
+    assert stats.blocks_fetched == blocks
+    assert stats.bytes_fetched == len(data)
+    assert stats.cache.misses + stats.cache.prefetches == blocks
+    assert world.emu.counters.bytes_sent("ids/getData") <= 2 * len(data)
+    assert getdata(world) <= 3
+
+
+def test_sixteen_readers_of_different_files(world: World) -> None:
+    files = [world.put(f"p{i}.bin", random_bytes(300 * KiB + i)) for i in range(16)]
+    transfer = make_transfer(world.client(), block_size=BS)
+    ok: list[int] = []
+
+    async def one(df) -> None:
+        reader = await transfer.open(df)
+        assert await read_all(reader, 128 * KiB) == world.content[df.id]
+        await reader.close()
+        ok.append(df.id)
+
+    async def body() -> None:
+        async with running_transfer(transfer):
+            world.emu.counters.reset()
+            async with trio.open_nursery() as nursery:
+                for df in files:
+                    nursery.start_soon(one, df)
+
+    run(body)
+    assert len(ok) == 16
+    assert getdata(world) == 16
+
+
+def test_idle_stream_is_closed_and_releases_the_lock(world: World) -> None:
+    data = random_bytes(48 * MiB)
+    df = world.put("locked.bin", data)
+    transfer = make_transfer(world.client(), block_size=BS, max_readahead=0,
+                             stream_idle_timeout=0.3)
+    sel = DataSelection({"datafileIds": [df.id]})
+
+    async def body() -> None:
+        async with running_transfer(transfer):
+            reader = await transfer.open(df)
+            assert bytes(await reader.read(0, 100)) == data[:100]
+            assert len(transfer.stats().streams) == 1
+            # the open getData stream holds a SHARED lock: delete is refused
+            client = world.client(retries=0)
+            with pytest.raises(IDSDataNotOnlineError, match="(?i)busy"):
+                await trio.to_thread.run_sync(client.delete, sel)
+            with trio.fail_after(5):
+                while transfer.stats().streams:
+                    await trio.sleep(0.02)
+            # the server notices the closed connection and releases the lock
+            with trio.fail_after(5):
+                while True:
+                    try:
+                        await trio.to_thread.run_sync(client.delete, sel)
+                        break
+                    except IDSDataNotOnlineError:
+                        await trio.sleep(0.05)
+            await reader.close()
+
+    run(body)
+
+
+def test_last_close_closes_streams_at_once(world: World) -> None:
+    data = random_bytes(48 * MiB)
+    df = world.put("close.bin", data)
+    transfer = make_transfer(world.client(), block_size=BS, stream_idle_timeout=60)
+
+    async def body() -> None:
+        async with running_transfer(transfer):
+            first = await transfer.open(df)
+            second = await transfer.open(df)
+            assert bytes(await first.read(0, 100)) == data[:100]
+            await first.read(BS, 100)
+            await first.close()
+            assert transfer.stats().streams  # the second reader still has the file open
+            await second.close()
+            with trio.fail_after(2):  # not after the 60 s idle timeout
+                while transfer.stats().streams:
+                    await trio.sleep(0.005)
+            assert await transfer.close_streams() == 0
+
+    run(body)
+
+
+def test_close_streams_for_a_datafile(world: World) -> None:
+    data = random_bytes(48 * MiB)
+    df = world.put("cs.bin", data)
+    transfer = make_transfer(world.client(), block_size=BS, max_readahead=0,
+                             stream_idle_timeout=60)
+
+    async def body() -> None:
+        async with running_transfer(transfer):
+            reader = await transfer.open(df)
+            await reader.read(0, 100)
+            assert await transfer.close_streams(df.id + 1000) == 0
+            assert await transfer.close_streams(df.id) == 1
+            with trio.fail_after(5):  # at once, or when its pump has finished
+                while transfer.stats().streams:
+                    await trio.sleep(0.005)
+            assert bytes(await reader.read(BS, 10)) == data[BS:BS + 10]
+            await reader.close()
+
+    run(body)
+
+
+def test_keep_cache_only_for_unchanged_versions(world: World) -> None:
+    data = random_bytes(200 * KiB)
+    df = world.put("v.bin", data)
+    transfer = make_transfer(world.client(), block_size=BS)
+    changed = dataclasses.replace(df, modTime=(df.modTime or dt.datetime.now(dt.UTC))
+                                  + dt.timedelta(seconds=5))
+
+    async def body() -> None:
+        async with running_transfer(transfer):
+            first = await transfer.open(df)
+            assert first.keep_cache
+            await read_all(first)
+            await first.close()
+            again = await transfer.open(df)
+            assert again.keep_cache
+            assert transfer.cache.stats().blocks == 4
+            await again.close()
+            newer = await transfer.open(changed)
+            assert not newer.keep_cache
+            assert transfer.cache.stats().blocks == 0  # old blocks dropped
+            assert await read_all(newer) == data
+            await newer.close()
+            assert (await transfer.open(changed)).keep_cache
+
+    run(body)
+
+
+def test_status_on_single_level_is_online_without_calls(world: World) -> None:
+    df = world.put("s.bin", b"x")
+    transfer = make_transfer(world.client())
+
+    async def body() -> None:
+        async with running_transfer(transfer):
+            world.emu.counters.reset()
+            assert await transfer.status(df) == ONLINE
+            assert await transfer.status(df) == ONLINE
+            assert world.emu.counters.total("ids/*") == 1  # isTwoLevel, once
+
+    run(body)
+
+
+def test_expired_session_is_renewed_through_the_hook(world: World) -> None:
+    df = world.put("sess.bin", random_bytes(100 * KiB))
+    client = world.client()
+    calls: list[int] = []
+
+    async def renew() -> bool:
+        calls.append(1)
+        client.sessionId = world.emu.login("root")
+        return True
+
+    transfer = make_transfer(client, renew_session=renew, single_level=True)
+    plain = make_transfer(world.client(), single_level=True)
+
+    async def body() -> None:
+        async with running_transfer(transfer), running_transfer(plain):
+            world.emu.expire_sessions()
+            reader = await transfer.open(df)
+            assert await read_all(reader) == world.content[df.id]
+            assert calls == [1]
+            await reader.close()
+            other = await plain.open(df)
+            with pytest.raises(IDSInsufficientPrivilegesError):
+                await other.read(0, 10)
+            await other.close()
+
+    run(body)
+
+
+def test_swapped_session_id_is_used_without_the_hook(world: World) -> None:
+    df = world.put("swap.bin", random_bytes(1000))
+    client = world.client()
+    transfer = make_transfer(client, single_level=True)
+
+    async def body() -> None:
+        async with running_transfer(transfer):
+            world.emu.expire_sessions()
+            client.sessionId = world.emu.login("root")  # what the daemon does after re-login
+            reader = await transfer.open(df)
+            assert await read_all(reader) == world.content[df.id]
+            await reader.close()
+
+    run(body)
+
+
+def test_checksum_mismatch_fails_the_read_and_drops_the_blocks(world: World) -> None:
+    data = random_bytes(300 * KiB)
+    df = world.put("crc.bin", data)
+    wrong = dataclasses.replace(df, checksum="00000000" if df.checksum != "00000000" else "1")
+    transfer = make_transfer(world.client(), block_size=BS)
+    lenient = make_transfer(world.client(), block_size=BS, verify_checksum=False)
+
+    async def body() -> None:
+        async with running_transfer(transfer), running_transfer(lenient):
+            reader = await transfer.open(wrong)
+            with pytest.raises(ChecksumMismatchError) as info:
+                await read_all(reader, BS)
+            assert info.value.errno == 5 and info.value.datafile_id == df.id
+            assert transfer.cache.stats().blocks == 0
+            await reader.close()
+            ok = await lenient.open(wrong)
+            assert await read_all(ok, BS) == data
+            await ok.close()
+            right = await transfer.open(df)
+            assert await read_all(right, BS) == data
+            await right.close()
+
+    run(body)
+
+
+def test_file_shorter_than_filesize_fails_instead_of_short_read(world: World) -> None:
+    data = random_bytes(100 * KiB)
+    df = world.put("short.bin", data)
+    world.icat.update(df, fileSize=len(data) + 1000)
+    longer = world.datafile(df.id)
+    assert longer.fileSize == len(data) + 1000
+    transfer = make_transfer(world.client(), block_size=BS, resume_retries=2)
+
+    async def body() -> None:
+        async with running_transfer(transfer):
+            reader = await transfer.open(longer)
+            assert bytes(await reader.read(0, BS)) == data[:BS]
+            with pytest.raises(IncompleteDownloadError) as info:
+                await reader.read(BS, BS)
+            assert info.value.offset == len(data) and info.value.errno == 5
+            await reader.close()
+
+    run(body)
+    assert transfer.stats().resumes == 3  # one after progress, then two without
+
+
+def test_aclose_closes_streams_and_refuses_reads(world: World) -> None:
+    data = random_bytes(48 * MiB)
+    df = world.put("ac.bin", data)
+    transfer = make_transfer(world.client(), block_size=BS, stream_idle_timeout=60)
+
+    async def body() -> None:
+        async with running_transfer(transfer):
+            reader = await transfer.open(df)
+            await reader.read(0, 10)
+            assert transfer.stats().streams
+            await transfer.aclose()
+            assert transfer.stats().streams == ()
+            with pytest.raises(TransferError):
+                await reader.read(30 * MiB, 10)
+            with pytest.raises(TransferError):
+                await transfer.open(df)
+
+    run(body)
+
+
+def test_transfer_started_lazily_without_run(world: World) -> None:
+    data = random_bytes(500 * KiB)
+    df = world.put("lazy.bin", data)
+    transfer = make_transfer(world.client(), block_size=BS)
+
+    async def body() -> None:
+        reader = await transfer.open(df)
+        assert await read_all(reader) == data
+        await reader.close()
+        await transfer.aclose()
+
+    run(body)
+
+
+def test_cancelled_read_leaves_the_block_to_the_next_reader(world: World) -> None:
+    data = random_bytes(1 * MiB)
+    df = world.put("cancel.bin", data)
+    transfer = make_transfer(world.client(), block_size=BS, max_readahead=0)
+
+    async def body() -> None:
+        async with running_transfer(transfer):
+            world.emu.faults.latency(0.3, "ids/getData", count=1)
+            world.emu.counters.reset()
+            reader = await transfer.open(df)
+            with trio.move_on_after(0.1) as scope:
+                await reader.read(0, 10)
+            assert scope.cancelled_caught
+            assert bytes(await reader.read(0, 10)) == data[:10]
+            assert await read_all(reader) == data
+            await reader.close()
+
+    run(body)
+    assert getdata(world) == 1
+
+
+def test_parameters_are_checked(world: World) -> None:
+    from idsfs.aio import ThreadBridge
+    from idsfs.blockcache import BlockCache
+
+    ids = world.client()
+    with pytest.raises(ValueError):
+        Transfer(ids, ThreadBridge(), BlockCache(1 << 20), restore_wait=-1)
+    with pytest.raises(ValueError):
+        Transfer(ids, ThreadBridge(), BlockCache(1 << 20), restore_wait=1, poll_interval=0)
+    transfer = Transfer(ids, ThreadBridge(), BlockCache(1 << 20), restore_wait=1)
+
+    async def body() -> None:
+        with pytest.raises(ValueError):
+            await transfer.open(object())
+        reader = await transfer.open(world.put("p.bin", b"abc"))
+        with pytest.raises(ValueError):
+            await reader.read(-1, 1)
+        await reader.close()
+        await reader.close()
+        with pytest.raises(ValueError):
+            await reader.read(0, 1)
+        await transfer.aclose()
+
+    run(body)
