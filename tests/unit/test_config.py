@@ -384,3 +384,15 @@ def test_table_is_consistent() -> None:
         assert spec.field in fields or spec.field in ("password_file", "session_file")
         assert spec.help
         assert spec.flags or spec.okey
+
+
+def test_usage_doc_lists_every_option() -> None:
+    doc = (Path(__file__).parents[2] / "docs" / "usage.md").read_text(encoding="utf-8")
+    for spec in OPTIONS:
+        for flag in spec.flags:
+            assert f"`{flag}" in doc, flag
+        if spec.okey:
+            assert f"`{spec.okey}" in doc, spec.okey
+        default = spec.help.partition("(default: ")[2].partition(")")[0]
+        if default:
+            assert default in doc, (spec.field, default)
