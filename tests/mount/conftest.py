@@ -139,11 +139,12 @@ def emulator_process(tmp_path: Path) -> Iterator[Callable[..., EmulatorProcess]]
 
 @pytest.fixture
 def mount(tmp_path: Path, request: pytest.FixtureRequest,
-          emulator_process: Callable[..., EmulatorProcess]) -> Iterator[Callable[..., Mounted]]:
+          emulator_process: Callable[..., EmulatorProcess],
+          emulator_factory: Callable[..., Any]) -> Iterator[Callable[..., Mounted]]:
     """Factory of real mounts (see the module docstring); all removed at teardown.
 
-    It depends on ``emulator_process`` so that the emulators a test starts are
-    stopped only after its mounts are gone.
+    It depends on ``emulator_process`` and ``emulator_factory`` (tests/conftest.py)
+    so that the emulators a test starts are stopped only after its mounts are gone.
     """
     made: list[Mounted] = []
 

@@ -379,7 +379,8 @@ def start_mount(work: Path, emulator: Any, *args: str, register: Callable[[Mount
     waiting for it, so the caller can always clean up. Raises :class:`MountFailed`
     (with the daemon's output) when the mount does not become ready.
     """
-    passwords = users or getattr(emulator, "users", None) or USERS
+    settings_users = getattr(getattr(emulator, "settings", None), "users", None)
+    passwords = users or getattr(emulator, "users", None) or settings_users or USERS
     work.mkdir()
     mp = mountpoint or work / "mnt"
     mp.mkdir(exist_ok=True)

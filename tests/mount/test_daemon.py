@@ -271,6 +271,33 @@ def test_signal_unmounts_cleanly(mount, sig: int) -> None:
     assert "Traceback" not in text
 
 
+def test_stop_with_a_hung_read(mount, emulator_process) -> None:
+    # A read hangs in the IDS: the first signal gives it a grace period, the
+    # second one stops at once; the mount is removed either way.
+    emu = emulator_process()
+    m = mount(emu)
+    emu.add_fault("stall", endpoint="ids/getData")
+    reader = subprocess.Popen(["cat", str(m.path / RAW / "block.bin")],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        time.sleep(0.5)
+        assert reader.poll() is None
+        m.kill(signal.SIGTERM)
+        time.sleep(0.5)
+        assert m.alive()  # waiting for the read, within the grace period
+        started = time.monotonic()
+        m.kill(signal.SIGINT)
+        assert m.wait_exit(20) == 0
+        assert time.monotonic() - started < 3
+        assert reader.wait(10) != 0  # the hung read failed (ENOTCONN), it did not hang
+    finally:
+        reader.kill()
+        reader.wait()
+        emu.clear_faults()
+    assert not is_mounted(m.path)
+    assert "SIGINT again: stopping at once" in m.log_text()
+
+
 def test_background_daemon_stops_on_sigterm(mount) -> None:
     m = mount(None, foreground=False)
     m.kill(signal.SIGTERM)
@@ -457,3 +484,11 @@ def test_harness_unmounts_after_a_failing_test(mount, tmp_path: Path) -> None:
     teardown_mount(b)
     assert not is_mounted(a.path) and not is_mounted(b.path)
     assert not a.alive() and not b.alive()
+
+
+def test_mount_of_an_in_process_emulator(mount, emulator_factory) -> None:
+    # The harness also mounts emulators started in the test process (tests/conftest.py),
+    # with the passwords of their settings.
+    emu = emulator_factory(demo=True)
+    m = mount(emu, user="bob")
+    assert "DEMO" in os.listdir(m.path)
