@@ -1,0 +1,402 @@
+"""idsfs.transfer with faults (drops, stalls, 500, busy) and two-level storage
+(prepareData/isPrepared, one restore per file, restore timeout and failure,
+expired preparedIds, status)."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+from transferkit import KiB, MiB, World, make_transfer, make_world, random_bytes, read_all, run
+from transferkit import running as running_transfer
+
+import idsfs.transfer as transfer_mod
+from idsfs.errors import (
+    DataBusyError,
+    IDSInternalError,
+    IncompleteDownloadError,
+    RestoreFailedError,
+    RestoreTimeoutError,
+)
+from idsfs.transfer import ARCHIVED, ONLINE, RESTORE_FAILED, RESTORING
+
+BS = 64 * KiB
+
+
+@pytest.fixture
+def world(emulator) -> World:
+    return make_world(emulator)
+
+
+def count(world: World, endpoint: str) -> int:
+    return world.emu.counters.get(endpoint)
+
+
+# ------------------------------------------------------------------ broken streams
+
+
+def test_dropped_streams_are_resumed(world: World) -> None:
+    data = random_bytes(2 * MiB + 3)
+    df = world.put("drop.bin", data)
+    transfer = make_transfer(world.client(), block_size=BS)
+
+    async def body() -> None:
+        async with running_transfer(transfer):
+            world.emu.counters.reset()
+            world.emu.faults.drop(after_bytes=300_000, endpoint="ids/getData", count=2)
+            reader = await transfer.open(df)
+            assert await read_all(reader, 128 * KiB) == data
+            await reader.close()
+
+    run(body)
+    assert count(world, "ids/getData") == 3
+    assert transfer.stats().resumes == 2
+
+
+def test_every_stream_dropped_still_completes_with_progress(world: World) -> None:
+    data = random_bytes(1 * MiB)
+    df = world.put("drops.bin", data)
+    transfer = make_transfer(world.client(), block_size=BS)
+
+    async def body() -> None:
+        async with running_transfer(transfer):
+            world.emu.counters.reset()
+            world.emu.faults.drop(after_bytes=200_000, endpoint="ids/getData")
+            reader = await transfer.open(df)
+            assert await read_all(reader, 128 * KiB) == data
+            await reader.close()
+            world.emu.faults.clear()
+
+    run(body)
+    assert 5 <= count(world, "ids/getData") <= 7
+
+
+def test_stream_without_progress_fails_with_eio(world: World) -> None:
+    data = random_bytes(300 * KiB)
+    df = world.put("dead.bin", data)
+    transfer = make_transfer(world.client(), block_size=BS, resume_retries=3)
+
+    async def body() -> None:
+        async with running_transfer(transfer):
+            reader = await transfer.open(df)
+            assert bytes(await reader.read(0, 10)) == data[:10]  # stream at block 1 now
+            await transfer.close_streams()
+            world.emu.counters.reset()
+            world.emu.faults.drop(after_bytes=0, endpoint="ids/getData")
+            with pytest.raises(IncompleteDownloadError) as info:
+                await reader.read(2 * BS, 10)
+            assert info.value.errno == 5
+            world.emu.faults.clear()
+            # nothing wrong was cached: the next read works
+            assert bytes(await reader.read(2 * BS, 10)) == data[2 * BS:2 * BS + 10]
+            await reader.close()
+
+    run(body)
+    assert transfer.stats().failures >= 1
+
+
+def test_stalled_stream_is_resumed_after_the_read_timeout(world: World) -> None:
+    data = random_bytes(1 * MiB)
+    df = world.put("stall.bin", data)
+    transfer = make_transfer(world.client(timeout=(5.0, 0.3)), block_size=BS)
+
+    async def body() -> None:
+        async with running_transfer(transfer):
+            world.emu.counters.reset()
+            world.emu.faults.stall(after_bytes=100_000, endpoint="ids/getData", count=1)
+            reader = await transfer.open(df)
+            assert await read_all(reader, 128 * KiB) == data
+            await reader.close()
+            world.emu.faults.release_stalls()
+
+    run(body)
+    assert count(world, "ids/getData") == 2
+    assert transfer.stats().resumes == 1
+
+
+def test_internal_error_on_open_is_retried_within_the_bound(world: World) -> None:
+    data = random_bytes(200 * KiB)
+    df = world.put("e500.bin", data)
+    transfer = make_transfer(world.client(), block_size=BS, resume_retries=2)
+
+    async def body() -> None:
+        async with running_transfer(transfer):
+            world.emu.faults.error(500, "ids/getData", count=2)
+            reader = await transfer.open(df)
+            assert await read_all(reader) == data
+            await reader.close()
+            await transfer.close_streams()
+            transfer.cache.clear()
+            world.emu.faults.error(500, "ids/getData")
+            reader = await transfer.open(df)
+            with pytest.raises(IDSInternalError):
+                await reader.read(0, 10)
+            await reader.close()
+            world.emu.faults.clear()
+
+    run(body)
+
+
+def test_busy_is_retried_then_ebusy(world: World) -> None:
+    data = random_bytes(200 * KiB)
+    df = world.put("busy.bin", data)
+    transfer = make_transfer(world.client(), block_size=BS, busy_wait=0.5)
+
+    async def body() -> None:
+        async with running_transfer(transfer):
+            world.emu.faults.error(503, "ids/getData", message="Data is busy", count=5)
+            reader = await transfer.open(df)
+            assert await read_all(reader) == data
+            await reader.close()
+            transfer.cache.clear()
+            world.emu.faults.error(503, "ids/getData", message="Data is busy")
+            reader = await transfer.open(df)
+            with pytest.raises(DataBusyError) as info:
+                await reader.read(0, 10)
+            assert info.value.errno == 16
+            await reader.close()
+            world.emu.faults.clear()
+
+    run(body)
+    assert transfer.stats().busy_retries >= 2
+
+
+# ------------------------------------------------------------------ two-level storage
+
+
+@pytest.fixture
+def two_level(emulator_factory) -> World:
+    return make_world(emulator_factory(storage="datafile", restore_delay=0.3))
+
+
+def test_online_two_level_file_is_prepared_once(two_level: World) -> None:
+    world = two_level
+    data = random_bytes(500 * KiB)
+    df = world.put("online.bin", data)
+    transfer = make_transfer(world.client(), block_size=BS)
+
+    async def body() -> None:
+        async with running_transfer(transfer):
+            world.emu.counters.reset()
+            for _ in range(3):
+                reader = await transfer.open(df)
+                assert await read_all(reader) == data
+                await reader.close()
+                transfer.cache.clear()
+            assert await transfer.status(df) == ONLINE
+
+    run(body)
+    assert count(world, "ids/prepareData") == 1
+    assert count(world, "ids/isPrepared") == 1
+    assert count(world, "ids/getData") == 3
+    assert count(world, "ids/getStatus") == 0  # known online from isPrepared
+
+
+def test_archived_file_restored_once_for_many_readers(two_level: World) -> None:
+    world = two_level
+    data = random_bytes(700 * KiB)
+    df = world.put("archived.bin", data)
+    world.archive(df)
+    transfer = make_transfer(world.client(), block_size=BS)
+    results: list[bytes] = []
+    statuses: list[str] = []
+
+    async def one() -> None:
+        reader = await transfer.open(df)
+        results.append(await read_all(reader, 100_000))
+        await reader.close()
+
+    async def body() -> None:
+        async with running_transfer(transfer):
+            world.emu.counters.reset()
+            assert await transfer.status(df) == ARCHIVED
+            async with trio.open_nursery() as nursery:
+                for _ in range(8):
+                    nursery.start_soon(one)
+                await trio.sleep(0.1)
+                statuses.append(await transfer.status(df))
+                stats = transfer.stats()
+                assert len(stats.restores) == 1 and stats.restores[0].datafile_id == df.id
+            assert await transfer.status(df) == ONLINE
+
+    run(body)
+    assert len(results) == 8 and all(r == data for r in results)
+    assert statuses == [RESTORING]
+    assert count(world, "ids/prepareData") == 1
+    assert count(world, "ids/getStatus") == 1  # the first, ARCHIVED; then from the mount
+    # restore_delay 0.3 s, polls from 0.02 s doubling to 0.1 s: a handful, not 8 x that
+    assert 2 <= count(world, "ids/isPrepared") <= 10
+    assert count(world, "ids/getData") == 1
+
+
+def test_restore_timeout_then_later_read_without_new_restore(emulator_factory) -> None:
+    world = make_world(emulator_factory(storage="datafile", restore_delay=1.0))
+    data = random_bytes(100 * KiB)
+    df = world.put("slow.bin", data)
+    world.archive(df)
+    transfer = make_transfer(world.client(), block_size=BS, restore_wait=0.2)
+    errors: list[BaseException] = []
+
+    async def one() -> None:
+        reader = await transfer.open(df)
+        try:
+            await reader.read(0, 10)
+        except RestoreTimeoutError as exc:
+            errors.append(exc)
+        finally:
+            await reader.close()
+
+    async def body() -> None:
+        async with running_transfer(transfer):
+            world.emu.counters.reset()
+            async with trio.open_nursery() as nursery:
+                for _ in range(4):
+                    nursery.start_soon(one)
+            assert len(errors) == 4
+            assert all(e.errno == 11 and e.datafile_id == df.id for e in errors)
+            assert await transfer.status(df) in (ARCHIVED, RESTORING)
+            # the restore goes on; a later read waits for the same one
+            transfer.restore_wait = 10.0
+            reader = await transfer.open(df)
+            assert await read_all(reader) == data
+            await reader.close()
+
+    run(body)
+    assert count(world, "ids/prepareData") == 1
+    assert transfer.stats().restore_timeouts >= 1
+
+
+def test_restore_wait_zero_polls_once(two_level: World) -> None:
+    world = two_level
+    df = world.put("zero.bin", random_bytes(1000))
+    world.archive(df)
+    transfer = make_transfer(world.client(), restore_wait=0.0)
+
+    async def body() -> None:
+        async with running_transfer(transfer):
+            world.emu.counters.reset()
+            reader = await transfer.open(df)
+            with pytest.raises(RestoreTimeoutError):
+                await reader.read(0, 10)
+            await reader.close()
+
+    run(body)
+    assert count(world, "ids/prepareData") == 1
+    assert count(world, "ids/isPrepared") == 1
+
+
+def test_restore_failure_is_eio_then_retried_after_the_hold(
+    two_level: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    world = two_level
+    data = random_bytes(100 * KiB)
+    df = world.put("fail.bin", data)
+    world.archive(df)
+    world.emu.storage.fail_next_restores(1)
+    monkeypatch.setattr(transfer_mod, "FAILED_RESTORE_HOLD", 0.5)
+    transfer = make_transfer(world.client(), block_size=BS)
+
+    async def body() -> None:
+        async with running_transfer(transfer):
+            world.emu.counters.reset()
+            reader = await transfer.open(df)
+            with pytest.raises(RestoreFailedError) as info:
+                await reader.read(0, 10)
+            assert info.value.errno == 5
+            assert await transfer.status(df) == RESTORE_FAILED
+            prepares = count(world, "ids/prepareData")
+            with pytest.raises(RestoreFailedError):  # within the hold: no new attempt
+                await reader.read(0, 10)
+            assert count(world, "ids/prepareData") == prepares == 1
+            await trio.sleep(0.5)
+            assert await read_all(reader) == data  # prepared again: restored
+            await reader.close()
+
+    run(body)
+    assert count(world, "ids/prepareData") == 2
+
+
+def test_status_is_cached(two_level: World) -> None:
+    world = two_level
+    df = world.put("st.bin", b"abc")
+    world.archive(df)
+    transfer = make_transfer(world.client(), status_ttl=0.3)
+
+    async def body() -> None:
+        async with running_transfer(transfer):
+            world.emu.counters.reset()
+            for _ in range(5):
+                assert await transfer.status(df) == ARCHIVED
+            assert count(world, "ids/getStatus") == 1
+            await trio.sleep(0.35)
+            assert await transfer.status(df) == ARCHIVED
+            assert count(world, "ids/getStatus") == 2
+
+    run(body)
+
+
+def test_expired_prepared_id_is_replaced(emulator_factory) -> None:
+    world = make_world(emulator_factory(storage="datafile", prepared_count=1))
+    a = world.put("a.bin", random_bytes(150 * KiB))
+    b = world.put("b.bin", random_bytes(150 * KiB))
+    transfer = make_transfer(world.client(), block_size=BS)
+
+    async def read(df) -> bytes:
+        reader = await transfer.open(df)
+        try:
+            return await read_all(reader)
+        finally:
+            await reader.close()
+
+    async def body() -> None:
+        async with running_transfer(transfer):
+            world.emu.counters.reset()
+            assert await read(a) == world.content[a.id]
+            assert await read(b) == world.content[b.id]  # a's preparedId is pruned now
+            transfer.cache.clear()
+            assert await read(a) == world.content[a.id]
+
+    run(body)
+    assert count(world, "ids/prepareData") == 3
+
+
+def test_data_archived_again_is_waited_for(two_level: World) -> None:
+    world = two_level
+    data = random_bytes(200 * KiB)
+    df = world.put("again.bin", data)
+    transfer = make_transfer(world.client(), block_size=BS)
+
+    async def read() -> bytes:
+        reader = await transfer.open(df)
+        try:
+            return await read_all(reader)
+        finally:
+            await reader.close()
+
+    async def body() -> None:
+        async with running_transfer(transfer):
+            world.emu.counters.reset()
+            assert await read() == data
+            await trio.to_thread.run_sync(world.archive, df)
+            transfer.cache.clear()
+            assert await read() == data  # getData 503 -> isPrepared restores it
+
+    run(body)
+    assert count(world, "ids/prepareData") == 1
+    assert count(world, "ids/getData") >= 3  # ok, 503, ok
+
+
+def test_dataset_storage_unit(emulator_factory) -> None:
+    world = make_world(emulator_factory(storage="dataset", restore_delay=0.1))
+    one = world.put("one.bin", random_bytes(100 * KiB), dataset="dsA")
+    two = world.put("two.bin", random_bytes(70 * KiB), dataset="dsA")
+    world.archive(one)  # archives the whole dataset
+    transfer = make_transfer(world.client(), block_size=BS)
+
+    async def body() -> None:
+        async with running_transfer(transfer):
+            for df in (one, two):
+                reader = await transfer.open(df)
+                assert await read_all(reader) == world.content[df.id]
+                await reader.close()
+
+    run(body)
