@@ -876,6 +876,11 @@ def _redirect_stdio() -> None:
         os.close(fd)
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    """Signal handler during start-up: interrupt like Ctrl-C does."""
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def _run(config: Config, ready_fd: int | None, background: bool,
          when_ready: Callable[[], None] | None = None) -> int:
     """Connect, mount, serve until stopped; the whole life of one daemon. Returns the status."""
@@ -893,6 +898,10 @@ def _run(config: Config, ready_fd: int | None, background: bool,
             _redirect_stdio()
 
     reporter = _Reporter(ready_fd, on_ready)
+    # Until trio watches the signals, SIGINT/SIGTERM/SIGHUP interrupt start-up
+    # through KeyboardInterrupt, so that the finally below still unmounts.
+    stop_signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {sig: signal.signal(sig, _interrupt) for sig in stop_signals}
     try:
         try:
             sd_notify("STATUS=connecting")
@@ -916,9 +925,16 @@ def _run(config: Config, ready_fd: int | None, background: bool,
                 exc, KeyboardInterrupt))
         return 1 if daemon.fatal is not None else 0
     finally:
-        daemon.close()
-        reporter.failed("the daemon stopped during start-up")
-        logs.close()
+        # The cleanup is short and bounded: let no signal cut it (and leave a mount).
+        for sig in stop_signals:
+            signal.signal(sig, signal.SIG_IGN)
+        try:
+            daemon.close()
+            reporter.failed("the daemon stopped during start-up")
+            logs.close()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 
 def mount(config: Config, *, when_ready: Callable[[], None] | None = None) -> int:
@@ -946,8 +962,9 @@ def mount(config: Config, *, when_ready: Callable[[], None] | None = None) -> in
         try:
             os.close(read_fd)
             os.setsid()
-            signal.signal(signal.SIGINT, signal.SIG_DFL)
             status = _run(config, write_fd, background=True)
+        except KeyboardInterrupt:  # a signal during start-up; the parent says so
+            status = 1
         except BaseException:  # never return into the caller's code in the child
             with contextlib.suppress(Exception):
                 log.exception("the daemon failed")

@@ -298,6 +298,28 @@ def test_stop_with_a_hung_read(mount, emulator_process) -> None:
     assert "SIGINT again: stopping at once" in m.log_text()
 
 
+def test_signal_during_start_up(emulator_process, tmp_path: Path) -> None:
+    emu = emulator_process(latency=0.3)
+    pw = password_file(tmp_path, USERS["alice"])
+    mp = tmp_path / "mnt"
+    mp.mkdir()
+    proc = subprocess.Popen([*idsfs_command(), "mount", "-f", "--icat", emu.icat_url, "--user",
+                             "alice", "--password-file", str(pw), str(mp)],
+                            stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+    try:
+        # signal while it logs in (every request takes 0.3 s)
+        assert wait_until(lambda: emu.counters().get("icat/login", {}).get("requests", 0) > 0,
+                          30, interval=0.05)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 130
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "interrupted" in proc.stderr.read()
+    assert not is_mounted(mp)
+
+
 def test_background_daemon_stops_on_sigterm(mount) -> None:
     m = mount(None, foreground=False)
     m.kill(signal.SIGTERM)
