@@ -146,7 +146,7 @@ def _unescape_mountinfo(text: str) -> str:
     raw = text.encode("utf-8", "surrogateescape")
     i = 0
     while i < len(raw):
-        if raw[i] == 0x5C and i + 3 < len(raw) + 0 and raw[i + 1: i + 4].isdigit():
+        if raw[i] == 0x5C and raw[i + 1: i + 4].isdigit() and len(raw[i + 1: i + 4]) == 3:
             out.append(int(raw[i + 1: i + 4], 8))
             i += 4
         else:
@@ -531,12 +531,11 @@ class Daemon:
                 try:
                     ids = self._ids_client(ids_url)
                     ids.ping()
-                except StartupError as exc:
-                    raise StartupError(f"{exc}; the IDS URL was derived from the ICAT URL: "
-                                       f"give --ids URL") from exc
                 except IdsfsError as exc:
-                    raise StartupError(f"no IDS at {ids_url} ({_describe_error(exc)}); give "
-                                       f"--ids URL") from exc
+                    cause = exc.__cause__ if isinstance(exc, StartupError) else exc
+                    raise StartupError(
+                        f"no IDS at {ids_url} ({_describe_error(cause or exc)}), the URL "
+                        f"derived from the ICAT URL; give --ids URL") from exc
             else:
                 ids = self._ids_client(ids_url)
                 try:

@@ -173,3 +173,18 @@ def test_connect_errors_are_clear(emulator, tmp_path: Path) -> None:
     with pytest.raises(StartupError, match=r"session from file /tmp/sid is not valid"):
         expired.connect()
     expired.close()
+
+
+def test_derived_ids_url_that_is_no_ids(emulator, tmp_path: Path,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    # The emulator serves its IDS at /ids only: point the rule somewhere else.
+    import idsfs.daemon
+
+    monkeypatch.setattr(idsfs.daemon, "default_ids_url",
+                        lambda url: url.rsplit("/icat", 1)[0] + "/elsewhere/ids")
+    daemon = Daemon(config_for(emulator, tmp_path))
+    try:
+        with pytest.raises(StartupError, match=r"no IDS at .*/elsewhere/ids .*give --ids URL"):
+            daemon.connect()
+    finally:
+        daemon.close()
