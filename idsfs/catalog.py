@@ -153,12 +153,17 @@ def _ns(value: _dt.datetime | None) -> int:
 
 
 def _date(value: Any) -> _dt.datetime | None:
+    """Parse an ICAT date of a listing (aware; UTC when the zone is missing)."""
     if value is None:
         return None
     try:
-        return parse_date(str(value))
-    except ValueError as exc:
-        raise ICATResponseError(f"ICAT sent a bad date: {str(value)[:40]!r}") from exc
+        result = _dt.datetime.fromisoformat(value)  # ICAT's own format, the usual case
+    except (TypeError, ValueError):
+        try:
+            return parse_date(str(value))
+        except ValueError as exc:
+            raise ICATResponseError(f"ICAT sent a bad date: {str(value)[:40]!r}") from exc
+    return result if result.tzinfo is not None else result.replace(tzinfo=_dt.UTC)
 
 
 @dataclass(frozen=True, slots=True)
@@ -755,8 +760,35 @@ class Catalog:
                 datafileCreateTime=_date(dcreate), checksum=checksum, location=location,
                 description=description, doi=doi,
             )
-        tree = naming.DatafileTree((rec.name, rec.id) for rec in records.values())
-        self._store_tree(dataset_id, tree, records, now)
+        if any("/" in rec.name for rec in records.values()):
+            tree = naming.DatafileTree((rec.name, rec.id) for rec in records.values())
+            self._store_tree(dataset_id, tree, records, now)
+        else:  # no directories: one flat listing (what DatafileTree would make, cheaper)
+            self._store_flat(dataset_id, records, now)
+
+    def _store_flat(self, dataset_id: int, records: Mapping[int, DatafileRecord],
+                    now: float) -> None:
+        key = NodeKey(Kind.DATASET, dataset_id)
+        directory = naming.Directory((rec.name, rec.id, False) for rec in records.values())
+        nodes = []
+        size = 0
+        for entry in directory.entries:
+            rec = records[entry.ids[0]]
+            nodes.append(Node(
+                NodeKey(Kind.DATAFILE, rec.id), key, entry.file_name, size=rec.fileSize,
+                mtime_ns=rec.mtime_ns, ctime_ns=rec.ctime_ns, datafile=rec,
+            ))
+            size += rec.fileSize
+        self._store(Listing(key, nodes, now))
+        self._drop_folders(dataset_id, ())
+        self._account(key, size, len(nodes), 0)
+
+    def _drop_folders(self, dataset_id: int, keep: Iterable[NodeKey]) -> None:
+        """Forget the folder listings of a dataset that are not in ``keep``."""
+        current = set(keep)
+        for stale in [k for k in self._listings
+                      if k.kind is Kind.FOLDER and k.id == dataset_id and k not in current]:
+            del self._listings[stale]
 
     def _store_tree(
         self,
@@ -809,10 +841,7 @@ class Catalog:
                     size += rec.fileSize
             self._store(Listing(key, nodes, now))
         # folders that vanished since the last fetch must not linger
-        current = set(keys.values())
-        for stale in [k for k in self._listings
-                      if k.kind is Kind.FOLDER and k.id == dataset_id and k not in current]:
-            del self._listings[stale]
+        self._drop_folders(dataset_id, keys.values())
         self._account(dataset_key, size, files, dirs)
 
 

@@ -518,12 +518,23 @@ class Operations(pyfuse3.Operations):
     async def getxattr(
         self, inode: int, name: bytes, ctx: pyfuse3.RequestContext | None = None
     ) -> bytes:
-        """The value of one ``user.ids.*`` attribute (``ENODATA`` for any other name)."""
-        node = await self._current(self._inode(inode))
+        """The value of one ``user.ids.*`` attribute.
+
+        Other ``user.`` names answer ``ENODATA``; names of other namespaces
+        (``security.selinux``, ``system.posix_acl_access``, ...) answer
+        ``ENOTSUP`` at once: the mount has no labels or ACLs, and tools such as
+        ``ls -l`` stop asking for them on this file system after that answer.
+        """
+        if not name.startswith(b"user."):
+            raise pyfuse3.FUSEError(errno.ENOTSUP)
+        entry = self._inode(inode)
         try:
             key = name.decode("ascii")
         except UnicodeDecodeError:
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR) from None
+        if not key.startswith("user.ids."):
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        node = await self._current(entry)
         if key == XATTR_STATUS and node.datafile is not None and self._transfer is not None:
             return (await self._transfer.status(node.datafile)).encode()
         value = node.xattrs().get(key)
