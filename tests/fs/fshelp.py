@@ -110,9 +110,14 @@ class Tree:
             if self.clock is not None:
                 options["clock"] = self.clock
             self.catalog = Catalog(self.icat, bridge, **options)
-            transfer = self.transfer(bridge) if callable(self.transfer) else self.transfer
+            built = callable(self.transfer) and not hasattr(self.transfer, "open")
+            transfer = self.transfer(self, bridge) if built else self.transfer
             self.ops = Operations(self.catalog, transfer, uid=UID, gid=GID)
-            return await body(self)
+            try:
+                return await body(self)
+            finally:
+                if built and hasattr(transfer, "aclose"):
+                    await transfer.aclose()
 
         return trio.run(main)
 
