@@ -167,6 +167,37 @@ PREPARED_IDS = 4096
 READ_CHUNK = 256 * 1024
 
 
+def _uninitialised_bytearray() -> Callable[[int], bytearray] | None:
+    """CPython's ``PyByteArray_FromStringAndSize(NULL, n)``: a bytearray without zero-filling.
+
+    Block buffers are filled completely by the socket before anyone sees them,
+    so zeroing them first only costs time (a cold 1 MiB memset per block).
+    ``None`` where the C API is not reachable (then ``bytearray(n)`` is used).
+    """
+    try:
+        import ctypes
+
+        make = ctypes.pythonapi.PyByteArray_FromStringAndSize
+        make.restype = ctypes.py_object
+        make.argtypes = (ctypes.c_char_p, ctypes.c_ssize_t)
+        probe = make(None, 16)
+        if not isinstance(probe, bytearray) or len(probe) != 16:
+            return None
+    except (ImportError, AttributeError, OSError, TypeError):  # not CPython
+        return None
+    return functools.partial(make, None)
+
+
+_MAKE_BUFFER = _uninitialised_bytearray()
+
+
+def _new_buffer(length: int) -> bytearray:
+    """A new bytearray of ``length`` bytes whose content will be overwritten."""
+    if _MAKE_BUFFER is not None and length > 0:
+        return _MAKE_BUFFER(length)
+    return bytearray(length)
+
+
 def _is_busy(exc: ServerError) -> bool:
     """True for the 503 "Data is busy" answer (a lock), False for "not online"."""
     return "busy" in exc.message.lower()
@@ -347,8 +378,8 @@ class _Claim:
     def __init__(self, offset: int, length: int, readahead: bool) -> None:
         self.offset = offset
         self.length = length
-        self.buf = bytearray(length)
-        self.view = memoryview(self.buf)
+        self.buf: bytearray | None = None  # allocated by the pump thread when it reads
+        self.view: memoryview | None = None
         self.got = 0  # bytes filled (written by the pump thread)
         self.event = trio.Event()
         self.error: BaseException | None = None
@@ -383,7 +414,7 @@ class _Stream:
         self.closed = False
         self.doomed = False  # close it once its queued claims are served
         self.eof = False
-        self.crc: int | None = 0 if offset == 0 else None
+        self.crc: int | None = 0 if offset == 0 and file.checksum else None
         self.idle_since = time.monotonic()
         self.bytes = 0
         self.active_time = 0.0
@@ -629,7 +660,7 @@ class Transfer:
         self._versions[ident] = (size, version)
         opened = self._opens.get(key)
         if opened is None:
-            opened = _Open(key, self._remote(ident), checksum)
+            opened = _Open(key, self._remote(ident), checksum if self.verify_checksum else None)
             opened.fetch = functools.partial(self._fetch, opened)
             self._opens[key] = opened
         opened.readers += 1
@@ -807,6 +838,7 @@ class Transfer:
             raise
         if claim.error is not None:
             raise claim.error
+        assert claim.buf is not None
         return claim.buf
 
     def _stream_for(self, opened: _Open, offset: int) -> tuple[_Stream, list[_Claim]]:
@@ -894,7 +926,7 @@ class Transfer:
                         if stream.ds is not None:
                             await self._close_streams([stream])
                         if stream.pos != start:
-                            stream.crc = 0 if start == 0 else None
+                            stream.crc = 0 if start == 0 and opened.checksum else None
                         stream.pos = start
                         await self._open_stream(stream)
                     t0 = time.monotonic()
@@ -995,6 +1027,9 @@ class Transfer:
             if claim.cancelled and claim.got == 0 and opened.readers == 0:
                 return  # nobody needs the rest: the pump drops it
             view = claim.view
+            if view is None:
+                claim.buf = _new_buffer(claim.length)
+                claim.view = view = memoryview(claim.buf)
             try:
                 while claim.got < claim.length:
                     n = ds.readinto(view[claim.got:min(claim.length, claim.got + READ_CHUNK)])
@@ -1078,6 +1113,7 @@ class Transfer:
     async def _store(self, key: FileKey, claim: _Claim) -> None:
         """Put the block of a finished claim into the cache (unless it is there already)."""
         data = claim.buf
+        assert data is not None
 
         async def ready(offset: int, length: int) -> bytearray:
             return data
