@@ -232,6 +232,7 @@ def populate_odd(emu: Emulator) -> Odd:
         investigation("same", "b", both)
         investigation("same", "N/A", both)
         investigation("..", ".", both)
+        investigation("O'Neil\x00x", "1", both)
         investigation("é" * 200, "x", both)
         investigation("alice-only", "1", ("alice",))
         investigation("bob-only", "1", ("bob",))

@@ -257,3 +257,27 @@ def test_concurrent_requests_share_one_fetch(demo_emu, tree) -> None:
         assert len(results) == 16 and results.count(0) == 4
 
     t.run(body)
+
+
+def test_investigation_name_directory_refetched_by_its_own_query(odd_emu, tree) -> None:
+    """An investigation-name listing comes with the facility's, or alone by name (quoted)."""
+    from idsfs.catalog import Kind, NodeKey
+
+    emu, odd = odd_emu
+    t = tree(emu)
+
+    async def body(t: Tree) -> None:
+        assert "O'Neil%00x" in await t.names("ODD")
+        emu.counters.reset()
+        assert await t.names("ODD/O'Neil%00x") == ["1"]  # filled by the facility listing
+        assert icat_searches(emu) == 0
+        for name in ("O'Neil\x00x", "same", ".."):
+            t.catalog.invalidate(NodeKey(Kind.NAME, odd.facility, (name,)))
+        assert await t.names("ODD/O'Neil%00x") == ["1"]
+        assert await t.names("ODD/same") == ["N%2FA", "a", "b"]
+        assert await t.names("ODD/%2E%2E") == ["%2E"]
+        assert icat_searches(emu) == 3
+        x = await t.xattrs(await t.ino("ODD/O'Neil%00x/1"))
+        assert x["user.ids.name"] == "O'Neil\x00x"
+
+    t.run(body)
