@@ -497,7 +497,12 @@ class Request:
             if ctype not in ("", "application/x-www-form-urlencoded"):
                 self._form = {}
             else:
-                data = self.body.read(MAX_FORM_BYTES + 1)
+                data = bytearray()
+                while len(data) <= MAX_FORM_BYTES:
+                    piece = self.body.read(MAX_FORM_BYTES + 1 - len(data))
+                    if not piece:
+                        break
+                    data += piece
                 if len(data) > MAX_FORM_BYTES:
                     raise HTTPError(400, {"code": "BAD_REQUEST", "message": "form too large"})
                 text = data.decode("utf-8", "replace")

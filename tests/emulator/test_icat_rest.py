@@ -730,3 +730,13 @@ def test_concurrent_clients(emulator):
     assert not failures, failures
     assert setup.search(root, "SELECT COUNT(t) FROM DatasetType t") == [30]
     setup.http.close()
+
+
+def test_large_form_body_is_read_whole(icat, root):
+    """A create request of a few hundred KB arrives whole (a body spans many socket reads)."""
+    entities = [{"Facility": {"name": f"bulk facility {i:05d}", "description": "x" * 100}}
+                for i in range(2000)]
+    ids = icat.write(root, entities)
+    assert len(ids) == 2000
+    query = "SELECT COUNT(f) FROM Facility f WHERE f.name LIKE 'bulk facility %'"
+    assert icat.search(root, query) == [2000]
