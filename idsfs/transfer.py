@@ -398,7 +398,7 @@ class _Stream:
 
     __slots__ = ("active_time", "broken", "bytes", "claims", "closed", "crc", "doomed", "ds",
                  "eof", "file", "idle_since", "in_thread", "lock", "opening", "pos", "pumping",
-                 "tail")
+                 "queued", "tail")
 
     def __init__(self, file: _Open, offset: int) -> None:
         self.file = file
@@ -418,12 +418,13 @@ class _Stream:
         self.idle_since = time.monotonic()
         self.bytes = 0
         self.active_time = 0.0
+        self.queued = 0  # claims ever queued
 
 
 class _Open:
     """One version of a datafile that readers have open: its streams."""
 
-    __slots__ = ("checksum", "claims", "fetch", "key", "readers", "remote", "streams")
+    __slots__ = ("checksum", "claims", "fetch", "key", "readers", "remote", "spoiled", "streams")
 
     def __init__(self, key: FileKey, remote: _Remote, checksum: str | None) -> None:
         self.key = key
@@ -433,6 +434,7 @@ class _Open:
         self.streams: list[_Stream] = []
         self.claims: dict[int, _Claim] = {}  # outstanding claims by offset
         self.fetch: Callable[[int, int], Awaitable[bytearray]] | None = None
+        self.spoiled: ChecksumMismatchError | None = None  # fails every later read
 
 
 class _PumpResult:
@@ -506,7 +508,7 @@ class Transfer:
         poll_interval: float = 0.25,
         max_poll_interval: float = 5.0,
         status_ttl: float = 5.0,
-        verify_checksum: bool = True,
+        verify_checksum: bool = False,
         max_pumps: int | None = None,
         max_gap: int = 4 << 20,
         renew_session: Callable[[], Awaitable[bool]] | None = None,
@@ -549,6 +551,7 @@ class Transfer:
 
         self._remotes: cachetools.LRUCache[int, _Remote] = cachetools.LRUCache(PREPARED_IDS)
         self._opens: dict[FileKey, _Open] = {}
+        self._to_store: deque[tuple[_Open, _Claim]] = deque()
         self._versions: cachetools.LRUCache[int, tuple[int, Hashable]] = cachetools.LRUCache(
             PREPARED_IDS * 4
         )
@@ -824,8 +827,14 @@ class Transfer:
         """
         if self._nursery is None or self._stopped:
             raise TransferError("the mount is shutting down", opened.key.datafile_id)
+        if opened.spoiled is not None:
+            raise opened.spoiled
         claim = opened.claims.get(offset)
-        if claim is not None and not claim.finished and claim.length == length:
+        if claim is not None and claim.length == length and claim.finished:
+            if claim.error is None and claim.buf is not None:
+                return claim.buf  # read ahead, on its way into the cache
+            claim = None
+        if claim is not None and claim.length == length:
             claim.cancelled = False  # adopt a queued claim nobody waits for
         else:
             stream, gap = self._stream_for(opened, offset)
@@ -840,6 +849,37 @@ class Transfer:
             raise claim.error
         assert claim.buf is not None
         return claim.buf
+
+    def _read_ahead(self, opened: _Open, first: int, last: int) -> None:
+        """Queue claims for the blocks ``first..last`` that are neither cached nor wanted yet.
+
+        Synchronous (no checkpoint): the claims nobody waits for are adopted by
+        the reads that come for them or go into the cache when read.
+        """
+        if self._nursery is None or self._stopped or opened.spoiled is not None:
+            return
+        cache = self._cache
+        key = opened.key
+        block = cache.block_size
+        run: list[_Claim] = []
+        for index in range(first, last + 1):
+            offset = index * block
+            if cache.contains(key, index) or cache.is_fetching(key, index) or (
+                offset in opened.claims
+            ):
+                if run:
+                    self._queue_unwanted(opened, run)
+                    run = []
+                continue
+            claim = _Claim(offset, min(block, key.size - offset), True)
+            claim.cancelled = True
+            run.append(claim)
+        if run:
+            self._queue_unwanted(opened, run)
+
+    def _queue_unwanted(self, opened: _Open, claims: list[_Claim]) -> None:
+        stream, gap = self._stream_for(opened, claims[0].offset)
+        self._queue(stream, gap + claims)
 
     def _stream_for(self, opened: _Open, offset: int) -> tuple[_Stream, list[_Claim]]:
         """Choose the stream to read ``offset`` from, and the gap claims to queue first.
@@ -864,7 +904,6 @@ class Transfer:
             stream = _Stream(opened, offset)
             opened.streams.append(stream)
             return stream, []
-        self._reuses += 1
         gap = []
         block = self._cache.block_size
         size = opened.key.size
@@ -890,6 +929,8 @@ class Transfer:
         opened = stream.file
         for claim in claims:
             opened.claims[claim.offset] = claim
+        self._reuses += len(claims) - (0 if stream.queued else 1)
+        stream.queued += len(claims)
         stream.tail = claims[-1].offset + claims[-1].length
         with stream.lock:
             stream.claims.extend(claims)
@@ -1096,32 +1137,51 @@ class Transfer:
             return
         claim.finished = True
         claim.error = error
-        if opened.claims.get(claim.offset) is claim:
+        keep = error is None and claim.cancelled and self._nursery is not None
+        if opened.claims.get(claim.offset) is claim and not keep:
             del opened.claims[claim.offset]
         if error is None:
             self._bytes += claim.length
             self._blocks += 1
             if claim.readahead:
                 self._ra_blocks += 1
-            if claim.cancelled and self._nursery is not None:
-                # Read, but nobody waits for it (any more): keep it in the cache.
-                self._nursery.start_soon(self._store, opened.key, claim)
+            if keep:
+                # Read, but nobody waits for it (any more): into the cache. Until
+                # then a read finds it in ``opened.claims``.
+                self._to_store.append((opened, claim))
+                if len(self._to_store) == 1:
+                    assert self._nursery is not None
+                    self._nursery.start_soon(self._store_all)
         elif isinstance(error, ChecksumMismatchError):
+            # Every byte of this version is suspect: drop them, fail all reads
+            # until the last reader closes (a new open tries again).
+            opened.spoiled = error
             self._cache.invalidate(opened.key.datafile_id)
         claim.event.set()
 
-    async def _store(self, key: FileKey, claim: _Claim) -> None:
-        """Put the block of a finished claim into the cache (unless it is there already)."""
-        data = claim.buf
-        assert data is not None
+    async def _store_all(self) -> None:
+        """Put the blocks of finished claims nobody waited for into the cache."""
+        block = self._cache.block_size
+        while self._to_store:
+            opened, claim = self._to_store.popleft()
+            data = claim.buf
+            assert data is not None
+            if opened.spoiled is not None:
+                if opened.claims.get(claim.offset) is claim:
+                    del opened.claims[claim.offset]
+                continue
 
-        async def ready(offset: int, length: int) -> bytearray:
-            return data
+            async def ready(offset: int, length: int, data: bytearray = data) -> bytearray:
+                return data
 
-        try:
-            await self._cache.prefetch(key, claim.offset // self._cache.block_size, ready)
-        except Exception:  # only an optimisation
-            log.debug("storing a read-through block failed", exc_info=True)
+            try:
+                await self._cache.prefetch(opened.key, claim.offset // block, ready)
+            except Exception:  # only an optimisation
+                log.debug("storing a read-ahead block failed", exc_info=True)
+            finally:
+                if opened.claims.get(claim.offset) is claim:
+                    del opened.claims[claim.offset]
+                self._forget_if_unused(opened)
 
     def _fail_claims(self, stream: _Stream, error: BaseException) -> None:
         with stream.lock:
@@ -1439,12 +1499,6 @@ class Transfer:
         self._forget_if_unused(opened)
         await self._close_streams(idle)
 
-    def _start_soon(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> bool:
-        if self._nursery is None:
-            return False
-        self._nursery.start_soon(fn, *args)
-        return True
-
 
 class _SetOnStart:
     """A ``task_status`` that sets an event when :meth:`Transfer.run` has started."""
@@ -1479,9 +1533,7 @@ class Reader:
         self._closed = False
         self._next: int | None = None  # where a sequential read would start
         self._window = 0  # readahead blocks
-        self._ra_next = 0  # next block readahead looks at
-        self._ra_last = -1  # last block readahead should fetch
-        self._ra_scope: trio.CancelScope | None = None
+        self._ra_next = 0  # first block readahead has not queued yet
         cache = transfer.cache
         self._bs = cache.block_size
         self._nblocks = cache.block_count(self.key)
@@ -1499,7 +1551,8 @@ class Reader:
         Raises:
             ValueError: negative ``offset`` or ``size``, or the reader is closed.
             RestoreTimeoutError, RestoreFailedError, DataBusyError,
-            IncompleteDownloadError, TransferError: see the module docstring.
+            IncompleteDownloadError, ChecksumMismatchError, TransferError: see
+                the module docstring.
             IDSError, TransportError: other IDS or network failures.
             BlockLengthError: a block of the wrong length (should not happen).
         """
@@ -1509,57 +1562,30 @@ class Reader:
             raise ValueError(f"offset and size must be >= 0, not {offset}, {size}")
         end = min(offset + size, self.size)
         if end > offset:
-            sequential = offset == self._next or (self._next is None and offset == 0)
-            if sequential:
+            first = offset // self._bs
+            last = (end - 1) // self._bs
+            if offset == self._next or (self._next is None and offset == 0):
                 self._window = min(max(1, self._window * 2), self._max_window)
             else:
                 self._window = 0
-                self._ra_next, self._ra_last = offset // self._bs + 1, -1
+                self._ra_next = first
             self._next = end
-            first = offset // self._bs
-            last = (end - 1) // self._bs
             if self._window:
-                # From the read's second block on: the read asks for its blocks one
-                # after the other, readahead queues the next ones meanwhile.
-                self._ra_next = max(self._ra_next, first + 1)
-                self._ra_last = min(self._nblocks - 1, last + self._window)
-                if self._ra_scope is None and self._ra_next <= self._ra_last:
-                    self._ra_scope = trio.CancelScope()
-                    if not self._transfer._start_soon(self._readahead, self._ra_scope):
-                        self._ra_scope = None
+                # Queue the read's own blocks and the window after them now, in
+                # order, so that one stream serves them back to back; the read
+                # then finds its blocks queued and waits for them.
+                start = max(self._ra_next, first)
+                stop = min(self._nblocks - 1, last + self._window)
+                if start <= stop:
+                    self._transfer._read_ahead(self._opened, start, stop)
+                    self._ra_next = stop + 1
         opened = self._opened
         assert opened.fetch is not None
         return await self._transfer.cache.get_range(self.key, offset, size, opened.fetch)
 
-    async def _readahead(self, scope: trio.CancelScope) -> None:
-        """Prefetch blocks up to ``_ra_last`` (a background task, one per reader)."""
-        transfer = self._transfer
-        cache = transfer.cache
-        fetch = functools.partial(transfer._fetch, self._opened, readahead=True)
-        try:
-            with scope:
-                while self._ra_next <= self._ra_last and not self._closed:
-                    index = self._ra_next
-                    self._ra_next += 1
-                    try:
-                        await cache.prefetch(self.key, index, fetch)
-                    except Exception as exc:  # noqa: BLE001 - the reads needing it report it
-                        log.debug("readahead of datafile %d block %d failed: %s",
-                                  self.datafile_id, index, exc)
-                        return
-        finally:
-            if self._ra_scope is scope:
-                self._ra_scope = None
-
     async def close(self) -> None:
-        """Stop readahead and release the file; the last reader closes its idle streams.
-
-        Idempotent; never raises.
-        """
+        """Release the file; the last reader closes its idle streams. Idempotent; never raises."""
         if self._closed:
             return
         self._closed = True
-        if self._ra_scope is not None:
-            self._ra_scope.cancel()
-            self._ra_scope = None
         await self._transfer._reader_closed(self._opened)

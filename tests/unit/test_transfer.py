@@ -405,8 +405,8 @@ def test_checksum_mismatch_fails_the_read_and_drops_the_blocks(world: World) -> 
     data = random_bytes(300 * KiB)
     df = world.put("crc.bin", data)
     wrong = dataclasses.replace(df, checksum="00000000" if df.checksum != "00000000" else "1")
-    transfer = make_transfer(world.client(), block_size=BS)
-    lenient = make_transfer(world.client(), block_size=BS, verify_checksum=False)
+    transfer = make_transfer(world.client(), block_size=BS, verify_checksum=True)
+    lenient = make_transfer(world.client(), block_size=BS)  # the default: no CRC32
 
     async def body() -> None:
         async with running_transfer(transfer), running_transfer(lenient):
@@ -415,6 +415,8 @@ def test_checksum_mismatch_fails_the_read_and_drops_the_blocks(world: World) -> 
                 await read_all(reader, BS)
             assert info.value.errno == 5 and info.value.datafile_id == df.id
             assert transfer.cache.stats().blocks == 0
+            with pytest.raises(ChecksumMismatchError):  # every read of the open file
+                await reader.read(0, 10)
             await reader.close()
             ok = await lenient.open(wrong)
             assert await read_all(ok, BS) == data
