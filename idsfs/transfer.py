@@ -32,18 +32,25 @@ How a block is fetched
 * **Readahead.** Each :class:`Reader` watches its reads: a read starting where
   the previous one ended is sequential and doubles the readahead window (from
   one block up to ``max_readahead`` bytes, and at most a quarter of the cache);
-  any other read resets it. A background task keeps the blocks in the window
-  prefetched through :meth:`BlockCache.prefetch`, so they are queued on the
-  same stream.
+  any other read resets it. On a sequential read the blocks of the read and of
+  the window after it that are neither cached nor queued are queued at once,
+  in order, on the stream that stands there, so one pump reads them back to
+  back. A queued block nobody has asked for yet goes into the cache when it is
+  read; a read that comes for it meanwhile waits for it. A read a little ahead
+  of a stream (less than ``max_gap``) is served by reading through the gap
+  (those blocks go into the cache too) instead of opening a new stream.
 * **Integrity.** A read never returns short or wrong bytes silently: it is
   short only at the end of the file (ICAT ``fileSize``). A stream that ends
   before ``fileSize`` or breaks (dropped connection, read timeout of the
   IDSClient) is resumed by a new ``getData`` at the offset reached; when
   ``resume_retries`` attempts in a row bring no new byte, the read fails with
-  :class:`~idsfs.errors.IncompleteDownloadError` (``EIO``). A stream read from
-  offset 0 to the end is checked against the ICAT CRC32 ``checksum`` when
-  ``verify_checksum`` is on; a mismatch drops the file's cached blocks and
-  fails that read with :class:`~idsfs.errors.TransferError` (``EIO``).
+  :class:`~idsfs.errors.IncompleteDownloadError` (``EIO``). With
+  ``verify_checksum`` (off by default: zlib's CRC32 costs about 0.6 CPU-seconds
+  per GB on the 2-core test machine, a third of the daemon's CPU), a stream read
+  from offset 0 to the end is checked against the ICAT CRC32 ``checksum``; a
+  mismatch drops the file's cached blocks and fails that read and every later
+  read of the open file with :class:`~idsfs.errors.ChecksumMismatchError`
+  (``EIO``) until the last reader closes it.
 
 Archived data and errors
 ------------------------
@@ -92,7 +99,7 @@ as ``keep_cache``.
 
 Lifecycle
 ---------
-The background tasks (stream pumps, readahead, the idle-stream janitor) run in
+The background tasks (stream pumps, cache stores, the idle-stream janitor) run in
 :meth:`Transfer.run`, which the daemon starts in its nursery
 (``await nursery.start(transfer.run)``); if it has not been started when the
 first file is opened, the transfer starts it as a trio system task.
