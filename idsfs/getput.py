@@ -12,13 +12,17 @@ login: ``--user NAME`` (``--auth PLUGIN``, default ``simple``) with the
 password from ``--password-file FILE``, the environment variable
 IDSFS_PASSWORD, or a prompt on a terminal. The ICAT URL for the login is
 ``--icat`` or else the one the IDS reports.
+
+Existing python-icat users can name a section of their icat.cfg instead:
+``--configSection NAME`` takes url, idsurl, auth, username and password from
+it (the same configuration code as ``idsfs mount``, see
+docs/configuration.md).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import getpass
 import logging
 import os
 import sys
@@ -27,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from idsfs.config import ClientConfig, ConfigError, Layer, assemble_client, env_layer
 from idsfs.download import (
     ProgressCallback,
     download,
@@ -57,23 +62,33 @@ _PUT_DESCRIPTION = """Upload a local file as a new datafile of a dataset; prints
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
+    conf = parser.add_argument_group("configuration file (python-icat's icat.cfg)")
+    conf.add_argument("--configfile", "--config-file", dest="config_file", metavar="FILE",
+                      help="read only this config file (default: python-icat's search path; "
+                           "see docs/configuration.md)")
+    conf.add_argument("--configSection", "--configsection", "--config-section",
+                      dest="config_section", metavar="NAME",
+                      help="take url, idsurl, auth, username, password... from this section")
     conn = parser.add_argument_group("server and credentials")
-    conn.add_argument("--ids", metavar="URL", default=os.environ.get(ENV_IDS_URL),
-                      help=f"IDS base URL, e.g. https://host:8181/ids (default: ${ENV_IDS_URL})")
+    conn.add_argument("--ids", metavar="URL",
+                      help=f"IDS base URL, e.g. https://host:8181/ids (default: the config "
+                           f"section's idsurl, else ${ENV_IDS_URL})")
     conn.add_argument("--icat", metavar="URL",
                       help="ICAT base URL for --user logins (default: as reported by the IDS)")
-    conn.add_argument("--auth", metavar="PLUGIN", default="simple",
+    conn.add_argument("--auth", metavar="PLUGIN",
                       help="ICAT authenticator for --user (default: simple)")
     conn.add_argument("--user", metavar="NAME", help="log in to ICAT as NAME")
     conn.add_argument("--password-file", metavar="FILE", type=Path,
-                      help=f"file holding the password (else ${ENV_PASSWORD}, else a prompt)")
+                      help=f"file holding the password (else the systemd credential "
+                           f"idsfs-password, ${ENV_PASSWORD}, the config section's password, "
+                           f"else a prompt)")
     conn.add_argument("--session-file", metavar="FILE", type=Path,
                       help=f"file holding an ICAT session id (else ${ENV_SESSION})")
-    conn.add_argument("--timeout", metavar="SECONDS", type=float, default=120.0,
+    conn.add_argument("--timeout", metavar="SECONDS",
                       help="read timeout of each request (default: 120)")
     conn.add_argument("--retries", metavar="N", type=int, default=5,
                       help="attempts after a dropped connection (default: 5)")
-    conn.add_argument("--insecure", action="store_true",
+    conn.add_argument("--insecure", action="store_const", const=True, default=None,
                       help="do not verify TLS certificates")
     conn.add_argument("--ca-file", metavar="FILE", help="CA bundle for TLS verification")
     out = parser.add_argument_group("output")
@@ -116,7 +131,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 # ---------------------------------------------------------------------------------------
-# Credentials: one small function, so a config file (issue 6) can replace it.
+# Settings and credentials: the same sources as a mount (idsfs.config)
 
 
 @dataclass(frozen=True)
@@ -141,55 +156,75 @@ class UsageError(Exception):
     """Bad command line or missing credentials (exit status 2)."""
 
 
-def _read_secret_file(path: Path) -> str:
+#: command-line attribute -> config field, for the layer of the options given
+_ARG_FIELDS = (("config_file", "config_file", "--configfile"),
+               ("config_section", "config_section", "--configSection"),
+               ("ids", "ids_url", "--ids"), ("icat", "icat_url", "--icat"),
+               ("auth", "auth", "--auth"), ("user", "user", "--user"),
+               ("password_file", "password_file", "--password-file"),
+               ("session_file", "session_file", "--session-file"),
+               ("timeout", "timeout", "--timeout"), ("insecure", "insecure", "--insecure"),
+               ("ca_file", "ca_file", "--ca-file"))
+
+
+def client_settings(
+    args: argparse.Namespace, environ: Mapping[str, str] | None = None
+) -> ClientConfig:
+    """The server, credential and connection settings of ``idsfs get``/``put``.
+
+    Built by :func:`idsfs.config.assemble_client` from the config file
+    (``--configfile``/``--configSection``, python-icat's ``icat.cfg``), the
+    environment (``$IDSFS_IDS_URL``, ``$IDSFS_PASSWORD``,
+    ``$IDSFS_SESSION_ID``, systemd credentials) and the options given, in that
+    order of precedence. Raises :class:`UsageError` for bad or missing
+    settings (the message names the option).
+    """
+    env = os.environ if environ is None else environ
+    layer: Layer = {}
+    for attr, name, flag in _ARG_FIELDS:
+        value = getattr(args, attr, None)
+        if value is not None:
+            layer[name] = (value, flag)
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from exc
-    value = text.strip("\r\n")
-    if not value:
-        raise UsageError(f"{path} is empty")
-    return value
+        return assemble_client([env_layer(env), layer], environ=env)
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from exc
 
 
 def resolve_credentials(
     args: argparse.Namespace, environ: Mapping[str, str] | None = None
 ) -> Credentials:
-    """Pick the credentials from the options and the environment.
+    """Pick the credentials from the options, the environment and the config file.
 
-    Order: ``--session-file``; ``--user`` with ``--password-file``,
-    ``$IDSFS_PASSWORD`` or a terminal prompt; ``$IDSFS_SESSION_ID``.
+    Order: ``--session-file`` (or the systemd credential ``idsfs-session``);
+    ``--user`` (or the config section's ``username``) with ``--password-file``,
+    the systemd credential ``idsfs-password``, ``$IDSFS_PASSWORD``, the config
+    section's ``password``, or a terminal prompt; ``$IDSFS_SESSION_ID``.
     Raises :class:`UsageError` when nothing usable is given.
     """
-    env = os.environ if environ is None else environ
-    if args.session_file is not None:
-        return Credentials(session_id=_read_secret_file(args.session_file).strip())
-    if args.user:
-        if args.password_file is not None:
-            password = _read_secret_file(args.password_file)
-        elif env.get(ENV_PASSWORD):
-            password = env[ENV_PASSWORD]
-        elif sys.stdin is not None and sys.stdin.isatty():
-            password = getpass.getpass(f"ICAT password for {args.user}: ")
-        else:
-            raise UsageError(f"no password: use --password-file or ${ENV_PASSWORD}")
-        return Credentials(auth=args.auth, user=args.user, password=password)
-    if env.get(ENV_SESSION):
-        return Credentials(session_id=env[ENV_SESSION].strip())
-    raise UsageError(f"no credentials: use --user, --session-file or ${ENV_SESSION}")
+    return _credentials_of(client_settings(args, environ))
 
 
-def connect(args: argparse.Namespace, creds: Credentials) -> tuple[IDSClient, ICATClient | None]:
+def _credentials_of(settings: ClientConfig) -> Credentials:
+    if settings.session is not None:
+        return Credentials(session_id=settings.session.reveal())
+    assert settings.password is not None
+    return Credentials(auth=settings.auth, user=settings.user,
+                       password=settings.password.reveal())
+
+
+def connect(settings: ClientConfig, creds: Credentials) -> tuple[IDSClient, ICATClient | None]:
     """Open the IDS client (and log in to ICAT when ``creds`` ask for it)."""
-    if not args.ids:
-        raise UsageError(f"no IDS URL: use --ids or ${ENV_IDS_URL}")
-    verify: bool | str = False if args.insecure else (args.ca_file or True)
-    timeout = (min(10.0, args.timeout), args.timeout)
-    ids = IDSClient(args.ids, creds.session_id, timeout=timeout, verify=verify)
+    if not settings.ids_url:
+        raise UsageError(f"no IDS URL: use --ids, ${ENV_IDS_URL}, or idsurl in the config "
+                         f"section")
+    ids = IDSClient(settings.ids_url, creds.session_id, proxy=settings.proxies,
+                    timeout=settings.http_timeout, verify=settings.verify)
     icat: ICATClient | None = None
     if creds.session_id is None:
-        icat_url = args.icat or ids.getIcatUrl()
-        icat = ICATClient(icat_url, timeout=timeout, verify=verify)
+        icat_url = settings.icat_url or ids.getIcatUrl()
+        icat = ICATClient(icat_url, timeout=settings.http_timeout, verify=settings.verify,
+                          proxy=settings.proxies)
         assert creds.auth is not None and creds.user is not None and creds.password is not None
         ids.sessionId = icat.login(
             creds.auth, {"username": creds.user, "password": creds.password}, remember=False
@@ -307,8 +342,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         if command == "get" and not (args.datafile or args.dataset or args.investigation):
             raise UsageError("select something: --datafile, --dataset or --investigation")
-        creds = resolve_credentials(args)
-        ids, icat = connect(args, creds)
+        settings = client_settings(args)
+        for note in settings.notes:
+            print(f"idsfs {command}: {note}", file=sys.stderr)
+        ids, icat = connect(settings, _credentials_of(settings))
         with ids:
             return _run_put(args, ids) if command == "put" else _run_get(args, ids)
     except UsageError as exc:

@@ -116,7 +116,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="comma-separated mount options: ro, rw, allow_other, fsname=NAME, "
              "nodev/nosuid/noexec/noatime, and every long option above as key=value "
              "(cache_size=1G, password_file=FILE, debug)")
-    parser.add_argument("mountpoint", metavar="MOUNTPOINT", help="directory to mount on")
+    parser.add_argument("mountpoint", metavar="MOUNTPOINT", nargs="?", default=None,
+                        help="directory to mount on (default: the mountpoint key of the "
+                             "config section)")
 
 
 def cli_layer(args: argparse.Namespace) -> Layer:

@@ -381,13 +381,16 @@ def test_table_is_consistent() -> None:
     okeys = [s.okey for s in OPTIONS if s.okey]
     assert len(okeys) == len(set(okeys))
     for spec in OPTIONS:
-        assert spec.field in fields or spec.field in ("password_file", "session_file")
+        assert spec.field in fields or spec.field in ("password_file", "session_file",
+                                                      "config_file")
         assert spec.help
         assert spec.flags or spec.okey
 
 
-def test_usage_doc_lists_every_option() -> None:
-    doc = (Path(__file__).parents[2] / "docs" / "usage.md").read_text(encoding="utf-8")
+def test_docs_list_every_option() -> None:
+    docs = Path(__file__).parents[2] / "docs"
+    assert "configuration.md" in (docs / "usage.md").read_text(encoding="utf-8")
+    doc = (docs / "configuration.md").read_text(encoding="utf-8")
     for spec in OPTIONS:
         for flag in spec.flags:
             assert f"`{flag}" in doc, flag
