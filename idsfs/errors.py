@@ -39,6 +39,14 @@ original stays attached as ``__cause__``)::
     │   ├── IncompleteDownloadError     the stream ended early or broke and could not be
     │   │                               resumed within the bound (EIO)
     │   └── ChecksumMismatchError       the bytes read differ from the ICAT CRC32 (EIO)
+    ├── UploadError                     a change through the mount could not be made
+    │   │                               (idsfs.upload, idsfs.fs; .errno for FUSE)
+    │   ├── UploadFailedError           the upload did not land (yet); the spool is kept as a
+    │   │                               pending or failed upload (EIO)
+    │   ├── SpoolError                  the local spool could not be written (its errno,
+    │   │                               e.g. ENOSPC)
+    │   └── MissingTypeError            the facility has no DatafileFormat / DatasetType of
+    │                                   the configured name (ENOTSUP)
     ├── TransportError                  no (complete) answer from the server
     │   ├── ConnectError                connection refused, name not resolved, proxy
     │   ├── TransportTimeoutError       connect or read timeout (also a TimeoutError)
@@ -93,14 +101,18 @@ __all__ = [
     "IDSResponseError",
     "IdsfsError",
     "IncompleteDownloadError",
+    "MissingTypeError",
     "RestoreFailedError",
     "RestoreTimeoutError",
     "ServerError",
+    "SpoolError",
     "TLSError",
     "TransferError",
     "TransportError",
     "TransportTimeoutError",
     "TruncatedStreamError",
+    "UploadError",
+    "UploadFailedError",
     "VersionMethodError",
     "icat_error_from_response",
     "ids_error_from_response",
@@ -438,6 +450,57 @@ class ChecksumMismatchError(TransferError):
         super().__init__(message, datafile_id)
         self.expected = expected
         self.actual = actual
+
+
+# ----------------------------------------------------------------------------
+# Errors of the mount's write path (idsfs.upload, idsfs.fs)
+
+
+class UploadError(IdsfsError):
+    """A change through the mount (an upload, a spool write, a new dataset) failed.
+
+    The class attribute ``errno`` is the error number the file system returns
+    for it; the original server, transport or OS error, if any, is the
+    ``__cause__``. Messages never contain session ids.
+    """
+
+    errno: int = _errno.EIO
+
+
+class UploadFailedError(UploadError):
+    """An upload did not land in IDS (yet): ``close`` fails with ``EIO``.
+
+    Nothing is lost: the spooled bytes stay on local disk as a pending upload
+    (retried in the background) or, when retrying cannot help, as a failed
+    one. ``state`` is ``"pending"``, ``"failed"`` or ``"conflict"``;
+    ``reason`` says why in words.
+    """
+
+    errno = _errno.EIO
+
+    def __init__(self, message: str, state: str = "pending", reason: str = "") -> None:
+        super().__init__(message)
+        self.state = state
+        self.reason = reason or message
+
+
+class SpoolError(UploadError):
+    """The local spool file of a file being written could not be created,
+    written or read (full disk, I/O error). ``errno`` is the OS error's
+    (``ENOSPC`` for a full spool disk), else ``EIO``."""
+
+    def __init__(self, message: str, errno: int | None = None) -> None:
+        super().__init__(message)
+        if errno:
+            self.errno = errno
+
+
+class MissingTypeError(UploadError):
+    """The facility has no DatafileFormat (``--datafile-format``) or DatasetType
+    (``--dataset-type``) of the configured name, so nothing can be created
+    there (``ENOTSUP``). The message names what is missing and what exists."""
+
+    errno = _errno.ENOTSUP
 
 
 # ----------------------------------------------------------------------------

@@ -995,7 +995,8 @@ class IDSClient:
         a bytes-like object, or an iterable of bytes blocks. It is streamed
         with chunked transfer encoding while its CRC32 is computed; the
         server's checksum and size are compared with it and a mismatch raises
-        :class:`~idsfs.errors.IDSResponseError`. The times are epoch
+        :class:`~idsfs.errors.IDSResponseError` whose ``datafile_id`` attribute
+        is the id of the (wrong) datafile the server registered. The times are epoch
         milliseconds. Never retried (a retry could create a second datafile).
         Raises ``ValueError`` when ``inputStream`` is None, ``RuntimeError``
         without a sessionId.
@@ -1035,17 +1036,23 @@ class IDSClient:
         except (ValueError, KeyError, TypeError) as exc:
             raise IDSResponseError(f"put: unexpected response {text[:200]!r}") from exc
         crc = body.crc32 & 0xFFFFFFFF
+        mismatch: IDSResponseError | None = None
         if checksum != crc:
-            raise IDSResponseError(
+            mismatch = IDSResponseError(
                 f"checksum error: server computed {checksum:08x}, sent data has {crc:08x} "
                 f"(datafile id {new_id})"
             )
         size = doc.get("size")
-        if isinstance(size, int) and size != body.size:
-            raise IDSResponseError(
+        if mismatch is None and isinstance(size, int) and size != body.size:
+            mismatch = IDSResponseError(
                 f"size error: server stored {size} bytes, {body.size} were sent "
                 f"(datafile id {new_id})"
             )
+        if mismatch is not None:
+            # The server registered a datafile that differs from what was sent:
+            # its id lets the caller remove it (``datafile_id``).
+            mismatch.datafile_id = new_id  # type: ignore[attr-defined]
+            raise mismatch
         return new_id
 
     def delete(self, selection: DataSelection) -> None:
