@@ -22,6 +22,7 @@ SUBCOMMANDS: dict[str, str] = {
     "put": "idsfs.getput",
     "mount": "idsfs.mountcli",
     "umount": "idsfs.mountcli",
+    "status": "idsfs.mountcli",
     "demo": "idsfs.mountcli",
 }
 
@@ -48,9 +49,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``idsfs`` console script; returns the exit status."""
-    args = build_parser().parse_args(argv)
+    """Entry point of the ``idsfs`` console script; returns the exit status.
+
+    ``idsfs SPEC DIR [-o OPTIONS]`` (two words that are not a sub-command: how
+    ``mount.fuse3`` runs ``idsfs`` for ``idsfs#SPEC`` and ``fuse.idsfs``
+    fstab lines) is the mount helper, :func:`idsfs.mountcli.mount_helper`.
+    """
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    words = [a for a in args_list if not a.startswith("-")]
+    if args_list and args_list[0] not in SUBCOMMANDS and not args_list[0].startswith("-") \
+            and len(words) >= 2:
+        from idsfs.mountcli import mount_helper as helper
+
+        return helper(args_list, prog="idsfs")
+    args = build_parser().parse_args(args_list)
     return int(args._run(args) or 0)
+
+
+def mount_helper() -> int:
+    """Entry point of the ``mount.idsfs`` and ``mount.fuse.idsfs`` console scripts."""
+    import os
+
+    from idsfs.mountcli import mount_helper as helper
+
+    return helper(sys.argv[1:], prog=os.path.basename(sys.argv[0]) or "mount.idsfs")
 
 
 if __name__ == "__main__":

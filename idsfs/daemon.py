@@ -96,6 +96,7 @@ __all__ = [
     "RedactingFormatter",
     "StartupError",
     "default_ids_url",
+    "detach_mount",
     "find_mount",
     "mount",
     "probe_mount",
@@ -127,17 +128,39 @@ class StartupError(IdsfsError):
 
 @dataclass(frozen=True)
 class MountEntry:
-    """One line of ``/proc/self/mountinfo``: mount point, type and source."""
+    """One line of ``/proc/self/mountinfo``: mount point, type, source, options, device.
+
+    ``options`` are the super block options (for FUSE: ``user_id=``,
+    ``group_id=``, ``default_permissions``...); ``device`` is ``major:minor``.
+    """
 
     mountpoint: str
     fstype: str
     source: str
     options: str
+    device: str = ""
 
     @property
     def is_fuse(self) -> bool:
         """True for FUSE mounts (``fuse``, ``fuse.idsfs``, ``fuseblk``...)."""
         return self.fstype == "fuse" or self.fstype.startswith(("fuse.", "fuseblk"))
+
+    @property
+    def st_dev(self) -> int | None:
+        """The device number (as ``os.stat().st_dev`` gives it), or None if unknown."""
+        major, sep, minor = self.device.partition(":")
+        if not sep or not major.isdigit() or not minor.isdigit():
+            return None
+        return os.makedev(int(major), int(minor))
+
+    @property
+    def owner_uid(self) -> int | None:
+        """The uid that mounted a FUSE file system (its ``user_id=`` option), or None."""
+        for option in self.options.split(","):
+            key, _, value = option.partition("=")
+            if key == "user_id" and value.isdigit():
+                return int(value)
+        return None
 
 
 def _unescape_mountinfo(text: str) -> str:
@@ -186,7 +209,7 @@ def find_mount(path: str | Path, mountinfo: str = "/proc/self/mountinfo") -> Mou
         point = _unescape_mountinfo(fields[4])
         if point == target:
             found = MountEntry(point, rest[0], _unescape_mountinfo(rest[1]),
-                               rest[2] if len(rest) > 2 else "")
+                               rest[2] if len(rest) > 2 else "", fields[2])
     return found
 
 
@@ -454,10 +477,18 @@ class Daemon:
     """One mount: the clients, the FUSE stack and its trio main loop.
 
     Use :meth:`connect`, :meth:`build`, :meth:`mount`, then ``trio.run(daemon.serve,
-    reporter)``, and :meth:`close` in a ``finally``; :func:`mount` does all of it.
-    ``secrets()`` returns every session id seen and the password (for log
-    redaction). Attributes after :meth:`connect`: ``icat``, ``ids``,
-    ``owns_session`` (the daemon logged in, so it re-logs in and logs out).
+    reporter)``, and :meth:`close` then :meth:`finish` in a ``finally``;
+    :func:`mount` does all of it. ``secrets()`` returns every session id seen
+    and the password (for log redaction). Attributes after :meth:`connect`:
+    ``icat``, ``ids``, ``owns_session`` (the daemon logged in, so it re-logs in
+    and logs out).
+
+    Control channel (:mod:`idsfs.control`): once the mount answers, the daemon
+    serves ``status`` and ``stop`` requests on its socket. Parts of the daemon
+    plug into ``idsfs status`` and the unmount with :meth:`add_status_provider`
+    (e.g. the uploader: ``daemon.add_status_provider("uploads", uploader.stats,
+    pending=uploader.pending)``) and report progress while stopping with
+    :meth:`announce`.
     """
 
     def __init__(self, config: Config) -> None:
@@ -477,6 +508,58 @@ class Daemon:
         self._session_ids: list[str] = []
         self._lock = threading.Lock()
         self._stop_requested = False
+        #: monotonic and wall-clock start times (``idsfs status``: uptime)
+        self.started = time.monotonic()
+        self.started_at = time.time()
+        #: the mount's device number, once it answers
+        self.st_dev: int | None = None
+        self.control: Any = None
+        self._waiters: list[Any] = []
+        self._providers: dict[str, tuple[Callable[[], Any], Callable[[], list[str]] | None]] = {}
+        self._nursery: Any = None
+        #: (monotonic time, remaining seconds) of the last session check
+        self._session_seen: tuple[float, float] | None = None
+        self._session_user: str | None = None
+
+    # -------------------------------------------------------------- status hooks
+
+    def add_status_provider(self, name: str, stats: Callable[[], Any],
+                            pending: Callable[[], list[str]] | None = None) -> None:
+        """Add a section ``name`` to ``idsfs status`` (and to the unmount's report).
+
+        ``stats()`` returns a JSON-serialisable dict (or a dataclass) and is
+        called on the trio thread; ``pending()`` (optional) returns one short
+        line per piece of work that an unmount would wait for or leave behind
+        (e.g. ``"upload of DEMO/.../run.h5 (12 MiB), attempt 3"``). An uploader
+        should return ``{"pending": [...], "in_progress": [...], ...}`` from
+        ``stats()``; ``idsfs status`` lists those two keys and shows the rest
+        as ``key: value``.
+        """
+        self._providers[name] = (stats, pending)
+
+    def pending_work(self) -> list[str]:
+        """What the providers' ``pending()`` report (never raises)."""
+        out: list[str] = []
+        for name, (_stats, pending) in self._providers.items():
+            if pending is None:
+                continue
+            try:
+                out.extend(str(item) for item in pending())
+            except Exception as exc:  # noqa: BLE001 - a broken provider must not stop the unmount
+                log.debug("pending() of %s failed: %s", name, exc)
+        return out
+
+    def announce(self, event: str, message: str, **fields: Any) -> None:
+        """Send a progress event to every ``idsfs umount`` waiting for this daemon.
+
+        Thread-safe, never raises; also logged at info level. ``fields`` must
+        be JSON-serialisable and hold no secrets (e.g. ``pending=[...]``).
+        """
+        log.info("%s", message)
+        with self._lock:
+            waiters = list(self._waiters)
+        for waiter in waiters:
+            waiter.send({"event": event, "message": message, **fields})
 
     # -------------------------------------------------------------- secrets
 
@@ -559,7 +642,8 @@ class Daemon:
     def _ids_client(self, url: str) -> IDSClient:
         cfg = self.config
         try:
-            return IDSClient(url, None, timeout=cfg.http_timeout, verify=cfg.verify)
+            return IDSClient(url, None, proxy=cfg.proxies, timeout=cfg.http_timeout,
+                             verify=cfg.verify)
         except TransportError as exc:
             raise StartupError(f"cannot reach the IDS at {url}: {_describe_error(exc)}") from exc
         except IdsfsError as exc:
@@ -568,7 +652,8 @@ class Daemon:
     def _icat_login(self, url: str) -> ICATClient:
         cfg = self.config
         try:
-            icat = ICATClient(url, timeout=cfg.http_timeout, verify=cfg.verify)
+            icat = ICATClient(url, timeout=cfg.http_timeout, verify=cfg.verify,
+                              proxy=cfg.proxies)
         except ValueError as exc:
             raise StartupError(str(exc)) from exc
         try:
@@ -599,6 +684,7 @@ class Daemon:
             icat.close()
             raise StartupError(f"ICAT at {url}: {_describe_error(exc)}") from exc
         self.lifetime = info.remainingMinutes * 60.0
+        self._note_session(info.userName, self.lifetime)
         return icat
 
     # -------------------------------------------------------------- the stack
@@ -657,6 +743,7 @@ class Daemon:
         import trio
 
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             await nursery.start(self.transfer.run)
             nursery.start_soon(self._watch_signals, nursery.cancel_scope)
             nursery.start_soon(self._probe_ready, reporter)
@@ -684,6 +771,24 @@ class Daemon:
         sd_notify("STOPPING=1", "STATUS=unmounting")
         with contextlib.suppress(Exception):
             pyfuse3.terminate()
+
+    def _stop_with_grace(self, why: str) -> None:
+        """Stop like SIGTERM does: requests in progress get :data:`STOP_GRACE` seconds."""
+        import trio
+
+        if self._stop_requested:
+            return
+        self._request_stop(why)
+        nursery = self._nursery
+        if nursery is None:
+            return
+
+        async def deadline() -> None:
+            await trio.sleep(STOP_GRACE)
+            log.info("requests still running after %gs: cancelling them", STOP_GRACE)
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(deadline)
 
     async def _watch_signals(self, scope: Any) -> None:
         import trio
@@ -731,11 +836,151 @@ class Daemon:
             reporter.failed(msg)
             self._request_stop("not ready")
             return
+        self.st_dev = st.st_dev
         if self.config.readahead:
             await self.bridge.run(set_readahead, st.st_dev, self.config.readahead,
                                   name="set readahead")
+        await self._start_control(st.st_dev)
         log.info("ready: %s answers", mp)
         reporter.ready()
+
+    # -------------------------------------------------------------- control channel
+
+    async def _start_control(self, st_dev: int) -> None:
+        """Serve the control socket of this mount (a failure is only a warning)."""
+        from idsfs import control
+
+        path = control.runtime_dir() / control.socket_name(st_dev)
+        server = control.ControlServer(path, self._control_request)
+        try:
+            await self._nursery.start(server.serve)
+        except OSError as exc:
+            log.warning("no control socket at %s (%s): idsfs status cannot reach this daemon",
+                        path, exc.strerror or exc)
+            return
+        self.control = server
+        log.debug("control socket: %s", path)
+
+    async def _control_request(self, request: dict[str, Any], conn: Any) -> None:
+        """Answer one request of the control channel (see :mod:`idsfs.control`)."""
+        kind = request.get("request")
+        if kind == "status":
+            await conn.send({"ok": True, "status": await self.status()})
+        elif kind == "stop":
+            await self._control_stop(bool(request.get("lazy")), conn)
+        else:
+            await conn.send({"ok": False, "error": "bad request",
+                             "message": f"unknown request {kind!r}"})
+
+    async def _control_stop(self, lazy: bool, conn: Any) -> None:
+        """``idsfs umount``: unmount (refused when busy unless lazy), then stop and exit.
+
+        The connection becomes a waiter first: a plain unmount ends the FUSE
+        loop at once, which cancels this task, so the unmount and the reply
+        happen together in a worker thread.
+        """
+        waiter = conn.detach()
+        stopping = {"ok": True, "event": "stopping", "pid": os.getpid(),
+                    "pending": self.pending_work()}
+        if self._stop_requested or lazy:
+            waiter.send(stopping)
+            with self._lock:
+                self._waiters.append(waiter)
+            self._stop_with_grace("idsfs umount")
+            return
+        mp = str(self.config.mountpoint)
+
+        def unmount_and_reply() -> bool:
+            done, busy, message = detach_mount(mp, False)
+            if not done:
+                waiter.send({"ok": False, "error": "busy" if busy else "failed",
+                             "message": message})
+                waiter.close()
+                return False
+            waiter.send(stopping)
+            with self._lock:
+                self._waiters.append(waiter)
+            return True
+
+        if await self.bridge.run(unmount_and_reply, name="unmount"):
+            self._stop_with_grace("idsfs umount")
+
+    async def status(self) -> dict[str, Any]:
+        """What ``idsfs status`` shows: a JSON-serialisable dict without secrets.
+
+        Keys: ``version``, ``pid``, ``uptime`` (seconds), ``started`` (epoch),
+        ``mountpoint``, ``device``, ``fsname``, ``read_only``, ``icat_url``,
+        ``ids_url``, ``config`` (section, files), ``session`` (``user``,
+        ``remaining`` seconds, ``owned``, ``checked`` live or ``estimated``,
+        ``error``), ``cache`` (the block cache counters plus ``hit_rate``),
+        ``transfers`` (open ``streams`` with rates, ``restores`` waiting, and
+        counters), ``stopping``, and one key per status provider (e.g.
+        ``uploads``). Runs on the trio thread.
+        """
+        import dataclasses
+
+        from idsfs import __version__
+
+        cfg = self.config
+        out: dict[str, Any] = {
+            "version": __version__,
+            "pid": os.getpid(),
+            "uptime": round(time.monotonic() - self.started, 3),
+            "started": self.started_at,
+            "mountpoint": str(cfg.mountpoint),
+            "device": self.st_dev,
+            "fsname": cfg.effective_fsname,
+            "read_only": self.read_only,
+            "icat_url": self.icat.url if self.icat is not None else cfg.icat_url,
+            "ids_url": self.ids.url if self.ids is not None else cfg.ids_url,
+            "config": {"section": cfg.config_section,
+                       "files": [str(p) for p in cfg.config_files]},
+            "session": await self._session_status(),
+            "stopping": self._stop_requested,
+        }
+        if self.transfer is not None:
+            stats = dataclasses.asdict(self.transfer.stats())
+            cache = stats.pop("cache")
+            lookups = cache["hits"] + cache["misses"] + cache["waits"]
+            cache["hit_rate"] = cache["hits"] / lookups if lookups else None
+            out["cache"] = cache
+            out["transfers"] = stats
+        for name, (provider, _pending) in self._providers.items():
+            try:
+                value = provider()
+                if dataclasses.is_dataclass(value) and not isinstance(value, type):
+                    value = dataclasses.asdict(value)
+                out[name] = value
+            except Exception as exc:  # noqa: BLE001 - a broken provider must not break status
+                out[name] = {"error": f"{type(exc).__name__}: {exc}"}
+        return out
+
+    async def _session_status(self) -> dict[str, Any]:
+        """The ICAT session: asked live (bounded), else estimated from the last check."""
+        import trio
+
+        info: dict[str, Any] = {"owned": self.owns_session, "user": self._session_user}
+        if self.icat is None:
+            return info
+        try:
+            with trio.fail_after(3.0):
+                current = await self.bridge.run(self.icat.session_info, name="status session")
+            self._note_session(current.userName, current.remainingMinutes * 60.0)
+            info.update(user=current.userName, checked="live")
+        except (IdsfsError, trio.TooSlowError) as exc:
+            info["error"] = (_describe_error(exc) if isinstance(exc, IdsfsError)
+                             else "ICAT did not answer within 3 s")
+            info["checked"] = "estimated"
+        if self._session_seen is not None:
+            when, remaining = self._session_seen
+            info["remaining"] = round(max(0.0, remaining - (time.monotonic() - when)), 1)
+        return info
+
+    def _note_session(self, user: str | None, remaining: float) -> None:
+        """Remember the session's user and remaining lifetime (for ``idsfs status``)."""
+        if user:
+            self._session_user = user
+        self._session_seen = (time.monotonic(), remaining)
 
     def refresh_interval(self) -> float:
         """Seconds between session refreshes: half the lifetime, 0.5 s to 30 min."""
@@ -755,6 +1000,8 @@ class Daemon:
             try:
                 await self.bridge.run(icat.refresh, name="session refresh")
                 failures = 0
+                if self.owns_session and self.lifetime:
+                    self._note_session(None, self.lifetime)
                 log.debug("ICAT session refreshed")
             except ICATSessionError:
                 if not self.owns_session:
@@ -800,7 +1047,9 @@ class Daemon:
         cfg = self.config
         assert self.icat is not None and cfg.user is not None and cfg.password is not None
         self.icat.login(cfg.auth, {"username": cfg.user, "password": cfg.password.reveal()})
-        self.lifetime = self.icat.session_info().remainingMinutes * 60.0
+        info = self.icat.session_info()
+        self.lifetime = info.remainingMinutes * 60.0
+        self._note_session(info.userName, self.lifetime)
 
     # -------------------------------------------------------------- teardown
 
@@ -841,6 +1090,56 @@ class Daemon:
             if client is not None:
                 with contextlib.suppress(Exception):
                     client.close()
+
+    def finish(self, status: int) -> None:
+        """Last words: remove the control socket, tell waiting clients the exit status.
+
+        Call after :meth:`close`, just before the process exits (never raises).
+        """
+        if self.control is not None:
+            self.control.close()
+            self.control = None
+        left = self.pending_work()
+        with self._lock:
+            waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            waiter.send({"event": "exit", "status": status, "pending": left})
+            waiter.close()
+
+
+# ----------------------------------------------------------------------------- unmounting
+
+
+_MNT_DETACH = 2
+
+
+def detach_mount(path: str, lazy: bool) -> tuple[bool, bool, str]:
+    """Unmount ``path`` (``umount2`` as root, else ``fusermount3 -u``); ``-z`` when ``lazy``.
+
+    Returns ``(done, busy, message)``: ``busy`` when a plain unmount was
+    refused because the mount is in use. Never raises.
+    """
+    import ctypes
+    import shutil
+    import subprocess
+
+    if os.geteuid() == 0:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.umount2(os.fsencode(path), _MNT_DETACH if lazy else 0) == 0:
+            return True, False, ""
+        err = ctypes.get_errno()
+        return False, err == errno.EBUSY, f"unmounting {path} failed: {os.strerror(err)}"
+    tool = shutil.which("fusermount3") or shutil.which("fusermount") or "fusermount3"
+    try:
+        done = subprocess.run([tool, "-u", *(["-z"] if lazy else []), "--", path],
+                              capture_output=True, text=True, check=False,
+                              stdin=subprocess.DEVNULL, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return False, False, f"unmounting {path} failed: {exc}"
+    if done.returncode == 0:
+        return True, False, ""
+    text = (done.stderr or done.stdout).strip()
+    return False, "busy" in text.lower(), f"unmounting {path} failed: {text}"
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -897,10 +1196,16 @@ def _run(config: Config, ready_fd: int | None, background: bool,
             _redirect_stdio()
 
     reporter = _Reporter(ready_fd, on_ready)
+    for note in config.notes:
+        log.warning("config: %s", note)
+    if config.config_files:
+        log.debug("config files: %s%s", ", ".join(str(p) for p in config.config_files),
+                  f" (section [{config.config_section}])" if config.config_section else "")
     # Until trio watches the signals, SIGINT/SIGTERM/SIGHUP interrupt start-up
     # through KeyboardInterrupt, so that the finally below still unmounts.
     stop_signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
     previous = {sig: signal.signal(sig, _interrupt) for sig in stop_signals}
+    status = 1
     try:
         try:
             sd_notify("STATUS=connecting")
@@ -922,7 +1227,8 @@ def _run(config: Config, ready_fd: int | None, background: bool,
             daemon.fatal = daemon.fatal or exc
             log.error("the daemon stopped: %s", exc, exc_info=not isinstance(
                 exc, KeyboardInterrupt))
-        return 1 if daemon.fatal is not None else 0
+        status = 1 if daemon.fatal is not None else 0
+        return status
     finally:
         # The cleanup is short and bounded: let no signal cut it (and leave a mount).
         for sig in stop_signals:
@@ -930,6 +1236,7 @@ def _run(config: Config, ready_fd: int | None, background: bool,
         try:
             daemon.close()
             reporter.failed("the daemon stopped during start-up")
+            daemon.finish(status)
             logs.close()
         finally:
             for sig, handler in previous.items():

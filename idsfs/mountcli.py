@@ -17,12 +17,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import json
 import os
 import secrets
 import select
 import shlex
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -42,15 +44,28 @@ from idsfs.config import (
     parse_size,
 )
 
-__all__ = ["ENV_PASSWORD", "ENV_SESSION", "HELP", "add_arguments", "cli_layer", "run", "unmount"]
+__all__ = ["ENV_PASSWORD", "ENV_SESSION", "HELP", "add_arguments", "cli_layer", "format_status",
+           "mount_helper", "query_status", "run", "unmount"]
 
-HELP = "mount an IDS archive (mount), unmount it (umount), or try it on demo data (demo)"
+HELP = ("mount an IDS archive (mount), unmount it (umount), show what it does (status), or "
+        "try it on demo data (demo)")
 
 _UMOUNT_DESCRIPTION = """Unmount an idsfs mount cleanly.
 
-A mount whose daemon was killed ("Transport endpoint is not connected") or
-does not answer is detached lazily instead. A mount still in use (open files,
-a shell inside it) is refused unless --lazy is given.
+The daemon is asked through its control socket to unmount and stop, and the
+command waits (--wait) until it has exited, saying what is still pending. A
+mount still in use (open files, a shell inside it) is refused unless --lazy
+is given. A mount whose daemon was killed ("Transport endpoint is not
+connected") or does not answer is detached lazily instead. Without a control
+socket (another user's daemon) fusermount3 -u is used.
+"""
+
+_STATUS_DESCRIPTION = """Show what the daemon of an idsfs mount is doing.
+
+Asks the daemon through its control socket: cache size and hit rate,
+transfers in flight with their rates, restores waiting, pending uploads, the
+ICAT session's remaining time, pid and uptime. --json prints the same as one
+JSON object for scripts.
 """
 
 _DEMO_DESCRIPTION = """Try idsfs on demo data: no server or account needed.
@@ -81,6 +96,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS",
                             help="how long the mount may take to answer before it is "
                                  "treated as hung (default: 5)")
+        parser.add_argument("--wait", type=float, default=60.0, metavar="SECONDS",
+                            help="how long to wait for the daemon to finish its work and "
+                                 "exit (default: 60)")
+        return
+    if command == "status":
+        parser.description = _STATUS_DESCRIPTION
+        parser.add_argument("mountpoint", metavar="MOUNTPOINT", help="the idsfs mount")
+        parser.add_argument("--json", action="store_true",
+                            help="print one JSON object (for scripts)")
+        parser.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
+                            help="how long the daemon may take to answer (default: 10)")
         return
     if command == "demo":
         parser.description = _DEMO_DESCRIPTION
@@ -165,13 +191,92 @@ def _fusermount(mountpoint: str, lazy: bool) -> subprocess.CompletedProcess[str]
                           stdin=subprocess.DEVNULL)
 
 
-def unmount(mountpoint: str | Path, *, lazy: bool = False, timeout: float = 5.0) -> tuple[int, str]:
+def _control_socket(entry: Any) -> Path | None:
+    """The control socket of the daemon serving ``entry`` (a MountEntry), if one exists."""
+    from idsfs import control
+
+    if entry.st_dev is None:
+        return None
+    for path in control.socket_candidates(entry.st_dev, entry.owner_uid):
+        with contextlib.suppress(OSError):
+            if stat.S_ISSOCK(os.stat(path).st_mode):
+                return path
+    return None
+
+
+def _busy_message(path: str) -> str:
+    return (f"{path} is busy (open files or a process working in it); close them, or detach "
+            f"now with: idsfs umount --lazy {shlex.quote(path)}")
+
+
+def _stop_through_channel(socket_path: Path, path: str, lazy: bool, timeout: float,
+                          wait: float, progress: Any) -> tuple[int, str] | None:
+    """Ask the daemon to stop and wait for it; None when the channel cannot be used."""
+    from idsfs.control import ControlClient, ControlError
+
+    try:
+        client = ControlClient(socket_path, timeout=timeout)
+    except ControlError:
+        return None
+    with client:
+        try:
+            reply = client.request({"request": "stop", "lazy": lazy}, timeout=timeout)
+        except ControlError:
+            return None
+        if not reply.get("ok"):
+            if reply.get("error") == "busy":
+                return 1, _busy_message(path)
+            return 1, str(reply.get("message") or reply.get("error") or "the daemon refused")
+        pid = reply.get("pid")
+        pending: list[str] = list(reply.get("pending") or [])
+        status: int | None = None
+        try:
+            for event in client.events(wait):
+                if event.get("event") == "exit":
+                    status = int(event.get("status", 0))
+                    pending = list(event.get("pending") or [])
+                    break
+                if event.get("message") and progress is not None:
+                    progress(str(event["message"]))
+                if "pending" in event:
+                    pending = list(event.get("pending") or [])
+        except ControlError as exc:
+            if getattr(exc, "timed_out", False):
+                what = f": still pending: {'; '.join(pending)}" if pending else ""
+                return 1, (f"{path} is unmounted, but its daemon (pid {pid}) is still "
+                           f"finishing after {wait:g} s{what}")
+            # the connection broke: the daemon is gone (killed?); fall through
+    message = ""
+    if status not in (None, 0):
+        message = f"the daemon of {path} (pid {pid}) exited with status {status}"
+    if pending:
+        message = (message + "; " if message else "") + \
+            f"left pending (resumed at the next mount): {'; '.join(pending)}"
+    from idsfs.daemon import find_mount
+
+    entry = find_mount(path)
+    if entry is not None and entry.is_fuse:
+        # e.g. the daemon runs in another mount namespace: clear this one's view
+        done = _fusermount(entry.mountpoint, True)
+        if done.returncode != 0:
+            text = (done.stderr or done.stdout).strip()
+            return 1, f"the daemon stopped, but {path} could not be detached here: {text}"
+    return (0 if status in (None, 0) and not pending else 1), message
+
+
+def unmount(mountpoint: str | Path, *, lazy: bool = False, timeout: float = 5.0,
+            wait: float = 60.0, progress: Any = None) -> tuple[int, str]:
     """Unmount an idsfs (FUSE) mount; returns ``(exit status, message)``.
 
-    A live mount is unmounted with ``fusermount3 -u`` (refused when busy,
-    unless ``lazy``); a stale one (daemon gone: ENOTCONN, or not answering
-    within ``timeout``) is detached with ``fusermount3 -u -z``. The message is
-    empty after a plain clean unmount. Never raises for mount problems.
+    When the daemon's control socket answers, the daemon is asked to unmount
+    (refused when busy, unless ``lazy``) and stop, and this waits up to
+    ``wait`` seconds for it to exit; ``progress(message)`` receives what it
+    reports meanwhile (e.g. uploads it waits for). A status of 1 with a
+    message names what is still pending. Without a control socket, a live
+    mount is unmounted with ``fusermount3 -u`` (refused when busy, unless
+    ``lazy``); a stale one (daemon gone: ENOTCONN, or not answering within
+    ``timeout``) is detached with ``fusermount3 -u -z``. The message is empty
+    after a plain clean unmount. Never raises for mount problems.
     """
     from idsfs.daemon import find_mount, probe_mount
 
@@ -181,14 +286,21 @@ def unmount(mountpoint: str | Path, *, lazy: bool = False, timeout: float = 5.0)
         return 1, f"{path} is not mounted"
     if not entry.is_fuse:
         return 1, f"{path} is not a FUSE mount (it is {entry.fstype}); use umount(8)"
+    socket_path = _control_socket(entry)
+    if socket_path is not None:
+        result = _stop_through_channel(socket_path, path, lazy, timeout, wait, progress)
+        if result is not None:
+            status, message = result
+            if lazy and status == 0 and not message:
+                message = f"detached {path} (it goes away when no longer used)"
+            return status, message
     state = probe_mount(path, timeout=timeout)
     if state == 0:
         done = _fusermount(entry.mountpoint, lazy)
         if done.returncode != 0:
             text = (done.stderr or done.stdout).strip()
             if "busy" in text.lower():
-                return 1, (f"{path} is busy (open files or a process working in it); close "
-                           f"them, or detach now with: idsfs umount --lazy {shlex.quote(path)}")
+                return 1, _busy_message(path)
             return 1, f"unmounting {path} failed: {text or 'status ' + str(done.returncode)}"
         return 0, f"detached {path} (it goes away when no longer used)" if lazy else ""
     reason = ("its daemon is gone (Transport endpoint is not connected)"
@@ -203,10 +315,304 @@ def unmount(mountpoint: str | Path, *, lazy: bool = False, timeout: float = 5.0)
 
 
 def _run_umount(args: argparse.Namespace) -> int:
-    status, message = unmount(args.mountpoint, lazy=args.lazy, timeout=args.timeout)
+    def progress(message: str) -> None:
+        print(f"idsfs umount: {message}", file=sys.stderr, flush=True)
+
+    status, message = unmount(args.mountpoint, lazy=args.lazy, timeout=args.timeout,
+                              wait=args.wait, progress=progress)
     if message:
         print(f"idsfs umount: {message}", file=sys.stderr)
     return status
+
+
+# ----------------------------------------------------------------------------- status
+
+
+class StatusError(Exception):
+    """``idsfs status`` cannot get an answer (the message says why)."""
+
+
+def query_status(mountpoint: str | Path, timeout: float = 10.0) -> dict[str, Any]:
+    """Ask the daemon of ``mountpoint`` for its status (see ``Daemon.status``).
+
+    Raises :class:`StatusError` when it is not an idsfs mount, its daemon has
+    no reachable control socket, or it does not answer within ``timeout``.
+    """
+    from idsfs.control import ControlClient, ControlError
+    from idsfs.daemon import find_mount
+
+    path = str(mountpoint)
+    entry = find_mount(path)
+    if entry is None:
+        raise StatusError(f"{path} is not mounted")
+    if entry.fstype != "fuse.idsfs":
+        raise StatusError(f"{path} is not an idsfs mount (it is {entry.fstype})")
+    socket_path = _control_socket(entry)
+    if socket_path is None:
+        raise StatusError(f"the daemon of {path} has no control socket here (stopped, "
+                          f"killed, or another user's); a stale mount is cleared with: "
+                          f"idsfs umount {shlex.quote(path)}")
+    try:
+        with ControlClient(socket_path, timeout=timeout) as client:
+            reply = client.request({"request": "status"}, timeout=timeout)
+    except ControlError as exc:
+        raise StatusError(f"the daemon of {path} does not answer: {exc}") from exc
+    if not reply.get("ok") or not isinstance(reply.get("status"), dict):
+        raise StatusError(f"the daemon of {path} answered: "
+                          f"{reply.get('message') or reply.get('error')}")
+    return dict(reply["status"])
+
+
+def _human_size(n: float | None) -> str:
+    if n is None:
+        return "?"
+    for unit, factor in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20),
+                         ("KiB", 1 << 10)):
+        if abs(n) >= factor:
+            return f"{n / factor:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+def _human_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    total = int(seconds)
+    days, rest = divmod(total, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d {hours}h {minutes:02d}m"
+    if hours:
+        return f"{hours}h {minutes:02d}m"
+    if minutes:
+        return f"{minutes}m {secs:02d}s"
+    return f"{seconds:.0f}s" if seconds >= 1 else f"{seconds:.1f}s"
+
+
+def _describe_items(items: Any) -> list[str]:
+    out = []
+    for item in items or []:
+        if isinstance(item, dict):
+            name = item.get("path") or item.get("name") or item.get("datafile_id") or "?"
+            extra = ", ".join(f"{k} {v}" for k, v in item.items()
+                              if k not in ("path", "name") and v not in (None, ""))
+            out.append(f"{name}" + (f" ({extra})" if extra else ""))
+        else:
+            out.append(str(item))
+    return out
+
+
+def format_status(status: dict[str, Any]) -> str:
+    """The human form of a status dict (``idsfs status`` without ``--json``)."""
+    lines = []
+    mode = "read-only" if status.get("read_only") else "read-write"
+    lines.append(f"{status.get('mountpoint')}: idsfs {status.get('version')}, pid "
+                 f"{status.get('pid')}, up {_human_duration(status.get('uptime'))}, {mode}"
+                 + (", stopping" if status.get("stopping") else ""))
+    lines.append(f"  ICAT       {status.get('icat_url')}")
+    lines.append(f"  IDS        {status.get('ids_url')}")
+    session = status.get("session") or {}
+    text = f"user {session.get('user') or '?'}"
+    if session.get("remaining") is not None:
+        text += f", {_human_duration(session['remaining'])} left"
+        if session.get("checked") == "estimated":
+            text += " (estimated)"
+    text += ", logged in by the daemon" if session.get("owned") else ", adopted session"
+    if session.get("error"):
+        text += f"; check failed: {session['error']}"
+    lines.append(f"  session    {text}")
+    config = status.get("config") or {}
+    if config.get("files"):
+        section = f" [{config['section']}]" if config.get("section") else ""
+        lines.append(f"  config     {', '.join(config['files'])}{section}")
+    cache = status.get("cache")
+    if cache:
+        rate = cache.get("hit_rate")
+        shown = f"{rate * 100:.1f}%" if rate is not None else "-"
+        lines.append(f"  cache      {_human_size(cache.get('bytes'))} of "
+                     f"{_human_size(cache.get('capacity'))} in {cache.get('blocks')} blocks; "
+                     f"hit rate {shown} ({cache.get('hits')} hits, {cache.get('misses')} "
+                     f"misses, {cache.get('waits')} waits)")
+    transfers = status.get("transfers")
+    if transfers is not None:
+        streams = transfers.get("streams") or []
+        fetched = _human_size(transfers.get("bytes_fetched"))
+        lines.append(f"  transfers  {len(streams)} open, {fetched} read from IDS in all "
+                     f"({transfers.get('streams_opened')} streams, "
+                     f"{transfers.get('resumes')} resumed, {transfers.get('failures')} failures)")
+        for st in streams:
+            lines.append(f"    datafile {st.get('datafile_id')}: {st.get('state')} at "
+                         f"{_human_size(st.get('offset'))}, {_human_size(st.get('rate'))}/s, "
+                         f"{st.get('queued')} blocks queued")
+        restores = transfers.get("restores") or []
+        lines.append(f"  restores   {len(restores)} waiting" if restores else
+                     "  restores   none waiting")
+        for r in restores:
+            lines.append(f"    datafile {r.get('datafile_id')}: {r.get('readers')} reads "
+                         f"waiting for {_human_duration(r.get('seconds'))}")
+    known = {"version", "pid", "uptime", "started", "mountpoint", "device", "fsname",
+             "read_only", "icat_url", "ids_url", "config", "session", "stopping", "cache",
+             "transfers"}
+    for name, section in status.items():
+        if name in known:
+            continue
+        label = f"  {name:<10} "
+        if isinstance(section, dict):
+            pending = _describe_items(section.get("pending"))
+            running = _describe_items(section.get("in_progress"))
+            rest = {k: v for k, v in section.items() if k not in ("pending", "in_progress")}
+            head = f"{len(pending)} pending" if "pending" in section else ""
+            if "in_progress" in section:
+                head += (", " if head else "") + f"{len(running)} in progress"
+            extra = ", ".join(f"{k} {v}" for k, v in rest.items())
+            lines.append(label + "; ".join(x for x in (head, extra) if x))
+            lines += [f"    {item}" for item in running + pending]
+        else:
+            lines.append(label + str(section))
+    return "\n".join(lines)
+
+
+def _run_status(args: argparse.Namespace) -> int:
+    try:
+        status = query_status(args.mountpoint, timeout=args.timeout)
+    except StatusError as exc:
+        print(f"idsfs status: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(status, indent=2, sort_keys=True))
+    else:
+        print(format_status(status))
+    return 0
+
+
+# ----------------------------------------------------------------------------- mount(8)
+
+_HELPER_USAGE = """usage: {prog} SPEC DIR [-sfnv] [-o OPTIONS] [-t TYPE]
+
+The mount helper of idsfs, as mount(8) and mount.fuse3 call it for fstab lines
+such as
+    idsfs#SECTION  /mnt/ids  fuse        _netdev,ro  0 0
+    SECTION        /mnt/ids  fuse.idsfs  _netdev,ro  0 0
+SPEC names a section of python-icat's icat.cfg (see docs/configuration.md), or
+is an ICAT URL (https://...), or 'none' (everything from -o). OPTIONS are the
+-o options of idsfs mount (cache_size=1G, config_file=FILE, user=NAME,
+password_file=FILE, allow_other, ...). -f checks everything but does not
+mount; -v says what it does; -s drops unknown options instead of failing; -n
+is accepted and ignored. See docs/systemd.md.
+"""
+
+#: exit status of a mount helper when the mount failed (mount(8): "mount failure")
+MOUNT_FAILURE = 32
+
+
+def _sloppy(texts: list[str]) -> tuple[list[str], list[str]]:
+    """Split ``-o`` texts into those idsfs understands and unknown options (mount -s)."""
+    from idsfs.config import split_mount_options
+
+    kept: list[str] = []
+    dropped: list[str] = []
+    for text in texts:
+        for item in split_mount_options(text):
+            escaped = item.replace("\\", "\\\\").replace(",", "\\,")
+            try:
+                parse_mount_options([escaped])
+            except ConfigError as exc:
+                if "unknown mount option" in str(exc):
+                    dropped.append(item.partition("=")[0])
+                    continue
+            kept.append(escaped)
+    return ([",".join(kept)] if kept else []), dropped
+
+
+def _spec_layer(spec: str) -> Layer:
+    """What the fstab source says: a config section, an ICAT URL, or nothing."""
+    value = spec.strip()
+    if value.startswith("idsfs#"):
+        value = value[len("idsfs#"):]
+    if value in ("", "none", "idsfs"):
+        return {}
+    if value.startswith(("http://", "https://")):
+        return {"icat_url": (value, f"mount source {value}")}
+    return {"config_section": (value, "mount source")}
+
+
+def mount_helper(argv: list[str] | None = None, prog: str = "mount.idsfs") -> int:
+    """Mount as ``mount.idsfs SPEC DIR [-sfnv] [-o OPTIONS] [-t TYPE]`` (mount(8)'s helper).
+
+    Used for ``mount.idsfs``, ``mount.fuse.idsfs`` and for ``idsfs SPEC DIR -o
+    OPTIONS`` as ``mount.fuse3`` runs it for ``idsfs#SPEC`` and ``fuse.idsfs``
+    fstab lines. Always mounts in the background and returns once the mount
+    answers. Exit status: 0 mounted (or, with ``-f``, would be), 1 bad usage or
+    options, 32 the mount failed (mount(8)'s codes).
+    """
+    from idsfs import daemon
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    positional: list[str] = []
+    options: list[str] = []
+    fake = verbose = sloppy = False
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg in ("-h", "--help"):
+            print(_HELPER_USAGE.format(prog=prog))
+            return 0
+        if arg == "-o" or arg == "-t":
+            if i + 1 >= len(args):
+                print(f"{prog}: {arg} needs a value", file=sys.stderr)
+                return 1
+            if arg == "-o":
+                options.append(args[i + 1])
+            elif args[i + 1] not in ("idsfs", "fuse.idsfs", "fuse"):
+                print(f"{prog}: -t {args[i + 1]}: this helper mounts only fuse.idsfs",
+                      file=sys.stderr)
+                return 1
+            i += 2
+            continue
+        if arg.startswith("-o") and len(arg) > 2:
+            options.append(arg[2:])
+        elif arg.startswith("-") and len(arg) > 1 and set(arg[1:]) <= set("sfnvr"):
+            fake |= "f" in arg
+            verbose |= "v" in arg
+            sloppy |= "s" in arg
+            if "r" in arg:
+                options.append("ro")
+        elif arg.startswith("-") and len(arg) > 1:
+            print(f"{prog}: unknown option {arg}\n" + _HELPER_USAGE.format(prog=prog),
+                  file=sys.stderr)
+            return 1
+        else:
+            positional.append(arg)
+        i += 1
+    if len(positional) != 2:
+        print(_HELPER_USAGE.format(prog=prog), file=sys.stderr)
+        return 1
+    spec, directory = positional
+    if sloppy:
+        options, dropped = _sloppy(options)
+        if dropped:
+            print(f"{prog}: ignoring unknown options (-s): {', '.join(dropped)}",
+                  file=sys.stderr)
+    try:
+        config = assemble(directory, [env_layer(os.environ), _spec_layer(spec),
+                                      parse_mount_options(options),
+                                      {"foreground": (False, prog)}])
+    except ConfigError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 1
+    if verbose:
+        where = f" (section [{config.config_section}])" if config.config_section else ""
+        print(f"{prog}: mounting {config.effective_fsname}{where} on {config.mountpoint}",
+              file=sys.stderr)
+    if fake:
+        try:
+            daemon.check_mountpoint(config.mountpoint)
+        except daemon.StartupError as exc:
+            print(f"{prog}: {exc}", file=sys.stderr)
+            return MOUNT_FAILURE
+        return 0
+    status = daemon.mount(config)
+    return 0 if status == 0 else (1 if status == 2 else MOUNT_FAILURE)
 
 
 # ----------------------------------------------------------------------------- demo
@@ -375,6 +781,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         if command == "umount":
             return _run_umount(args)
+        if command == "status":
+            return _run_status(args)
         if command == "demo":
             return _run_demo(args)
         return _run_mount(args)
