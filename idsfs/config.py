@@ -1152,6 +1152,7 @@ def assemble(
     environ: Mapping[str, str] | None = None,
     prompt: Callable[[str], str] | None = None,
     search_path: Sequence[Path | str] | None = None,
+    defaults: Layer | None = None,
 ) -> Config:
     """Build the :class:`Config` from the config files and ``layers`` (lowest precedence first).
 
@@ -1165,11 +1166,13 @@ def assemble(
     ``mountpoint`` key of the config file. ``environ`` locates the home
     directory (default ``os.environ``); ``prompt`` asks for a missing password
     (default: :func:`getpass.getpass` when stdin is a terminal, else no
-    prompt). Raises :class:`ConfigError` naming the offending option.
+    prompt). ``defaults`` is a layer beneath the config file (e.g. the ``rw``
+    that mount(8) always passes). Raises :class:`ConfigError` naming the
+    offending option.
     """
     env = os.environ if environ is None else environ
     flayer, notes, files = _files_for(layers, env, search_path)
-    merged = _merge([flayer, *layers])
+    merged = _merge([defaults or {}, flayer, *layers])
     if mountpoint is None:
         if "mountpoint" not in merged:
             raise ConfigError("no mount point: give MOUNTPOINT, or mountpoint = DIR in the "

@@ -524,16 +524,40 @@ def _sloppy(texts: list[str]) -> tuple[list[str], list[str]]:
     return ([",".join(kept)] if kept else []), dropped
 
 
-def _spec_layer(spec: str) -> Layer:
-    """What the fstab source says: a config section, an ICAT URL, or nothing."""
+def _spec_layer(spec: str, via_mount_fuse: bool) -> Layer:
+    """What the fstab source says: a config section, an ICAT URL, or nothing.
+
+    The file system name becomes the fstab source as written (``SECTION``, or
+    ``idsfs#SECTION`` when mount.fuse3 ran ``idsfs SECTION``), so that
+    ``mount -a`` recognises the entry as mounted.
+    """
     value = spec.strip()
     if value.startswith("idsfs#"):
         value = value[len("idsfs#"):]
     if value in ("", "none", "idsfs"):
         return {}
+    layer: Layer = {"fsname": (f"idsfs#{value}" if via_mount_fuse else value,
+                               "mount source")}
     if value.startswith(("http://", "https://")):
-        return {"icat_url": (value, f"mount source {value}")}
-    return {"config_section": (value, "mount source")}
+        layer["icat_url"] = (value, "mount source")
+    else:
+        layer["config_section"] = (value, "mount source")
+    return layer
+
+
+def _take_rw(options: list[str]) -> tuple[list[str], bool]:
+    """Remove ``rw`` from ``-o`` texts: mount(8) always passes rw or ro."""
+    from idsfs.config import split_mount_options
+
+    kept: list[str] = []
+    saw = False
+    for text in options:
+        for item in split_mount_options(text):
+            if item == "rw":
+                saw = True
+                continue
+            kept.append(item.replace("\\", "\\\\").replace(",", "\\,"))
+    return ([",".join(kept)] if kept else []), saw
 
 
 def mount_helper(argv: list[str] | None = None, prog: str = "mount.idsfs") -> int:
@@ -593,10 +617,15 @@ def mount_helper(argv: list[str] | None = None, prog: str = "mount.idsfs") -> in
         if dropped:
             print(f"{prog}: ignoring unknown options (-s): {', '.join(dropped)}",
                   file=sys.stderr)
+    # mount(8) passes "rw" unless the entry says "ro": let a config section's
+    # read_only = yes win over that.
+    options, saw_rw = _take_rw(options)
+    defaults: Layer = {"read_only": (False, "-o rw")} if saw_rw else {}
     try:
-        config = assemble(directory, [env_layer(os.environ), _spec_layer(spec),
+        config = assemble(directory, [env_layer(os.environ),
+                                      _spec_layer(spec, prog == "idsfs"),
                                       parse_mount_options(options),
-                                      {"foreground": (False, prog)}])
+                                      {"foreground": (False, prog)}], defaults=defaults)
     except ConfigError as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return 1
