@@ -391,11 +391,11 @@ class FaultInjector(ServerHooks):
         """True when a ``corrupt_checksum`` rule fires for this ``put`` (consumes it)."""
         return bool(self._take("corrupt_checksum", endpoint))
 
-    def _stall_for(self, seconds: float | None) -> None:
+    def _stall_for(self, seconds: float | None, generation: int) -> None:
+        """Block until ``seconds`` passed or stalls planned in ``generation`` are released."""
         with self._lock:
             if self._closed:
                 return
-            generation = self._stall_generation
             deadline = None if seconds is None else time.monotonic() + seconds
             while self._stall_generation == generation and not self._closed:
                 if deadline is None:
@@ -446,7 +446,11 @@ class FaultInjector(ServerHooks):
         if stalls:
             rule = stalls[0]
             plan.stall_after = rule.after_bytes
-            plan.stall = lambda: self._stall_for(rule.seconds)
+            # A release after the plan was made (the client may already have the
+            # status line) must also release a stall the stream has not reached yet.
+            with self._lock:
+                generation = self._stall_generation
+            plan.stall = lambda: self._stall_for(rule.seconds, generation)
         return plan
 
     def responding(self, request: Request, status: int) -> None:
