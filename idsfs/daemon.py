@@ -822,6 +822,11 @@ class Daemon:
                 self.fatal = exc
                 log.error("the FUSE loop failed: %s", exc, exc_info=True)
             finally:
+                if not self._stop_requested:
+                    # unmounted from outside (idsfs umount, fusermount3 -u, umount)
+                    self._stop_requested = True
+                    log.info("%s was unmounted: stopping", self.config.mountpoint)
+                    sd_notify("STOPPING=1", "STATUS=unmounted")
                 nursery.cancel_scope.cancel()
                 with trio.CancelScope(shield=True):
                     await self.transfer.aclose()
