@@ -640,8 +640,7 @@ def mount_helper(argv: list[str] | None = None, prog: str = "mount.idsfs") -> in
             print(f"{prog}: {exc}", file=sys.stderr)
             return MOUNT_FAILURE
         return 0
-    status = daemon.mount(config)
-    return 0 if status == 0 else (1 if status == 2 else MOUNT_FAILURE)
+    return 0 if daemon.mount(config) == 0 else MOUNT_FAILURE
 
 
 # ----------------------------------------------------------------------------- demo

@@ -52,7 +52,9 @@ Fixtures
     passwords are not :data:`USERS`). At teardown every mount is unmounted
     (``idsfs umount``), the daemon waited for, and as a last resort killed with
     SIGKILL and the mount detached with ``fusermount3 -u -z`` - also after a
-    failing test.
+    failing test. ``mount(emulator, adopt=PATH)`` hands a mount that mount(8)
+    or systemd made on PATH to the same teardown (its pid from the control
+    socket).
 
 Example::
 
@@ -76,7 +78,13 @@ Helpers for tests live in ``tests/mount/mountharness.py`` (import them with
 a module of its own because several test folders have a ``conftest``):
 :func:`idsfs_command` (argv prefix of the ``idsfs`` command),
 :func:`is_mounted`, :func:`wait_until`, :func:`start_emulator`,
-:func:`start_mount`, :func:`teardown_mount`, :data:`USERS`.
+:func:`start_mount`, :func:`teardown_mount`, :data:`USERS`;
+:func:`installed_commands` (the idsfs commands on mount(8)'s search path, in
+this namespace only, for fstab tests) and :func:`adopt_mount` (hand a mount
+made by mount(8) or by hand to the harness's teardown).
+
+The mount tests run in CI exactly like this: as root, each pytest process in
+its own ``unshare`` mount namespace.
 """
 
 from __future__ import annotations
@@ -89,6 +97,7 @@ import pytest
 from mountharness import (
     EmulatorProcess,
     Mounted,
+    adopt_mount,
     enter_private_namespace,
     start_emulator,
     start_mount,
@@ -151,6 +160,8 @@ def mount(tmp_path: Path, request: pytest.FixtureRequest,
     def make(emulator: Any = None, *args: str, **options: Any) -> Mounted:
         if emulator is None:
             emulator = request.getfixturevalue("demo_emulator")
+        if "adopt" in options:  # mount(emu, adopt=PATH): see adopt_mount
+            return adopt_mount(options.pop("adopt"), emulator, made.append, **options)
         work = tmp_path / f"mount{len(made) + 1}"
         while work.exists():
             work = work.with_name(work.name + "x")

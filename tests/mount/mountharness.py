@@ -18,7 +18,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,6 +76,59 @@ def _unshare_mounts() -> str | None:
         err = ctypes.get_errno()
         return f"cannot make / private in the new mount namespace: {os.strerror(err)}"
     return None
+
+
+# ----------------------------------------------------------------------------- mount(8)
+
+#: the commands a real installation puts on mount(8)'s and /bin/sh's search paths
+INSTALLED_COMMANDS = ("idsfs", "mount.idsfs", "mount.fuse.idsfs")
+
+
+@contextlib.contextmanager
+def installed_commands(directory: Path, names: Sequence[str] = INSTALLED_COMMANDS,
+                       ) -> Iterator[Path]:
+    """Make ``names`` (this environment's console scripts) appear in ``/sbin``, here only.
+
+    mount(8) looks for ``mount.<type>`` helpers in ``/sbin`` only, and runs
+    them (and mount.fuse3 runs ``idsfs``) without ``$PATH``. In the harness's
+    private mount namespace an overlay puts symlinks to the console scripts
+    of this virtual environment over ``/sbin`` (``/usr/sbin`` on merged-/usr
+    systems): what ``ln -s`` into ``/usr/local/sbin`` or ``/sbin`` does in a
+    real installation (docs/systemd.md), invisible to the host and undone on
+    exit. Skips the test when overlayfs cannot be mounted.
+    """
+    import pytest
+
+    directory.mkdir(parents=True, exist_ok=True)
+    bindir = Path(sys.executable).parent
+    for name in names:
+        os.symlink(bindir / name, directory / name)
+    target = os.path.realpath("/sbin")
+    done = subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
+                           f"lowerdir={directory}:{target}", target],
+                          capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        pytest.skip(f"cannot overlay {target}: {done.stderr.strip()}")
+    try:
+        yield Path(target)
+    finally:
+        subprocess.run(["umount", "-l", target], capture_output=True, check=False)
+
+
+def adopt_mount(path: Path, emulator: Any, register: Callable[[Mounted], None],
+                log_path: Path | None = None, user: str = "alice") -> Mounted:
+    """A :class:`Mounted` for a mount made outside the harness (mount(8), systemd).
+
+    The daemon's pid comes from its control socket (``idsfs status``);
+    ``register`` gets it so that the harness tears it down like its own.
+    """
+    from idsfs.mountcli import query_status
+
+    pid = int(query_status(path)["pid"])
+    m = Mounted(path, pid, None, emulator, log_path or path.with_name(path.name + ".log"),
+                user, [])
+    register(m)
+    return m
 
 
 # ----------------------------------------------------------------------------- helpers
