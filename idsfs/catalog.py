@@ -44,6 +44,21 @@ The datafile record
 ``datafileModTime``, ``checksum``, ``location``, ...) so that code written for
 :class:`idsfs.model.Datafile` reads it the same way.
 
+Local entries and changes made through the mount
+------------------------------------------------
+Files being written through the mount (``SPOOL`` nodes, not yet datafiles) and
+directories made with ``mkdir`` inside a dataset (``FOLDER`` nodes that no
+datafile name has yet) are *local entries*: :meth:`Catalog.add_local` puts them
+into the tree in front of the ICAT listings (a local entry hides a listed one
+of the same name), :meth:`Catalog.remove_local` takes them out. Changes this
+mount made in ICAT are applied to the cached listings at once, without a new
+query of the whole directory: :meth:`Catalog.datafile_added` (one query for the
+new datafile), :meth:`Catalog.remove_datafile`, :meth:`Catalog.rename_datafile`;
+directories of datafile names that an unlink or rename leaves empty become
+local directories, so they stay until ``rmdir`` as on a local disk. Dataset
+changes (:meth:`Catalog.create_dataset`, :meth:`Catalog.delete_dataset`,
+:meth:`Catalog.rename_dataset`) refetch the visit's listing.
+
 Errors: ICAT and transport errors of :mod:`idsfs.errors` pass through
 unchanged (``fs.py`` maps them to errno); an unusable row raises
 :class:`~idsfs.errors.ICATResponseError`.
@@ -55,6 +70,7 @@ trio thread only; ICAT calls run in worker threads through the
 
 from __future__ import annotations
 
+import bisect
 import datetime as _dt
 import enum
 import logging
@@ -67,7 +83,7 @@ import trio
 
 from idsfs import naming
 from idsfs.aio import ThreadBridge
-from idsfs.errors import ICATError, ICATResponseError
+from idsfs.errors import ICATError, ICATResponseError, MissingTypeError
 from idsfs.icat import ICATClient, quote
 from idsfs.model import parse_date
 
@@ -112,6 +128,9 @@ class Kind(enum.IntEnum):
     FOLDER = 5
     #: one Datafile
     DATAFILE = 6
+    #: a file written through this mount that is not a datafile (yet): the
+    #: dataset id and the upload's id (``path=(uid,)``) are its key
+    SPOOL = 7
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,7 +153,7 @@ class NodeKey:
     @property
     def is_dir(self) -> bool:
         """Whether nodes of this key are directories."""
-        return self.kind is not Kind.DATAFILE
+        return self.kind not in (Kind.DATAFILE, Kind.SPOOL)
 
     def __str__(self) -> str:
         extra = "/" + "/".join(self.path) if self.path else ""
@@ -220,6 +239,8 @@ class Node:
         ctime_ns: change time (ns since the epoch).
         datafile: the datafile record (files only).
         extra: extended attributes of directories, ``(name, value)`` pairs.
+        local: for ``SPOOL`` nodes the upload (``idsfs.upload.Upload``) whose
+            spool holds the file; attributes come from it.
     """
 
     key: NodeKey
@@ -230,11 +251,12 @@ class Node:
     ctime_ns: int = 0
     datafile: DatafileRecord | None = None
     extra: tuple[tuple[str, str], ...] = ()
+    local: Any = field(default=None, compare=False)
 
     @property
     def is_dir(self) -> bool:
         """Whether the node is a directory."""
-        return self.key.kind is not Kind.DATAFILE
+        return self.key.is_dir
 
     def xattrs(self) -> dict[str, str]:
         """The node's static extended attributes (``user.ids.*``), name -> value.
@@ -252,6 +274,10 @@ class Node:
             if value is not None:
                 out["user.ids." + attr] = value
         return out
+
+
+def _name_of(node: Node) -> str:
+    return node.name
 
 
 def _extra(**values: object) -> tuple[tuple[str, str], ...]:
@@ -287,6 +313,29 @@ class Listing:
     def get(self, name: str) -> Node | None:
         """Return the entry shown as ``name``, or ``None``."""
         return self._by_name.get(name)
+
+    def _insert(self, node: Node) -> None:
+        """Add ``node`` in file-name order (its name must be new here)."""
+        entries = self.entries
+        i = bisect.bisect_left(entries, node.name, key=_name_of)
+        self.entries = (*entries[:i], node, *entries[i:])
+        self._by_name[node.name] = node
+        self._by_key[node.key] = node
+        if node.is_dir:
+            self.subdirs += 1
+        self.total_size += node.size
+
+    def _remove(self, key: NodeKey) -> Node | None:
+        """Take the entry with key ``key`` out; return it (None if absent)."""
+        node = self._by_key.pop(key, None)
+        if node is None:
+            return None
+        self._by_name.pop(node.name, None)
+        self.entries = tuple(n for n in self.entries if n.key != key)
+        if node.is_dir:
+            self.subdirs -= 1
+        self.total_size -= node.size
+        return node
 
     def find(self, key: NodeKey) -> Node | None:
         """Return the entry with key ``key``, or ``None``."""
@@ -390,6 +439,11 @@ class Catalog:
         self._fetches = 0
         self._hits = 0
         self._misses = 0
+        # local entries: parent key -> file name -> node, and key -> node
+        self._local: dict[NodeKey, dict[str, Node]] = {}
+        self._local_keys: dict[NodeKey, Node] = {}
+        # (facility id, dataset type name) -> DatasetType id
+        self._types: dict[tuple[int, str], int] = {}
 
     # ------------------------------------------------------------------ public
 
@@ -406,11 +460,33 @@ class Catalog:
     async def listing(self, key: NodeKey) -> Listing | None:
         """Return the listing of directory ``key``, fetching it when not cached or expired.
 
-        Returns ``None`` when the directory no longer exists (a datafile path
-        prefix whose datafiles are gone). An ICAT object that was deleted lists
-        as empty. Raises ``ValueError`` for a datafile key, and the ICAT and
+        Local entries (see the module docstring) are merged in. Returns
+        ``None`` when the directory no longer exists (a datafile path prefix
+        whose datafiles are gone). An ICAT object that was deleted lists as
+        empty. Raises ``ValueError`` for a datafile key, and the ICAT and
         transport errors of :mod:`idsfs.errors`.
         """
+        base = await self._base_listing(key)
+        return self._merge(key, base)
+
+    def _merge(self, key: NodeKey, base: Listing | None) -> Listing | None:
+        """``base`` with the local entries of ``key`` in front (a new Listing if any)."""
+        local = self._local.get(key)
+        if not local:
+            if base is None and key in self._local_keys:
+                return Listing(key, (), self._clock())
+            return base
+        fetched = base.fetched if base is not None else self._clock()
+        if base is None:
+            return Listing(key, sorted(local.values(), key=_name_of), fetched)
+        keys = {node.key for node in local.values()}
+        entries = [node for node in base.entries if node.name not in local and node.key not in keys]
+        entries.extend(local.values())
+        entries.sort(key=_name_of)
+        return Listing(key, entries, fetched)
+
+    async def _base_listing(self, key: NodeKey) -> Listing | None:
+        """The ICAT listing of ``key`` (cached or fetched), without local entries."""
         if not key.is_dir:
             raise ValueError(f"{key} is not a directory")
         cached = self._fresh(key)
@@ -453,7 +529,12 @@ class Catalog:
                 name = name.decode("utf-8")
             except UnicodeDecodeError:
                 return None
-        listing = await self.listing(parent)
+        local = self._local.get(parent)
+        if local is not None:
+            node = local.get(name)
+            if node is not None:
+                return node
+        listing = await self._base_listing(parent)
         return None if listing is None else listing.get(name)
 
     async def refresh(self, node: Node) -> Node | None:
@@ -463,6 +544,11 @@ class Catalog:
         """
         if node.key == ROOT_KEY:
             return self._root
+        local = self._local_keys.get(node.key)
+        if local is not None:
+            return local
+        if node.key.kind is Kind.SPOOL:
+            return None
         listing = await self.listing(node.parent)
         return None if listing is None else listing.find(node.key)
 
@@ -496,12 +582,25 @@ class Catalog:
         listing = await self.listing(key)
         return 2 + (listing.subdirs if listing is not None else 0)
 
+    def local_subdirs(self, key: NodeKey) -> int:
+        """How many local directories ``key`` holds that its cached ICAT listing does not."""
+        local = self._local.get(key)
+        if not local:
+            return 0
+        base = self._listings.get(key)
+        return sum(1 for name, node in local.items()
+                   if node.is_dir and (base is None or base.get(name) is None))
+
     def cached_nlink(self, key: NodeKey) -> int | None:
         """The link count if known without a query (fresh listing cached), else ``None``."""
         if not key.is_dir:
             return 1
         listing = self._fresh(key)
-        return None if listing is None else 2 + listing.subdirs
+        if listing is None:
+            if key in self._local_keys and key.kind is Kind.FOLDER:
+                return 2 + self.local_subdirs(key)
+            return None
+        return 2 + listing.subdirs + self.local_subdirs(key)
 
     def invalidate(self, *keys: NodeKey) -> None:
         """Forget the cached listings of the directories ``keys``.
@@ -526,6 +625,297 @@ class Catalog:
     def invalidate_all(self) -> None:
         """Forget every cached listing."""
         self._listings.clear()
+
+    # ------------------------------------------------------------------ local entries
+
+    def add_local(self, node: Node) -> None:
+        """Show ``node`` (a ``SPOOL`` file or a local ``FOLDER``) in its parent directory.
+
+        It hides an entry of the same name in the ICAT listing. Replaces an
+        earlier local entry with the same key (e.g. after a rename).
+        """
+        self.remove_local(node.key)
+        self._local.setdefault(node.parent, {})[node.name] = node
+        self._local_keys[node.key] = node
+        if node.is_dir:
+            self._parents[node.key] = node.parent
+
+    def remove_local(self, key: NodeKey) -> Node | None:
+        """Take the local entry ``key`` out of the tree; return it (None if there was none)."""
+        node = self._local_keys.pop(key, None)
+        if node is None:
+            return None
+        siblings = self._local.get(node.parent)
+        if siblings is not None:
+            if siblings.get(node.name) is node or (
+                    node.name in siblings and siblings[node.name].key == key):
+                del siblings[node.name]
+            if not siblings:
+                del self._local[node.parent]
+        return node
+
+    def local_node(self, key: NodeKey) -> Node | None:
+        """The local entry with key ``key``, or None."""
+        return self._local_keys.get(key)
+
+    def local_children(self, key: NodeKey) -> dict[str, Node]:
+        """The local entries of directory ``key`` (file name -> node; a copy)."""
+        return dict(self._local.get(key, {}))
+
+    def is_local(self, key: NodeKey) -> bool:
+        """True for a local entry (a file being written, a directory made here)."""
+        return key in self._local_keys
+
+    # ------------------------------------------------------------------ tree facts
+
+    def facility_of(self, key: NodeKey) -> int | None:
+        """The facility id above directory ``key`` as far as listings showed it, else None."""
+        k = key
+        if k.kind in (Kind.FOLDER, Kind.SPOOL):
+            k = NodeKey(Kind.DATASET, k.id)
+        for _ in range(6):
+            if k.kind in (Kind.NAME, Kind.FACILITY):
+                return k.id
+            parent = self._parents.get(k)
+            if parent is None:
+                return None
+            k = parent
+        return None
+
+    # ------------------------------------------------------------------ datafiles changed here
+
+    _DATAFILE_COLUMNS = (
+        "SELECT df.id, df.name, df.fileSize, df.modTime, df.datafileModTime, "
+        "df.datafileCreateTime, df.checksum, df.location, df.description, df.doi "
+        "FROM Datafile df WHERE "
+    )
+
+    @staticmethod
+    def _record(dataset_id: int, row: Sequence[Any]) -> DatafileRecord:
+        did, name, size, mod, dmod, dcreate, checksum, location, description, doi = row
+        return DatafileRecord(
+            id=did, name=_text(name), dataset_id=dataset_id,
+            fileSize=size if isinstance(size, int) and size > 0 else 0,
+            modTime=_date(mod), datafileModTime=_date(dmod),
+            datafileCreateTime=_date(dcreate), checksum=checksum, location=location,
+            description=description, doi=doi,
+        )
+
+    async def fetch_datafile(self, dataset_id: int, datafile_id: int) -> DatafileRecord | None:
+        """One datafile of a dataset as the listings show it (one ICAT query), or None."""
+        rows = await self._search(
+            self._DATAFILE_COLUMNS + f"df.id = {datafile_id} AND df.dataset.id = {dataset_id} "
+            "AND df.location IS NOT NULL")
+        for row in rows:
+            if isinstance(row, tuple) and len(row) == 10:
+                return self._record(dataset_id, row)
+        return None
+
+    async def datafile_added(self, dataset_id: int, datafile_id: int) -> Node | None:
+        """A datafile was created here: put it into the cached listings (one query).
+
+        Returns its node (None if ICAT does not show it). Raises ICAT errors.
+        """
+        record = await self.fetch_datafile(dataset_id, datafile_id)
+        if record is None:
+            return None
+        return self.insert_datafile(record)
+
+    def insert_datafile(self, record: DatafileRecord) -> Node | None:
+        """Add ``record`` to the cached listings of its dataset (none cached: nothing to do).
+
+        Missing directories of its name are added. When its file name is taken
+        (a clash that needs the naming rules' suffixes) the dataset's listings
+        are dropped instead and fetched again when next needed. Returns the
+        node, or None when nothing was cached.
+        """
+        dataset_id = record.dataset_id
+        top_key = NodeKey(Kind.DATASET, dataset_id)
+        listing = self._listings.get(top_key)
+        if listing is None:
+            return None
+        self.remove_datafile(dataset_id, record.id, keep_dirs=False)
+        listing = self._listings.get(top_key)
+        if listing is None:
+            return None
+        parts = naming.split_datafile_name(record.name)
+        parent_key = top_key
+        new_dirs = 0
+        for depth in range(1, len(parts)):
+            folder_key = NodeKey(Kind.FOLDER, dataset_id, tuple(parts[:depth]))
+            folder = listing.find(folder_key)
+            if folder is None:
+                local = self._local_keys.get(folder_key)
+                file_name = local.name if local is not None else naming.escape_name(
+                    parts[depth - 1])
+                if listing.get(file_name) is not None:
+                    self.invalidate(top_key)
+                    return None
+                folder = Node(folder_key, parent_key, file_name, mtime_ns=record.mtime_ns,
+                              ctime_ns=record.mtime_ns,
+                              extra=_extra(name="/".join(parts[:depth]), dataset_id=dataset_id))
+                listing._insert(folder)
+                self._parents[folder_key] = parent_key
+                self._store(Listing(folder_key, (), listing.fetched))
+                new_dirs += 1
+            child = self._listings.get(folder_key)
+            if child is None:
+                self.invalidate(top_key)
+                return None
+            listing, parent_key = child, folder_key
+        file_name = naming.escape_name(parts[-1])
+        if listing.get(file_name) is not None:
+            self.invalidate(top_key)
+            return None
+        node = Node(NodeKey(Kind.DATAFILE, record.id), parent_key, file_name,
+                    size=record.fileSize, mtime_ns=record.mtime_ns, ctime_ns=record.ctime_ns,
+                    datafile=record)
+        listing._insert(node)
+        self._adjust(top_key, record.fileSize, 1, new_dirs)
+        return node
+
+    def remove_datafile(self, dataset_id: int, datafile_id: int, *,
+                        keep_dirs: bool = True) -> Node | None:
+        """Take a datafile deleted or renamed here out of the cached listings.
+
+        With ``keep_dirs`` the directories of its name that are left empty
+        become local directories (they stay until ``rmdir``). Returns the
+        removed node (None when it was not cached).
+        """
+        key = NodeKey(Kind.DATAFILE, datafile_id)
+        for listing_key, listing in list(self._listings.items()):
+            if listing_key.id != dataset_id or listing_key.kind not in (Kind.DATASET,
+                                                                        Kind.FOLDER):
+                continue
+            node = listing._remove(key)
+            if node is None:
+                continue
+            gone_dirs = 0
+            current = listing
+            while current.key.kind is Kind.FOLDER and not current.entries:
+                parent_key = self._parents.get(current.key)
+                parent = self._listings.get(parent_key) if parent_key is not None else None
+                if parent is None:
+                    break
+                folder = parent._remove(current.key)
+                del self._listings[current.key]
+                gone_dirs += 1
+                if folder is not None and keep_dirs:
+                    self.add_local(folder)
+                current = parent
+            self._adjust(NodeKey(Kind.DATASET, dataset_id), -node.size, -1, -gone_dirs)
+            return node
+        return None
+
+    def _adjust(self, unit: NodeKey, size: int, files: int, dirs: int) -> None:
+        old = self._usage.get(unit)
+        if old is None:
+            return
+        self._account(unit, max(0, old[0] + size), max(0, old[1] + files),
+                      max(0, old[2] + dirs))
+
+    async def rename_datafile(self, record: DatafileRecord, new_name: str) -> Node | None:
+        """Rename a datafile in ICAT and in the cached listings; return its new node.
+
+        Raises what ICAT raises (``ICATObjectExistsError`` when the name is
+        taken in the dataset).
+        """
+        await self._bridge.run(self._icat.update,
+                               {"Datafile": {"id": record.id, "name": new_name}},
+                               abandon_on_cancel=False, name="ICAT rename datafile")
+        self.remove_datafile(record.dataset_id, record.id)
+        return await self.datafile_added(record.dataset_id, record.id)
+
+    async def set_datafile_mod_time(self, dataset_id: int, datafile_id: int, ms: int) -> None:
+        """Set a datafile's ``datafileModTime`` (epoch ms) in ICAT and in the cached listings.
+
+        Raises what ICAT raises (``ICATPrivilegesError`` without UPDATE permission).
+        """
+        seconds, millis = divmod(int(ms), 1000)
+        date = _dt.datetime.fromtimestamp(seconds, _dt.UTC).strftime("%Y-%m-%dT%H:%M:%S")
+        await self._bridge.run(
+            self._icat.update,
+            {"Datafile": {"id": datafile_id, "datafileModTime": f"{date}.{millis:03d}+00:00"}},
+            abandon_on_cancel=False, name="ICAT set datafileModTime")
+        self.remove_datafile(dataset_id, datafile_id, keep_dirs=False)
+        await self.datafile_added(dataset_id, datafile_id)
+
+    # ------------------------------------------------------------------ datasets changed here
+
+    async def dataset_type_id(self, facility_id: int, name: str) -> int:
+        """The id of the facility's DatasetType ``name`` (cached).
+
+        Raises :class:`~idsfs.errors.MissingTypeError` (listing the types the
+        facility has) when there is none, and ICAT errors.
+        """
+        known = self._types.get((facility_id, name))
+        if known is not None:
+            return known
+        rows = await self._search(
+            f"SELECT t.id FROM DatasetType t WHERE t.facility.id = {facility_id} "
+            f"AND t.name = {quote(name)}")
+        ids = [r for r in rows if isinstance(r, int) and not isinstance(r, bool)]
+        if not ids:
+            names = await self._search(
+                f"SELECT t.name FROM DatasetType t WHERE t.facility.id = {facility_id} "
+                "ORDER BY t.name")
+            have = ", ".join(str(n) for n in names)[:400]
+            msg = (f"the facility (id {facility_id}) has no dataset type {name!r}; choose one "
+                   f"with --dataset-type NAME (it has: {have or 'none'})")
+            log.error("%s", msg)
+            raise MissingTypeError(msg)
+        self._types[(facility_id, name)] = ids[0]
+        return ids[0]
+
+    async def create_dataset(self, investigation: Node, name: str, type_name: str) -> Node:
+        """Create Dataset ``name`` in the investigation (visit) ``investigation``.
+
+        Returns the new dataset's node. Raises MissingTypeError, ICAT errors
+        (``ICATObjectExistsError`` for a taken name, ``ICATPrivilegesError``).
+        """
+        inv_id = investigation.key.id
+        facility_id = self.facility_of(investigation.key)
+        if facility_id is None:
+            rows = await self._search(
+                f"SELECT inv.facility.id FROM Investigation inv WHERE inv.id = {inv_id}")
+            if not rows or not isinstance(rows[0], int):
+                raise ICATResponseError(f"cannot find the facility of investigation {inv_id}")
+            facility_id = int(rows[0])
+        type_id = await self.dataset_type_id(facility_id, type_name)
+        new_id = await self._bridge.run(
+            self._icat.create,
+            {"Dataset": {"name": name, "complete": False, "investigation": {"id": inv_id},
+                         "type": {"id": type_id}}},
+            abandon_on_cancel=False, name="ICAT create dataset")
+        self.invalidate(investigation.key)
+        listing = await self._base_listing(investigation.key)
+        node = listing.find(NodeKey(Kind.DATASET, int(new_id))) if listing else None
+        if node is None:
+            raise ICATResponseError(f"the new dataset {new_id} does not show in its visit")
+        return node
+
+    async def count_datafiles(self, dataset_id: int) -> int:
+        """Datafiles of a dataset in ICAT, those without location included."""
+        rows = await self._search(
+            f"SELECT COUNT(df) FROM Datafile df WHERE df.dataset.id = {dataset_id}")
+        return int(rows[0]) if rows and isinstance(rows[0], int) else 0
+
+    async def delete_dataset(self, dataset: Node) -> None:
+        """Delete the (empty) Dataset ``dataset`` in ICAT and forget its listings."""
+        await self._bridge.run(self._icat.delete, {"Dataset": {"id": dataset.key.id}},
+                               abandon_on_cancel=False, name="ICAT delete dataset")
+        self.invalidate(dataset.key)
+        self.invalidate(dataset.parent)
+        for key in [k for k in self._local_keys if k.id == dataset.key.id
+                    and k.kind in (Kind.FOLDER, Kind.SPOOL)]:
+            self.remove_local(key)
+
+    async def rename_dataset(self, dataset: Node, new_name: str) -> None:
+        """Rename a Dataset in ICAT; its visit's listing is fetched again."""
+        await self._bridge.run(self._icat.update,
+                               {"Dataset": {"id": dataset.key.id, "name": new_name}},
+                               abandon_on_cancel=False, name="ICAT rename dataset")
+        self.invalidate(dataset.parent)
 
     def usage(self) -> Usage:
         """Sizes and counts of everything listed so far (latest listing of each directory)."""

@@ -26,6 +26,37 @@ directory (2 + subdirectories) needs that directory's own listing, so entries
 whose listing is not cached get an attribute timeout of 0 and the kernel asks
 ``getattr`` when someone really looks at them.
 
+Writing
+-------
+With an :class:`~idsfs.upload.Uploader` and ``read_only=False`` the tree can be
+changed (docs/semantics.md, "Writing", is the user's view):
+
+* ``create`` in a dataset directory or below it makes an upload whose spool
+  file takes the writes; the new file is a *local entry* of the catalogue
+  (``SPOOL`` node, inode from the counter, attributes from the upload, entry and
+  attribute timeouts 0) until it is a datafile. ``read``, ``getattr`` and
+  truncation (``setattr`` size) of it use the spool.
+* **When the upload happens.** ``flush`` (every ``close`` of every descriptor)
+  uploads when the file was written or truncated since it was last stored and
+  no other handle opened it for writing; ``close`` then returns 0 only once IDS
+  has the file (CRC32 checked), else ``EIO``. A file created but never written
+  (``touch``, a shell's ``> file`` before the command writes) is uploaded when
+  its last handle is released, right after the ``close``, in the background
+  (its failure cannot reach a ``close``; it shows in ``user.idsfs.upload`` and
+  ``idsfs status``). A file written again after it was stored (through another
+  descriptor) is stored again at its next ``flush``, replacing this mount's own
+  previous datafile (the uploader's replace steps).
+* Once stored the datafile enters the cached listings at once (one ICAT query
+  for its record); the local entry goes when the last handle is released.
+* ``unlink`` deletes through IDS; ``mkdir`` in a visit creates a Dataset, inside
+  a dataset a local directory; ``rmdir`` of an empty dataset deletes it;
+  ``rename`` of a datafile within its dataset changes its ICAT name, of a
+  dataset within its visit the dataset's name; other moves answer ``EXDEV`` (so
+  ``mv`` copies and deletes) or ``EPERM``.
+* Opening an existing datafile for writing answers ``EACCES`` unless
+  ``replace`` is set; then the open file is a new upload that replaces the
+  datafile when stored (never deleting it before the new one is stored).
+
 Errors
 ------
 :data:`ERRNO_TABLE` is the one mapping from exceptions to errno values, used by
@@ -40,12 +71,14 @@ the :class:`~idsfs.aio.ThreadBridge`.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import itertools
 import logging
 import os
 import stat
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
@@ -54,11 +87,14 @@ import pyfuse3
 
 from idsfs import errors, naming
 from idsfs.blockcache import DEFAULT_BLOCK_SIZE, BlockLengthError
-from idsfs.catalog import Catalog, DatafileRecord, Kind, Node, NodeKey
+from idsfs.catalog import ROOT_KEY, Catalog, DatafileRecord, Kind, Node, NodeKey
+from idsfs.upload import DONE, Upload, Uploader
 
 __all__ = [
+    "DEFAULT_DATASET_TYPE",
     "ERRNO_TABLE",
     "XATTR_STATUS",
+    "XATTR_UPLOAD",
     "Operations",
     "errno_for",
 ]
@@ -82,6 +118,7 @@ ERRNO_TABLE: tuple[tuple[type[BaseException], int | None], ...] = (
     (errors.RestoreFailedError, errno.EIO),
     (errors.IncompleteDownloadError, errno.EIO),
     (errors.TransferError, None),
+    (errors.UploadError, None),
     (errors.IDSDataNotOnlineError, errno.EAGAIN),
     (errors.ICATObjectExistsError, errno.EEXIST),
     (errors.ICATParameterError, errno.EINVAL),
@@ -149,11 +186,16 @@ def _handler(fn: F) -> F:
 
 #: The dynamic extended attribute of files: ONLINE, ARCHIVED or RESTORING.
 XATTR_STATUS = "user.ids.status"
+#: The state of uploads: on a file written here, and on a dataset holding such files.
+XATTR_UPLOAD = "user.idsfs.upload"
+#: DatasetType of datasets made with ``mkdir`` unless ``dataset_type`` says otherwise.
+DEFAULT_DATASET_TYPE = "processed"
 
 _TAGS = {Kind.FACILITY: 1, Kind.INVESTIGATION: 2, Kind.DATASET: 3, Kind.DATAFILE: 4}
 _ALLOCATED_TAG = 5
 _ID_LIMIT = 1 << 60
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC
+_WRITABLE_DIRS = (Kind.INVESTIGATION, Kind.DATASET, Kind.FOLDER)
 
 
 class Reader(Protocol):
@@ -206,23 +248,48 @@ class _DirHandle:
 @dataclass(slots=True)
 class _FileHandle:
     ino: int
-    reader: Reader
+    reader: Reader | None
+    upload: Upload | None = None
+    write: bool = False
+
+
+class _SpoolReader:
+    """Reads of a file that is (still) a spool file."""
+
+    keep_cache = False
+
+    def __init__(self, upload: Upload) -> None:
+        self.upload = upload
+
+    async def read(self, offset: int, size: int) -> bytes:
+        return self.upload.read(offset, size)
+
+    async def close(self) -> None:
+        return None
 
 
 # ----------------------------------------------------------------------------- operations
 
 
 class Operations(pyfuse3.Operations):
-    """The idsfs file system (read-only for now).
+    """The idsfs file system.
 
     Args:
         catalog: the tree's listings.
         transfer: the read path (``open``/``status``); ``None`` disables
-            ``open`` (``ENOSYS``) and ``user.ids.status``.
+            ``open`` of datafiles (``ENOSYS``) and ``user.ids.status``.
         uid: owner shown for every file (default: the daemon's uid).
         gid: group shown for every file (default: the daemon's gid).
-        read_only: refuse every change with ``EROFS`` (the only mode so far).
+        read_only: refuse every change with ``EROFS`` (also when there is no
+            ``uploader``).
         block_size: ``st_blksize`` and ``f_bsize`` (the read path's block size).
+        uploader: the write path (see the module docstring); its pending
+            uploads are shown in the tree from the start.
+        replace: let existing datafiles be opened for writing (and be the
+            target of a rename); see "Writing".
+        dataset_type: the DatasetType name of datasets made with ``mkdir``.
+        notify_kernel: tell the kernel about entries that changed (only with
+            a real mount: ``pyfuse3.invalidate_entry_async`` needs one).
 
     Raises:
         ValueError: ``block_size`` is not positive.
@@ -241,6 +308,10 @@ class Operations(pyfuse3.Operations):
         gid: int | None = None,
         read_only: bool = True,
         block_size: int = DEFAULT_BLOCK_SIZE,
+        uploader: Uploader | None = None,
+        replace: bool = False,
+        dataset_type: str = DEFAULT_DATASET_TYPE,
+        notify_kernel: bool = False,
     ) -> None:
         super().__init__()
         if block_size < 1:
@@ -249,7 +320,11 @@ class Operations(pyfuse3.Operations):
         self._transfer = transfer
         self._uid = os.getuid() if uid is None else uid
         self._gid = os.getgid() if gid is None else gid
-        self._read_only = read_only
+        self._read_only = read_only or uploader is None
+        self._uploader = uploader
+        self._replace = replace
+        self._dataset_type = dataset_type
+        self._notify_kernel = notify_kernel
         self._block_size = block_size
         self._ttl = catalog.metadata_ttl
         root = _Inode(pyfuse3.ROOT_INODE, catalog.root)
@@ -260,6 +335,10 @@ class Operations(pyfuse3.Operations):
         self._dirs: dict[int, _DirHandle] = {}
         self._files: dict[int, _FileHandle] = {}
         self._next_fh = itertools.count(1)
+        if uploader is not None:
+            uploader.on_landed = self._landed
+            for up in list(uploader.uploads.values()):
+                self._show_upload(up)
 
     # ------------------------------------------------------------------ inodes
 
@@ -319,8 +398,13 @@ class Operations(pyfuse3.Operations):
     # ------------------------------------------------------------------ attributes
 
     def _mode(self, node: Node) -> int:
+        writes = not self._read_only
         if node.is_dir:
+            if writes and node.key.kind in _WRITABLE_DIRS:
+                return stat.S_IFDIR | 0o755
             return stat.S_IFDIR | 0o555
+        if writes and (node.key.kind is Kind.SPOOL or self._replace):
+            return stat.S_IFREG | 0o644
         return stat.S_IFREG | 0o444
 
     def _attributes(self, node: Node, nlink: int | None) -> pyfuse3.EntryAttributes:
@@ -335,12 +419,19 @@ class Operations(pyfuse3.Operations):
         attr.st_uid = self._uid
         attr.st_gid = self._gid
         attr.st_rdev = 0
-        attr.st_size = node.size
+        size, mtime, ctime = node.size, node.mtime_ns, node.ctime_ns
+        up = node.local
+        if up is not None:  # a file being written: what its spool says, asked every time
+            size = up.size
+            mtime = ctime = up.mod_ms * 1_000_000
+            attr.entry_timeout = 0
+            attr.attr_timeout = 0
+        attr.st_size = size
         attr.st_blksize = self._block_size
-        attr.st_blocks = (node.size + 511) // 512
-        attr.st_mtime_ns = node.mtime_ns
-        attr.st_atime_ns = node.mtime_ns
-        attr.st_ctime_ns = node.ctime_ns
+        attr.st_blocks = (size + 511) // 512
+        attr.st_mtime_ns = mtime
+        attr.st_atime_ns = mtime
+        attr.st_ctime_ns = ctime
         return attr
 
     def _dot_attributes(self, ino: int) -> pyfuse3.EntryAttributes:
@@ -470,14 +561,17 @@ class Operations(pyfuse3.Operations):
 
     @_handler
     async def statfs(self, ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.StatvfsData:
-        """Sizes and counts of what has been listed so far; no free space."""
+        """Sizes and counts of what has been listed so far; free space: the spool's."""
         usage = self._catalog.usage()
         data = pyfuse3.StatvfsData()
         data.f_bsize = self._block_size
         data.f_frsize = 512
-        data.f_blocks = (usage.bytes + 511) // 512
-        data.f_bfree = 0
-        data.f_bavail = 0
+        free = 0
+        if not self._read_only and self._uploader is not None:
+            free = self._uploader.spool_free()[0]
+        data.f_blocks = (usage.bytes + 511) // 512 + free // 512
+        data.f_bfree = free // 512
+        data.f_bavail = free // 512
         data.f_files = usage.files + usage.directories
         data.f_ffree = 0
         data.f_favail = 0
@@ -503,22 +597,41 @@ class Operations(pyfuse3.Operations):
 
     # ------------------------------------------------------------------ xattrs
 
+    def _static_xattrs(self, node: Node) -> dict[str, str]:
+        """``node.xattrs()`` plus what a file being written has (ICAT name, dataset, id)."""
+        up: Upload | None = node.local
+        if up is None:
+            return node.xattrs()
+        out = {"user.ids.name": up.name, "user.ids.dataset.id": str(up.dataset_id)}
+        if up.datafile_id is not None and up.temp_name is None:
+            out["user.ids.id"] = str(up.datafile_id)
+        return out
+
+    def _dataset_uploads(self, dataset_id: int) -> list[Upload]:
+        if self._uploader is None:
+            return []
+        return [up for up in self._uploader.uploads.values()
+                if up.dataset_id == dataset_id and not up.cancelled and up.state != DONE]
+
     @_handler
     async def listxattr(
         self, inode: int, ctx: pyfuse3.RequestContext | None = None
     ) -> list[bytes]:
-        """Names of the node's ``user.ids.*`` attributes."""
+        """Names of the node's ``user.ids.*`` (and ``user.idsfs.upload``) attributes."""
         node = await self._current(self._inode(inode))
-        names = sorted(node.xattrs())
+        names = sorted(self._static_xattrs(node))
         if node.datafile is not None and self._transfer is not None:
             names.append(XATTR_STATUS)
+        if node.local is not None or (node.key.kind is Kind.DATASET
+                                      and self._dataset_uploads(node.key.id)):
+            names.append(XATTR_UPLOAD)
         return [name.encode() for name in names]
 
     @_handler
     async def getxattr(
         self, inode: int, name: bytes, ctx: pyfuse3.RequestContext | None = None
     ) -> bytes:
-        """The value of one ``user.ids.*`` attribute.
+        """The value of one ``user.ids.*`` attribute, or of ``user.idsfs.upload``.
 
         Other ``user.`` names answer ``ENODATA``; names of other namespaces
         (``security.selinux``, ``system.posix_acl_access``, ...) answer
@@ -532,12 +645,24 @@ class Operations(pyfuse3.Operations):
             key = name.decode("ascii")
         except UnicodeDecodeError:
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR) from None
+        if key == XATTR_UPLOAD:
+            node = await self._current(entry)
+            up: Upload | None = node.local
+            if up is not None:
+                return up.describe_state().encode("utf-8", "surrogatepass")
+            if node.key.kind is Kind.DATASET:
+                ups = self._dataset_uploads(node.key.id)
+                if ups:
+                    text = "\n".join(f"{u.name}: {u.describe_state()}"
+                                     for u in sorted(ups, key=lambda u: u.name))
+                    return text.encode("utf-8", "surrogatepass")
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         if not key.startswith("user.ids."):
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         node = await self._current(entry)
         if key == XATTR_STATUS and node.datafile is not None and self._transfer is not None:
             return (await self._transfer.status(node.datafile)).encode()
-        value = node.xattrs().get(key)
+        value = self._static_xattrs(node).get(key)
         if value is None:
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         return value.encode("utf-8", "surrogatepass")
@@ -548,17 +673,29 @@ class Operations(pyfuse3.Operations):
     async def open(
         self, inode: int, flags: int, ctx: pyfuse3.RequestContext | None = None
     ) -> pyfuse3.FileInfo:
-        """Open a datafile for reading; keep the page cache if it is unchanged."""
+        """Open a file: a datafile for reading (keeping the page cache if unchanged),
+        a file being written for reading or writing, a datafile for writing (replace)."""
         entry = self._inode(inode)
         if entry.node.is_dir:
             raise pyfuse3.FUSEError(errno.EISDIR)
-        if flags & _WRITE_FLAGS:
-            raise pyfuse3.FUSEError(errno.EROFS if self._read_only else errno.EPERM)
+        writing = bool(flags & _WRITE_FLAGS)
+        if writing and self._read_only:
+            raise pyfuse3.FUSEError(errno.EROFS)
+        node = await self._catalog.refresh(entry.node)
+        if node is None and entry.node.local is not None:
+            # a file written here that has become a datafile since the kernel saw it
+            node = await self._catalog.lookup(entry.node.parent, entry.node.name)
+        if node is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        entry = self._inodes.get(inode) or entry
+        if node.local is not None:
+            return await self._open_spool(entry, node, flags)
+        if node.datafile is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        if writing:
+            return await self._open_replace(entry, node, flags)
         if self._transfer is None:
             raise pyfuse3.FUSEError(errno.ENOSYS)
-        node = await self._catalog.refresh(entry.node)
-        if node is None or node.datafile is None:
-            raise pyfuse3.FUSEError(errno.ENOENT)
         reader = await self._transfer.open(node.datafile)
         entry = self._inodes.get(inode) or entry
         entry.node = node
@@ -572,17 +709,131 @@ class Operations(pyfuse3.Operations):
         self._files[fh] = _FileHandle(inode, reader)
         return pyfuse3.FileInfo(fh=fh, keep_cache=keep_cache)
 
+    def _handle(self, entry: _Inode, up: Upload, write: bool) -> int:
+        assert self._uploader is not None
+        self._uploader.adopt_handle(up, write=write)
+        entry.opens += 1
+        entry.version = None
+        fh = next(self._next_fh)
+        self._files[fh] = _FileHandle(entry.ino, _SpoolReader(up), up, write)
+        return fh
+
+    async def _open_spool(self, entry: _Inode, node: Node, flags: int) -> pyfuse3.FileInfo:
+        """Open a file that is still a spool file (being written, pending, failed)."""
+        up: Upload = node.local
+        assert self._uploader is not None
+        if flags & _WRITE_FLAGS:
+            if up.handles == 0 and up.maybe_landed and not up.in_progress:
+                await self._uploader.settle(up)
+            if up.landed and up.handles == 0:
+                # it is a datafile now: write it only as a datafile may be written
+                self._finish_local(up)
+                fresh = await self._catalog.lookup(node.parent, node.name)
+                if fresh is None or fresh.datafile is None:
+                    raise pyfuse3.FUSEError(errno.ENOENT)
+                return await self._open_replace(entry, fresh, flags)
+            async with up.lock:
+                if flags & os.O_TRUNC and up.size:
+                    up.truncate(0)
+            fh = self._handle(entry, up, write=True)
+        else:
+            fh = self._handle(entry, up, write=False)
+        entry.node = node
+        return pyfuse3.FileInfo(fh=fh, keep_cache=False)
+
+    async def _open_replace(self, entry: _Inode, node: Node, flags: int) -> pyfuse3.FileInfo:
+        """Open an existing datafile for writing: refused, or (replace) a new upload."""
+        if not self._replace:
+            raise pyfuse3.FUSEError(errno.EACCES)
+        record = node.datafile
+        assert record is not None and self._uploader is not None
+        up = await self._new_upload(node.parent, node.name, record.name,
+                                     replace_id=record.id, ino=entry.ino)
+        try:
+            if not flags & os.O_TRUNC and record.fileSize > 0:
+                await self._copy_down(record, up)
+        except BaseException:
+            self._drop_new_upload(up)
+            raise
+        spool = self._catalog.local_node(self._spool_key(up))
+        assert spool is not None
+        entry.node = spool
+        fh = self._handle(entry, up, write=True)
+        self._invalidate_entry(node.parent, node.name)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=False)
+
+    async def _copy_down(self, record: DatafileRecord, up: Upload) -> None:
+        """Fill a replacing upload's spool with the datafile's bytes (open without O_TRUNC)."""
+        if self._transfer is None:
+            raise pyfuse3.FUSEError(errno.ENOSYS)
+        reader = await self._transfer.open(record)
+        try:
+            offset = 0
+            while offset < record.fileSize:
+                data = await reader.read(offset, min(self._block_size, record.fileSize - offset))
+                if not data:
+                    raise errors.UploadError(f"the datafile {record.id} ended at {offset} bytes")
+                up.write(offset, data)
+                offset += len(data)
+        finally:
+            await reader.close()
+        up.sequential = False
+
     @_handler
     async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
-        """Read from an open datafile through the read path."""
+        """Read from an open file (a datafile through the read path, else its spool)."""
         handle = self._files.get(fh)
-        if handle is None:
+        if handle is None or handle.reader is None:
             raise pyfuse3.FUSEError(errno.EBADF)
         return await handle.reader.read(off, size)
 
     @_handler
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        """Write into the spool file of a file open for writing."""
+        handle = self._files.get(fh)
+        if handle is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        up = handle.upload
+        if up is None or not handle.write:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        if up.in_progress or up.lock.locked():
+            async with up.lock:  # an upload reads the spool: wait for it
+                pass
+        n = up.write(off, buf)
+        if up.live is None and up.live_possible and self._uploader is not None:
+            self._uploader.maybe_start_live(up)
+        return n
+
+    @_handler
+    async def flush(self, fh: int) -> None:
+        """A ``close`` of a descriptor: upload the file if this is its last writer.
+
+        See the module docstring ("When the upload happens"). Answers ``EIO``
+        when the upload failed (the file stays as a pending upload).
+        """
+        handle = self._files.get(fh)
+        if handle is None or handle.upload is None or not handle.write:
+            return
+        up = handle.upload
+        if up.cancelled or up.writers > 1 or self._uploader is None:
+            return
+        if up.generation == 0 and up.datafile_id is None:
+            return  # never written: stored when the last handle goes (release)
+        if not up.dirty:
+            return
+        await self._uploader.commit(up)
+
+    @_handler
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        """Make a spool file durable on local disk (the upload happens at close)."""
+        handle = self._files.get(fh)
+        if handle is None or handle.upload is None or self._uploader is None:
+            return
+        await self._uploader.fsync(handle.upload)
+
+    @_handler
     async def release(self, fh: int) -> None:
-        """Close an open datafile."""
+        """Close an open file; the last handle of a written file may start its upload."""
         handle = self._files.pop(fh, None)
         if handle is None:
             return
@@ -590,75 +841,410 @@ class Operations(pyfuse3.Operations):
         if inode is not None:
             inode.opens -= 1
             self._drop_if_unused(inode)
-        await handle.reader.close()
+        up = handle.upload
+        if up is None:
+            if handle.reader is not None:
+                await handle.reader.close()
+            return
+        up.handles -= 1
+        if handle.write:
+            up.writers -= 1
+        if up.handles == 0 and self._uploader is not None:
+            self._uploader.released(up)
+            if up.cancelled or up.uid not in self._uploader.uploads:
+                self._finish_local(up)
+
+    # ------------------------------------------------------------------ written files in the tree
+
+    @staticmethod
+    def _spool_key(up: Upload) -> NodeKey:
+        return NodeKey(Kind.SPOOL, up.dataset_id, (up.uid,))
+
+    def _path_of(self, key: NodeKey, name: str) -> str:
+        """The path of entry ``name`` of directory ``key`` below the mount point (for messages)."""
+        parts = [name]
+        current = key
+        for _ in range(64):
+            if current == ROOT_KEY:
+                break
+            inode = self._inodes.get(self.ino_of(current))
+            if inode is None:
+                parts.append(f"<{current}>")
+                break
+            parts.append(inode.node.name)
+            current = inode.node.parent
+        return "/".join(reversed(parts))
+
+    def _place(self, parent: Node) -> tuple[int, tuple[str, ...]]:
+        """Dataset id and ICAT path prefix of a directory files may be created in."""
+        kind = parent.key.kind
+        if kind is Kind.DATASET:
+            return parent.key.id, ()
+        if kind is Kind.FOLDER:
+            return parent.key.id, parent.key.path
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    @staticmethod
+    def _datafile_name(prefix: tuple[str, ...], name: bytes | str) -> str:
+        """The ICAT name of a new file ``name`` below ``prefix`` (naming errors raise)."""
+        last = naming.unescape_name(name)
+        full = naming.join_datafile_name([*prefix, last])
+        try:
+            return naming.check_icat_name(full)
+        except naming.UnstorableNameError as exc:
+            raise type(exc)(name, exc.reason) from None
+
+    def _spool_node(self, up: Upload, parent: NodeKey, name: str) -> Node:
+        return Node(self._spool_key(up), parent, name, local=up)
+
+    def _show_upload(self, up: Upload) -> None:
+        """Put an upload found in the spool at start-up into the tree (with its directories)."""
+        parts = naming.split_datafile_name(up.name)
+        parent = NodeKey(Kind.DATASET, up.dataset_id)
+        for depth in range(1, len(parts)):
+            key = NodeKey(Kind.FOLDER, up.dataset_id, tuple(parts[:depth]))
+            if self._catalog.local_node(key) is None:
+                self._catalog.add_local(Node(
+                    key, parent, naming.escape_name(parts[depth - 1]),
+                    extra=(("user.ids.name", "/".join(parts[:depth])),
+                           ("user.ids.dataset.id", str(up.dataset_id)))))
+            parent = key
+        self._catalog.add_local(self._spool_node(up, parent, naming.escape_name(parts[-1])))
+
+    async def _new_upload(self, parent: NodeKey, name: str, icat_name: str, *,
+                          replace_id: int | None = None, ino: int | None = None) -> Upload:
+        assert self._uploader is not None
+        dataset_id = parent.id
+        format_id = await self._uploader.format_id(dataset_id,
+                                                   self._catalog.facility_of(parent))
+        up = self._uploader.create(dataset_id=dataset_id, name=icat_name,
+                                   display=self._path_of(parent, name), format_id=format_id,
+                                   replace_id=replace_id)
+        key = self._spool_key(up)
+        if ino is not None:
+            self._allocated[key] = ino  # the replacing file keeps the datafile's inode
+        self._catalog.add_local(self._spool_node(up, parent, name))
+        return up
+
+    def _drop_new_upload(self, up: Upload) -> None:
+        assert self._uploader is not None
+        up.cancelled = True
+        self._catalog.remove_local(self._spool_key(up))
+        self._uploader.forget(up)
+
+    def _finish_local(self, up: Upload) -> None:
+        """The upload is done or gone: its local entry leaves the tree."""
+        node = self._catalog.remove_local(self._spool_key(up))
+        if node is not None:
+            self._invalidate_entry(node.parent, node.name)
+
+    async def _landed(self, up: Upload) -> None:
+        """Uploader callback: a datafile was stored; show it in the cached listings."""
+        assert up.datafile_id is not None
+        for old in getattr(up, "replaced_ids", ()):
+            self._catalog.remove_datafile(up.dataset_id, old, keep_dirs=False)
+        up.replaced_ids = []
+        try:
+            await self._catalog.datafile_added(up.dataset_id, up.datafile_id)
+        except errors.IdsfsError as exc:
+            log.warning("the stored %s does not show yet (%s); it will after the metadata TTL",
+                        up.display, exc)
+            self._catalog.invalidate(NodeKey(Kind.DATASET, up.dataset_id))
+        if up.handles == 0:
+            self._finish_local(up)
+
+    def _invalidate_entry(self, parent: NodeKey, name: str) -> None:
+        """Ask the kernel to forget a cached name (real mounts only; never raises)."""
+        if not self._notify_kernel:
+            return
+        ino = self.ino_of(parent)
+        if ino not in self._inodes:
+            return
+        try:
+            pyfuse3.invalidate_entry_async(ino, name.encode("utf-8", "surrogateescape"),
+                                           ignore_enoent=True)
+        except Exception as exc:  # noqa: BLE001 - only a hint to the kernel
+            log.debug("invalidate_entry failed: %s", exc)
+
+    def _check_writable(self) -> Uploader:
+        if self._read_only or self._uploader is None:
+            raise pyfuse3.FUSEError(errno.EROFS)
+        return self._uploader
 
     # ------------------------------------------------------------------ changes
-
-    def _refuse(self) -> pyfuse3.FUSEError:
-        return pyfuse3.FUSEError(errno.EROFS if self._read_only else errno.ENOSYS)
-
-    @_handler
-    async def setattr(self, inode: int, attr: Any, fields: Any, fh: int | None,
-                      ctx: Any) -> pyfuse3.EntryAttributes:
-        """Changing attributes is refused (``EROFS``)."""
-        raise self._refuse()
-
-    @_handler
-    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
-                    ctx: Any) -> pyfuse3.EntryAttributes:
-        """Refused (``EROFS``)."""
-        raise self._refuse()
-
-    @_handler
-    async def mkdir(self, parent_inode: int, name: bytes, mode: int,
-                    ctx: Any) -> pyfuse3.EntryAttributes:
-        """Refused (``EROFS``)."""
-        raise self._refuse()
 
     @_handler
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
                      ctx: Any) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
-        """Refused (``EROFS``)."""
-        raise self._refuse()
+        """Create a file in a dataset (or below it): a new upload with an empty spool."""
+        self._check_writable()
+        parent = self._inode(parent_inode)
+        pnode = parent.node
+        if not pnode.is_dir:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        _, prefix = self._place(pnode)
+        existing = await self._catalog.lookup(pnode.key, name)
+        if existing is not None:
+            if flags & os.O_EXCL:
+                raise pyfuse3.FUSEError(errno.EEXIST)
+            if existing.is_dir:
+                raise pyfuse3.FUSEError(errno.EISDIR)
+            inode = self._remember(existing)
+            try:
+                info = await self.open(inode.ino, flags | os.O_WRONLY, ctx)
+            except BaseException:
+                inode.lookups -= 1
+                self._drop_if_unused(inode)
+                raise
+            current = self._inodes[inode.ino].node
+            return info, self._attributes(current, 1)
+        text = name.decode("utf-8", "surrogateescape")
+        icat_name = self._datafile_name(prefix, name)
+        up = await self._new_upload(pnode.key, text, icat_name)
+        node = self._catalog.local_node(self._spool_key(up))
+        assert node is not None
+        inode = self._remember(node)
+        fh = self._handle(inode, up, write=True)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=False), self._attributes(node, 1)
+
+    @_handler
+    async def setattr(self, inode: int, attr: Any, fields: Any, fh: int | None,
+                      ctx: Any) -> pyfuse3.EntryAttributes:
+        """Truncate a file being written; set modification times (also of datafiles, in
+        ICAT); accept mode and owner changes without effect (see docs/semantics.md)."""
+        self._check_writable()
+        entry = self._inode(inode)
+        node = await self._current(entry)
+        up: Upload | None = node.local
+        if fields.update_size:
+            if up is not None and not (up.landed and up.handles == 0):
+                async with up.lock:
+                    up.truncate(attr.st_size)
+            elif node.is_dir:
+                raise pyfuse3.FUSEError(errno.EISDIR)
+            elif attr.st_size != node.size:
+                raise pyfuse3.FUSEError(errno.EACCES)
+        if fields.update_mtime:
+            ms = attr.st_mtime_ns // 1_000_000
+            if up is not None:
+                up.mod_ms = ms
+                up.try_save()
+                if up.landed and up.datafile_id is not None:
+                    await self._set_mod_time(up.dataset_id, up.datafile_id, ms)
+            elif node.datafile is not None:
+                await self._set_mod_time(node.datafile.dataset_id, node.datafile.id, ms)
+                node = await self._current(entry)
+        node = await self._current(entry)
+        nlink = await self._catalog.nlink(node.key)
+        return self._attributes(node, nlink)
+
+    async def _set_mod_time(self, dataset_id: int, datafile_id: int, ms: int) -> None:
+        await self._catalog.set_datafile_mod_time(dataset_id, datafile_id, ms)
+
+    @_handler
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
+                    ctx: Any) -> pyfuse3.EntryAttributes:
+        """Special files cannot be stored (``EPERM``)."""
+        self._check_writable()
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    @_handler
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int,
+                    ctx: Any) -> pyfuse3.EntryAttributes:
+        """In a visit: create a Dataset. In a dataset: a local directory for file names."""
+        self._check_writable()
+        parent = self._inode(parent_inode)
+        pnode = parent.node
+        if not pnode.is_dir:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        kind = pnode.key.kind
+        if kind not in _WRITABLE_DIRS:
+            raise pyfuse3.FUSEError(errno.EPERM)
+        if await self._catalog.lookup(pnode.key, name) is not None:
+            raise pyfuse3.FUSEError(errno.EEXIST)
+        if kind is Kind.INVESTIGATION:
+            icat_name = naming.icat_name(name)
+            node = await self._catalog.create_dataset(pnode, icat_name, self._dataset_type)
+            log.info("created dataset %r (id %d)", icat_name, node.key.id)
+            return await self._entry(node)
+        dataset_id, prefix = self._place(pnode)
+        component = naming.unescape_name(name)
+        # the directory must be able to hold a file: check the name it gives
+        self._datafile_name((*prefix, component), "x")
+        text = name.decode("utf-8", "surrogateescape")
+        path = (*prefix, component)
+        node = Node(NodeKey(Kind.FOLDER, dataset_id, path), pnode.key, text,
+                    mtime_ns=time.time_ns(), ctime_ns=time.time_ns(),
+                    extra=(("user.ids.dataset.id", str(dataset_id)),
+                           ("user.ids.name", "/".join(path))))
+        self._catalog.add_local(node)
+        return await self._entry(node)
 
     @_handler
     async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
-        """Refused (``EROFS``)."""
-        raise self._refuse()
+        """Delete a datafile through IDS, or drop a file not yet stored."""
+        uploader = self._check_writable()
+        pnode = self._inode(parent_inode).node
+        node = await self._catalog.lookup(pnode.key, name)
+        if node is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        if node.is_dir:
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        up: Upload | None = node.local
+        if up is not None:
+            stored = up.datafile_id
+            await uploader.discard(up)
+            self._catalog.remove_local(node.key)
+            if stored is not None:
+                self._catalog.remove_datafile(up.dataset_id, stored)
+            log.info("deleted %s (not stored%s)", up.display,
+                     f"; its datafile {stored} too" if stored else "")
+            return
+        record = node.datafile
+        if record is None:
+            raise pyfuse3.FUSEError(errno.EPERM)
+        await uploader.delete(record.id)
+        self._catalog.remove_datafile(record.dataset_id, record.id)
+        log.info("deleted datafile %d %r", record.id, record.name)
 
     @_handler
     async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
-        """Refused (``EROFS``)."""
-        raise self._refuse()
+        """Delete an empty dataset, or a directory made inside one (``ENOTEMPTY`` if not empty)."""
+        self._check_writable()
+        pnode = self._inode(parent_inode).node
+        node = await self._catalog.lookup(pnode.key, name)
+        if node is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        if not node.is_dir:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        kind = node.key.kind
+        if kind is Kind.DATASET:
+            listing = await self._catalog.listing(node.key)
+            if (listing is not None and listing.entries) or self._dataset_uploads(node.key.id) \
+                    or await self._catalog.count_datafiles(node.key.id):
+                raise pyfuse3.FUSEError(errno.ENOTEMPTY)
+            await self._catalog.delete_dataset(node)
+            log.info("deleted dataset %d %r", node.key.id, node.name)
+            return
+        if kind is Kind.FOLDER:
+            listing = await self._catalog.listing(node.key)
+            if listing is not None and listing.entries:
+                raise pyfuse3.FUSEError(errno.ENOTEMPTY)
+            self._catalog.remove_local(node.key)
+            return
+        raise pyfuse3.FUSEError(errno.EPERM)
 
     @_handler
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
                      name_new: bytes, flags: int, ctx: Any) -> None:
-        """Refused (``EROFS``)."""
-        raise self._refuse()
+        """Rename a datafile within its dataset or a dataset within its visit (ICAT).
+
+        Other moves: ``EXDEV`` for files and directories that can be copied
+        (``mv`` then copies and deletes), ``EPERM`` for facility, investigation
+        and visit directories. An existing target is replaced only with the
+        replace option (``EACCES`` otherwise).
+        """
+        uploader = self._check_writable()
+        if flags & pyfuse3.RENAME_EXCHANGE:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        old_parent = self._inode(parent_inode_old).node
+        new_parent = self._inode(parent_inode_new).node
+        node = await self._catalog.lookup(old_parent.key, name_old)
+        if node is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        target = await self._catalog.lookup(new_parent.key, name_new)
+        if target is not None and target.key == node.key:
+            return
+        if target is not None and flags & pyfuse3.RENAME_NOREPLACE:
+            raise pyfuse3.FUSEError(errno.EEXIST)
+        kind = node.key.kind
+        if kind is Kind.DATASET:
+            if new_parent.key != old_parent.key:
+                raise pyfuse3.FUSEError(errno.EXDEV)
+            if target is not None:
+                raise pyfuse3.FUSEError(errno.EEXIST)
+            await self._catalog.rename_dataset(node, naming.icat_name(name_new))
+            return
+        if kind is Kind.FOLDER:
+            raise pyfuse3.FUSEError(errno.EXDEV)
+        if kind not in (Kind.DATAFILE, Kind.SPOOL):
+            raise pyfuse3.FUSEError(errno.EPERM)
+        dataset_id = node.key.id if kind is Kind.SPOOL else node.datafile.dataset_id  # type: ignore[union-attr]
+        try:
+            new_dataset, prefix = self._place(new_parent)
+        except pyfuse3.FUSEError:
+            raise pyfuse3.FUSEError(errno.EXDEV) from None
+        if new_dataset != dataset_id:
+            raise pyfuse3.FUSEError(errno.EXDEV)
+        new_name = self._datafile_name(prefix, name_new)
+        text = name_new.decode("utf-8", "surrogateescape")
+        if target is not None:
+            if target.is_dir:
+                raise pyfuse3.FUSEError(errno.EISDIR)
+            if not self._replace:
+                raise pyfuse3.FUSEError(errno.EACCES)
+            await self._remove_file(uploader, target)
+        up: Upload | None = node.local
+        if up is not None:
+            await self._rename_upload(uploader, up, node, new_parent.key, text, new_name)
+            return
+        assert node.datafile is not None
+        await self._catalog.rename_datafile(node.datafile, new_name)
+        log.info("renamed datafile %d to %r", node.datafile.id, new_name)
+
+    async def _remove_file(self, uploader: Uploader, node: Node) -> None:
+        """Delete the file ``node`` (the replaced target of a rename)."""
+        up: Upload | None = node.local
+        if up is not None:
+            stored = up.datafile_id
+            await uploader.discard(up)
+            self._catalog.remove_local(node.key)
+            if stored is not None:
+                self._catalog.remove_datafile(up.dataset_id, stored, keep_dirs=False)
+            return
+        assert node.datafile is not None
+        await uploader.delete(node.datafile.id)
+        self._catalog.remove_datafile(node.datafile.dataset_id, node.datafile.id,
+                                      keep_dirs=False)
+
+    async def _rename_upload(self, uploader: Uploader, up: Upload, node: Node,
+                             new_parent: NodeKey, text: str, new_name: str) -> None:
+        """Rename a file written here: its upload's name, and its datafile if stored."""
+        await uploader.rename(up, new_name, self._path_of(new_parent, text))
+        self._catalog.remove_local(node.key)
+        if up.cancelled or up.uid not in uploader.uploads:
+            return
+        self._catalog.add_local(self._spool_node(up, new_parent, text))
+        if up.datafile_id is not None and up.temp_name is None:
+            self._catalog.remove_datafile(up.dataset_id, up.datafile_id, keep_dirs=True)
+            with contextlib.suppress(errors.IdsfsError):
+                await self._catalog.datafile_added(up.dataset_id, up.datafile_id)
 
     @_handler
     async def symlink(self, parent_inode: int, name: bytes, target: bytes,
                       ctx: Any) -> pyfuse3.EntryAttributes:
-        """Refused (``EROFS``)."""
-        raise self._refuse()
+        """Symbolic links cannot be stored (``EPERM``)."""
+        self._check_writable()
+        raise pyfuse3.FUSEError(errno.EPERM)
 
     @_handler
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
                    ctx: Any) -> pyfuse3.EntryAttributes:
-        """Refused (``EROFS``)."""
-        raise self._refuse()
+        """Hard links cannot be stored (``EPERM``)."""
+        self._check_writable()
+        raise pyfuse3.FUSEError(errno.EPERM)
 
     @_handler
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any) -> None:
-        """Refused (``EROFS``)."""
-        raise self._refuse()
+        """Extended attributes cannot be stored (``ENOTSUP``; ``EROFS`` read-only)."""
+        self._check_writable()
+        raise pyfuse3.FUSEError(errno.ENOTSUP)
 
     @_handler
     async def removexattr(self, inode: int, name: bytes, ctx: Any) -> None:
-        """Refused (``EROFS``)."""
-        raise self._refuse()
-
+        """Extended attributes cannot be removed (``ENOTSUP``; ``EROFS`` read-only)."""
+        self._check_writable()
+        raise pyfuse3.FUSEError(errno.ENOTSUP)
 
 def _groups(pid: int) -> set[int]:
     """Supplementary groups of a process (empty when they cannot be read)."""

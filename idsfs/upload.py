@@ -1,0 +1,1627 @@
+"""Writes through the mount: spool files on local disk, ``put`` on close, pending uploads.
+
+A file created (or, with the replace option, re-opened for writing) through the
+mount is an :class:`Upload`: its bytes live in a *spool file* on local disk
+until IDS has them. :class:`Uploader` creates uploads, sends them with
+:meth:`idsfs.ids.IDSClient.put`, retries the ones that failed, and finds them
+again after a restart. ``fs.py`` decides *when* to upload (see
+docs/semantics.md, "Writing"); this module does the uploading.
+
+The spool directory
+-------------------
+One directory per mount (``--spool-dir``; :func:`default_spool_dir`), mode
+0700, locked with ``flock`` on its ``.lock`` file by the one daemon using it.
+Each upload is two files named by a random id:
+
+* ``<id>.data``: the bytes, written in place by ``write`` (random writes,
+  truncation and reading back work as on any local file);
+* ``<id>.json``: what is needed to finish the upload without the daemon's
+  memory (dataset id, ICAT name, datafile format id, create/modification times
+  in epoch ms, size, CRC32 once known, state, last error, attempts, the
+  replace bookkeeping below, and the ICAT URL and user it belongs to). Always
+  written to a temporary file, ``fsync``-ed and renamed over the old one, so a
+  crash leaves the old or the new version, never a torn one.
+
+Both are deleted once the datafile is in IDS (and no file handle is open).
+
+States
+------
+``writing``
+    open for writing through the mount (some file handle open, not uploaded
+    since the last change).
+``uploading``
+    an attempt is running. Found so at start-up (the daemon died during an
+    attempt): treated as ``pending`` whose last attempt may have landed.
+``pending``
+    the last attempt failed in a way that retrying can cure (server error,
+    dropped connection, checksum mismatch, expired session, archived data,
+    lock); retried in the background with exponential back-off
+    (``retry_delay``, doubling up to ``max_retry_delay``).
+``failed``
+    retrying cannot help: the file's write failed (e.g. ``ENOSPC`` on the
+    spool), the daemon stopped while the file was still open for writing (its
+    content is whatever the program had written), the IDS refused the request
+    as bad (400) or the dataset is gone (404). Kept, listed, never uploaded by
+    itself; delete it (``rm``) or write it again (open with ``O_TRUNC``).
+``conflict``
+    a *different* datafile of the same name exists in the dataset (someone
+    else's, or a replace found the name taken). Kept and listed; nothing is
+    overwritten.
+``done``
+    the datafile is in IDS (``datafile_id``); the spool goes when the last
+    handle is closed.
+
+No upload is ever lost and none leaves a half-registered datafile
+----------------------------------------------------------------------
+* A ``put`` is run through the :class:`~idsfs.aio.ThreadBridge` with
+  ``abandon_on_cancel=False``: its outcome is always known to this module.
+* Before each attempt the record is saved with ``maybe_landed`` set. After a
+  failure whose outcome is ambiguous (the connection broke, the answer was
+  unusable, a 500 that may mean "the name exists"), ICAT is asked whether a
+  datafile of that name exists in the dataset: with the same size and CRC32 it
+  is ours and the upload is done (no second ``put``); with different content it
+  is a ``conflict``; without one the attempt did not land. A retry after a
+  restart asks the same question first.
+* A ``put`` whose answer carries another CRC32 than the bytes sent (the server
+  stored something else) registered a wrong datafile: its id (from the answer)
+  is deleted through IDS before the next attempt (``cleanup_ids`` in the record,
+  so this also survives a crash).
+
+Replacing a datafile
+--------------------
+With the replace option an existing datafile can be written again. The new
+bytes are uploaded under a temporary name (``.idsfs-replace-<id>`` in the
+dataset), then the old datafile is deleted through IDS, then the new one is
+renamed to the real name in ICAT. Each step is saved in the record before the
+next one starts, so after a crash the upload resumes where it stopped. At every
+point the newest complete copy exists: before the ``put`` the old datafile is
+untouched; between ``put`` and delete both exist; between delete and rename the
+new bytes exist under the temporary name (shown as such in the dataset). If the
+real name has been taken by someone else meanwhile, the upload becomes a
+``conflict`` and keeps the temporary name. The same steps replace this mount's
+own earlier upload of a file that was written again before its last close.
+
+Live uploads
+------------
+A file written sequentially from offset 0 starts its ``put`` while it is being
+written, once ``live_threshold`` bytes are in the spool (at most ``max_live``
+at once): the request body follows the writer through the spool file, and the
+``close`` only waits for the rest. A write anywhere else, a truncation, a
+writer pausing for more than ``live_stall`` seconds or an error aborts the live
+request before its end (IDS then stores nothing, because the body is
+incomplete) and the file is uploaded whole at ``close``.
+
+Errors: :meth:`Uploader.commit` raises :class:`~idsfs.errors.UploadFailedError`
+(``EIO``; the upload stays as ``pending``/``failed``/``conflict``); spool I/O
+raises :class:`~idsfs.errors.SpoolError` (its errno); a missing datafile format
+raises :class:`~idsfs.errors.MissingTypeError` (``ENOTSUP``).
+
+Thread safety: an :class:`Uploader` belongs to one trio run and is used from
+the trio thread; blocking calls (``put``, ``delete``, ICAT queries, reading a
+whole spool file for its CRC32) go through the bridge. Spool writes and reads of
+single requests are local disk I/O done directly on the trio thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import functools
+import hashlib
+import json
+import logging
+import os
+import re
+import secrets
+import threading
+import time
+import zlib
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import trio
+
+from idsfs.aio import ThreadBridge
+from idsfs.errors import (
+    ICATError,
+    IDSBadRequestError,
+    IDSDataNotOnlineError,
+    IDSError,
+    IdsfsError,
+    IDSInsufficientPrivilegesError,
+    IDSNotFoundError,
+    IDSNotImplementedError,
+    IDSResponseError,
+    MissingTypeError,
+    ServerError,
+    SpoolError,
+    TransportError,
+    UploadFailedError,
+)
+from idsfs.icat import ICATClient, quote
+from idsfs.ids import DataSelection, IDSClient
+
+__all__ = [
+    "DEFAULT_DATAFILE_FORMAT",
+    "DEFAULT_MAX_RETRY_DELAY",
+    "DEFAULT_RETRY_DELAY",
+    "DEFAULT_UPLOAD_WAIT",
+    "STATES",
+    "Upload",
+    "Uploader",
+    "UploaderStats",
+    "default_spool_dir",
+    "delete_datafile",
+    "icat_date",
+    "parse_format",
+]
+
+log = logging.getLogger("idsfs.upload")
+
+#: the datafile format of new datafiles unless ``--datafile-format`` says otherwise
+DEFAULT_DATAFILE_FORMAT = "binary"
+#: first delay before retrying a failed upload, seconds (doubles per attempt)
+DEFAULT_RETRY_DELAY = 5.0
+#: longest delay between retries, seconds
+DEFAULT_MAX_RETRY_DELAY = 600.0
+#: how long an unmount waits for pending uploads, seconds
+DEFAULT_UPLOAD_WAIT = 60.0
+#: bytes a sequentially written file needs before its live upload starts
+DEFAULT_LIVE_THRESHOLD = 4 << 20
+#: live uploads at once
+DEFAULT_MAX_LIVE = 2
+#: seconds a live upload waits for the writer before giving up (upload at close)
+DEFAULT_LIVE_STALL = 10.0
+#: block size for reading the spool (put bodies, CRC32)
+_BLOCK = 1 << 20
+#: how often an ambiguous outcome is checked in ICAT before giving up for now
+_RESOLVE_TRIES = 2
+
+WRITING = "writing"
+UPLOADING = "uploading"
+PENDING = "pending"
+FAILED = "failed"
+CONFLICT = "conflict"
+DONE = "done"
+#: every state an upload can be in
+STATES: tuple[str, ...] = (WRITING, UPLOADING, PENDING, FAILED, CONFLICT, DONE)
+
+_RECORD_VERSION = 1
+_TEMP_PREFIX = ".idsfs-replace-"
+_UID_RE = re.compile(r"^[0-9a-f]{32}$")
+
+
+def parse_format(text: str) -> tuple[str, str | None]:
+    """Split ``NAME[:VERSION]`` into ``(name, version or None)``.
+
+    Raises ``ValueError`` for an empty name or version.
+    """
+    name, sep, version = str(text).strip().partition(":")
+    name = name.strip()
+    if not name:
+        raise ValueError(f"a datafile format needs a name: {text!r}")
+    if sep:
+        version = version.strip()
+        if not version:
+            raise ValueError(f"empty version after ':' in {text!r}")
+        return name, version
+    return name, None
+
+
+def _version_key(version: str) -> tuple[tuple[int, int | str], ...]:
+    """Natural sort key of a version string (``4.10`` after ``4.9``)."""
+    parts = re.split(r"[.\-_]", version)
+    return tuple((0, int(p)) if p.isdigit() else (1, p) for p in parts)
+
+
+def default_spool_dir(icat_url: str | None, user: str | None, mountpoint: str | os.PathLike[str],
+                      *, uid: int | None = None,
+                      environ: Mapping[str, str] | None = None) -> Path:
+    """The spool directory of a mount when ``--spool-dir`` is not given.
+
+    ``/var/cache/idsfs/spool/<mount id>`` for root, else
+    ``$XDG_CACHE_HOME/idsfs/spool/<mount id>`` (``~/.cache`` when unset). The
+    mount id is ``<ICAT host>-<user>-<hash>``, the hash taken over the ICAT
+    URL, the user and the absolute mount point: the same mount finds its
+    pending uploads again after a restart, and two mounts never share a spool.
+    """
+    env = os.environ if environ is None else environ
+    uid = os.geteuid() if uid is None else uid
+    if uid == 0:
+        base = Path("/var/cache/idsfs")
+    else:
+        xdg = env.get("XDG_CACHE_HOME", "").strip()
+        base = (Path(xdg) if xdg and os.path.isabs(xdg)
+                else Path(env.get("HOME") or os.path.expanduser("~")) / ".cache") / "idsfs"
+    host = urlsplit(icat_url or "").hostname or "icat"
+    who = user or "session"
+    digest = hashlib.sha256(
+        "\0".join((icat_url or "", who, os.path.abspath(mountpoint))).encode("utf-8",
+                                                                             "surrogatepass")
+    ).hexdigest()[:12]
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{host}-{who}")[:80]
+    return base / "spool" / f"{safe}-{digest}"
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _describe(exc: BaseException) -> str:
+    """A one-line reason for an upload failure (no secrets: the clients redact)."""
+    if isinstance(exc, ServerError):
+        kind = exc.type or type(exc).__name__
+        return f"{kind}: {exc.message}" if exc.message else kind
+    text = str(exc) or type(exc).__name__
+    return f"{type(exc).__name__}: {text}" if not isinstance(exc, IdsfsError) else text
+
+
+class _Fail(Exception):
+    """An attempt failed; ``state`` is what the upload becomes (internal signal)."""
+
+    def __init__(self, state: str, reason: str) -> None:
+        super().__init__(reason)
+        self.state = state
+        self.reason = reason
+
+
+class _LiveAborted(Exception):
+    """Raised inside a live upload's body to end the request before its end."""
+
+
+# ----------------------------------------------------------------------------- live uploads
+
+
+class _LiveStream:
+    """The body of a ``put`` that follows a file while it is being written.
+
+    The trio thread reports progress (:meth:`advance`), the end (:meth:`finish`)
+    or gives up (:meth:`abort`); the worker thread running the ``put`` iterates
+    :meth:`body`, which waits for bytes to be written.
+    """
+
+    def __init__(self, path: Path, stall: float) -> None:
+        self.path = path
+        self.stall = stall
+        self.cond = threading.Condition()
+        self.available = 0
+        self.final: int | None = None
+        self.aborted = False
+        self.why = ""
+        self.sent = 0
+        self.done = trio.Event()
+        self.result: int | None = None
+        self.error: BaseException | None = None
+        self.finished_at: float | None = None
+
+    # trio side
+    def advance(self, end: int) -> None:
+        with self.cond:
+            if end > self.available:
+                self.available = end
+                self.cond.notify_all()
+
+    def abort(self, why: str) -> None:
+        with self.cond:
+            if not self.aborted and self.final is None:
+                self.aborted = True
+                self.why = why
+            self.cond.notify_all()
+
+    def finish(self, size: int) -> bool:
+        """Tell the body its final size; False if the stream cannot deliver it."""
+        with self.cond:
+            if self.aborted or self.available != size:
+                return False
+            self.final = size
+            self.cond.notify_all()
+            return True
+
+    # worker side
+    def body(self) -> Iterator[memoryview]:
+        fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            buf = bytearray(_BLOCK)
+            view = memoryview(buf)
+            while True:
+                with self.cond:
+                    while True:
+                        if self.aborted:
+                            raise _LiveAborted(self.why)
+                        if self.available > self.sent:
+                            upto = self.available
+                            break
+                        if self.final is not None and self.sent >= self.final:
+                            return
+                        if not self.cond.wait(self.stall):
+                            self.aborted = True
+                            self.why = f"the writer paused for more than {self.stall:g} s"
+                            raise _LiveAborted(self.why)
+                want = min(len(view), upto - self.sent)
+                n = os.preadv(fd, [view[:want]], self.sent)
+                if n <= 0:
+                    raise _LiveAborted("the spool file is shorter than written")
+                self.sent += n
+                yield view[:n]
+        finally:
+            os.close(fd)
+
+
+# ----------------------------------------------------------------------------- one upload
+
+
+class Upload:
+    """One file written through the mount: its spool file and its record.
+
+    Attributes (saved in the record): ``uid``, ``dataset_id``, ``name`` (the
+    ICAT name to create), ``display`` (the path below the mount point, for
+    messages), ``format_id``, ``create_ms``/``mod_ms`` (epoch ms), ``size``,
+    ``crc`` (CRC32 once computed, else None), ``state``, ``reason``,
+    ``attempts``, ``datafile_id`` (the datafile created, also the temporary one
+    of a replace), ``replace_id`` (datafile to delete once the new one is
+    stored), ``temp_name`` (set while the new datafile carries the temporary
+    name), ``maybe_landed``, ``cleanup_ids``.
+
+    In memory only: ``handles`` (open FUSE file handles), ``writers`` (of them,
+    opened for writing), ``generation`` (counts writes and truncations),
+    ``uploaded_generation`` (the generation the stored datafile has),
+    ``cancelled`` (unlinked), ``lock`` (held during an attempt and by writes).
+    """
+
+    def __init__(self, spool: Path, uid: str, *, dataset_id: int, name: str, display: str,
+                 format_id: int | None, owner: str) -> None:
+        self.spool = spool
+        self.uid = uid
+        self.dataset_id = dataset_id
+        self.name = name
+        self.display = display
+        self.format_id = format_id
+        self.owner = owner
+        self.create_ms: int = _now_ms()
+        self.mod_ms: int = self.create_ms
+        self.size = 0
+        self.crc: int | None = None
+        self.state = WRITING
+        self.reason = ""
+        self.attempts = 0
+        self.datafile_id: int | None = None
+        self.replace_id: int | None = None
+        self.temp_name: str | None = None
+        self.maybe_landed = False
+        self.cleanup_ids: list[int] = []
+        self.created = time.time()
+        # memory only
+        self.fd: int | None = None
+        self.handles = 0
+        self.writers = 0
+        self.generation = 0
+        self.uploaded_generation: int | None = None
+        self.cancelled = False
+        self.write_error: str | None = None
+        self.lock = trio.Lock()
+        self.next_attempt = 0.0
+        self.live: _LiveStream | None = None
+        self.live_possible = True
+        #: written only by appends from offset 0 so far (a live upload can follow it)
+        self.sequential = True
+        #: the last put was a live one (its modification time is set afterwards)
+        self.live_landed = False
+        #: datafiles this upload replaced (deleted) since the tree last looked
+        self.replaced_ids: list[int] = []
+        self.in_progress = False
+        self.started_at: float | None = None
+
+    # ------------------------------------------------------------------ paths
+
+    @property
+    def data_path(self) -> Path:
+        """The spool file holding the bytes."""
+        return self.spool / f"{self.uid}.data"
+
+    @property
+    def meta_path(self) -> Path:
+        """The record (JSON)."""
+        return self.spool / f"{self.uid}.json"
+
+    @property
+    def landed(self) -> bool:
+        """True once a datafile with the current content is in IDS under its real name."""
+        return (self.datafile_id is not None and self.temp_name is None
+                and self.replace_id is None and self.uploaded_generation == self.generation)
+
+    @property
+    def dirty(self) -> bool:
+        """True when the spool holds something IDS does not have yet."""
+        return not self.landed
+
+    def describe_state(self) -> str:
+        """``state`` plus the reason, as shown by ``user.idsfs.upload`` and ``idsfs status``."""
+        if self.state in (PENDING, FAILED, CONFLICT) and self.reason:
+            return f"{self.state}: {self.reason}"
+        if self.state == DONE:
+            return f"stored: datafile {self.datafile_id}"
+        return self.state
+
+    def line(self) -> str:
+        """One line for ``idsfs status`` and the unmount report."""
+        extra = f", attempt {self.attempts}" if self.attempts else ""
+        return f"{self.display} ({_size(self.size)}{extra}): {self.describe_state()}"
+
+    # ------------------------------------------------------------------ record
+
+    def to_json(self) -> dict[str, Any]:
+        """The record as saved in ``<uid>.json``."""
+        return {
+            "version": _RECORD_VERSION, "uid": self.uid, "owner": self.owner,
+            "dataset_id": self.dataset_id, "name": self.name, "display": self.display,
+            "format_id": self.format_id, "create_ms": self.create_ms, "mod_ms": self.mod_ms,
+            "size": self.size, "crc": self.crc, "state": self.state, "reason": self.reason,
+            "attempts": self.attempts, "datafile_id": self.datafile_id,
+            "replace_id": self.replace_id, "temp_name": self.temp_name,
+            "maybe_landed": self.maybe_landed, "cleanup_ids": list(self.cleanup_ids),
+            "created": self.created,
+        }
+
+    @classmethod
+    def from_json(cls, spool: Path, doc: Mapping[str, Any]) -> Upload:
+        """Rebuild an upload from its record; ``ValueError``/``KeyError``/``TypeError`` if bad."""
+        if doc.get("version") != _RECORD_VERSION:
+            raise ValueError(f"unknown record version {doc.get('version')!r}")
+        uid = str(doc["uid"])
+        if not _UID_RE.match(uid):
+            raise ValueError(f"bad upload id {uid!r}")
+        up = cls(spool, uid, dataset_id=int(doc["dataset_id"]), name=str(doc["name"]),
+                 display=str(doc.get("display") or doc["name"]),
+                 format_id=None if doc.get("format_id") is None else int(doc["format_id"]),
+                 owner=str(doc.get("owner", "")))
+        up.create_ms = int(doc.get("create_ms") or up.create_ms)
+        up.mod_ms = int(doc.get("mod_ms") or up.mod_ms)
+        up.size = int(doc.get("size") or 0)
+        up.crc = None if doc.get("crc") is None else int(doc["crc"])
+        up.state = str(doc.get("state", PENDING))
+        if up.state not in STATES:
+            raise ValueError(f"unknown state {up.state!r}")
+        up.reason = str(doc.get("reason") or "")
+        up.attempts = int(doc.get("attempts") or 0)
+        up.datafile_id = None if doc.get("datafile_id") is None else int(doc["datafile_id"])
+        up.replace_id = None if doc.get("replace_id") is None else int(doc["replace_id"])
+        up.temp_name = None if doc.get("temp_name") is None else str(doc["temp_name"])
+        up.maybe_landed = bool(doc.get("maybe_landed"))
+        up.cleanup_ids = [int(i) for i in doc.get("cleanup_ids") or []]
+        up.created = float(doc.get("created") or time.time())
+        if up.datafile_id is not None:
+            up.uploaded_generation = 0  # what is stored is the spool as it is
+        return up
+
+    def save(self) -> None:
+        """Write the record atomically (temporary file, fsync, rename).
+
+        Raises :class:`~idsfs.errors.SpoolError` when it cannot be written.
+        """
+        text = json.dumps(self.to_json(), ensure_ascii=False, indent=1)
+        tmp = self.spool / f".{self.uid}.json.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                os.write(fd, text.encode("utf-8", "surrogatepass"))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, self.meta_path)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise SpoolError(f"cannot save the upload record of {self.display}: "
+                             f"{exc.strerror or exc}", exc.errno) from exc
+
+    def try_save(self) -> bool:
+        """:meth:`save`, logging instead of raising; True when saved."""
+        try:
+            self.save()
+            return True
+        except SpoolError as exc:
+            log.warning("%s (the upload goes on from memory)", exc)
+            return False
+
+    # ------------------------------------------------------------------ the bytes
+
+    def _open_fd(self) -> int:
+        if self.fd is None:
+            try:
+                self.fd = os.open(self.data_path, os.O_RDWR | os.O_CLOEXEC)
+            except OSError as exc:
+                raise SpoolError(f"cannot open the spool file of {self.display}: "
+                                 f"{exc.strerror or exc}", exc.errno) from exc
+        return self.fd
+
+    def close_fd(self) -> None:
+        """Close the spool file descriptor (reopened when needed)."""
+        if self.fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+            self.fd = None
+
+    def write(self, offset: int, data: bytes | memoryview) -> int:
+        """Write ``data`` at ``offset`` into the spool; return the bytes written.
+
+        Raises :class:`~idsfs.errors.SpoolError` (``ENOSPC`` for a full
+        spool disk); the upload is then marked as failed to write and will not
+        be uploaded until it is written again from the start.
+        """
+        fd = self._open_fd()
+        view = memoryview(data)
+        done = 0
+        try:
+            while done < len(view):
+                n = os.pwrite(fd, view[done:], offset + done)
+                if n <= 0:
+                    raise OSError(errno.EIO, "short write")
+                done += n
+        except OSError as exc:
+            self.generation += 1
+            self.size = max(self.size, offset + done)
+            self.write_error = f"writing the spool failed: {exc.strerror or exc}"
+            if self.live is not None:
+                self.live.abort(self.write_error)
+            raise SpoolError(f"cannot write the spool file of {self.display}: "
+                             f"{exc.strerror or exc}", exc.errno) from exc
+        end = offset + done
+        appended = offset == self.size
+        if not appended:
+            self.sequential = False
+        live = self.live
+        if live is not None:
+            if appended and offset == live.available:
+                live.advance(end)
+            else:
+                live.abort("the file was not written sequentially")
+        self.generation += 1
+        self.crc = None
+        if end > self.size:
+            self.size = end
+        self.mod_ms = _now_ms()
+        if self.state == DONE:  # written again after it was stored
+            self.state = WRITING
+            self.try_save()
+        return done
+
+    def read(self, offset: int, size: int) -> bytes:
+        """Read up to ``size`` bytes at ``offset`` from the spool (short at its end)."""
+        fd = self._open_fd()
+        try:
+            return os.pread(fd, max(0, min(size, self.size - offset)), offset)
+        except OSError as exc:
+            raise SpoolError(f"cannot read the spool file of {self.display}: "
+                             f"{exc.strerror or exc}", exc.errno) from exc
+
+    def truncate(self, size: int) -> None:
+        """Set the spool's size (``truncate``/``O_TRUNC``). Raises SpoolError."""
+        fd = self._open_fd()
+        try:
+            os.ftruncate(fd, size)
+        except OSError as exc:
+            raise SpoolError(f"cannot truncate the spool file of {self.display}: "
+                             f"{exc.strerror or exc}", exc.errno) from exc
+        if size != self.size:
+            if self.live is not None:
+                self.live.abort("the file was truncated")
+            self.sequential = size == 0 and self.live is None and self.datafile_id is None
+        if size == 0:
+            self.write_error = None  # written again from the start
+        self.size = size
+        self.generation += 1
+        self.crc = None
+        self.mod_ms = _now_ms()
+        if self.state == DONE:
+            self.state = WRITING
+            self.try_save()
+
+    def fsync(self) -> None:
+        """``fsync`` the spool file (blocking; run it in a thread)."""
+        fd = self.fd
+        if fd is not None:
+            os.fsync(fd)
+
+    def compute_crc(self) -> int:
+        """Read the whole spool and return its CRC32 (blocking; run it in a thread)."""
+        crc = 0
+        buf = bytearray(_BLOCK)
+        view = memoryview(buf)
+        with open(self.data_path, "rb", buffering=0) as f:
+            while True:
+                n = f.readinto(view)
+                if not n:
+                    break
+                crc = zlib.crc32(view[:n], crc)
+        return crc & 0xFFFFFFFF
+
+    def remove_files(self) -> None:
+        """Delete the spool file and the record (never raises)."""
+        self.close_fd()
+        for path in (self.data_path, self.meta_path):
+            with contextlib.suppress(FileNotFoundError):
+                try:
+                    os.unlink(path)
+                except OSError as exc:
+                    log.warning("cannot remove %s: %s", path, exc.strerror or exc)
+
+    def __repr__(self) -> str:
+        return f"<Upload {self.uid[:8]} {self.display!r} {self.state} {self.size}B>"
+
+
+def _size(n: int) -> str:
+    for unit, factor in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= factor:
+            return f"{n / factor:.1f} {unit}"
+    return f"{n} B"
+
+
+# ----------------------------------------------------------------------------- stats
+
+
+@dataclass(frozen=True, slots=True)
+class UploaderStats:
+    """Counters of an :class:`Uploader` (for ``idsfs status``).
+
+    Attributes:
+        spool_dir: the spool directory.
+        writing: files open for writing.
+        in_progress: lines for uploads being sent now (with their rate).
+        pending: lines for uploads waiting to be retried or held (failed,
+            conflict).
+        stored: uploads that landed since the mount started.
+        bytes_stored: their bytes.
+        failures: failed attempts since the mount started.
+        live_aborted: live uploads given up (the file was then sent at close).
+        spool_bytes: bytes in the spool now.
+    """
+
+    spool_dir: str
+    writing: int
+    in_progress: tuple[str, ...]
+    pending: tuple[str, ...]
+    stored: int
+    bytes_stored: int
+    failures: int
+    live_aborted: int
+    spool_bytes: int
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-able form (lists for tuples)."""
+        return {"spool_dir": self.spool_dir, "writing": self.writing,
+                "in_progress": list(self.in_progress), "pending": list(self.pending),
+                "stored": self.stored, "bytes_stored": self.bytes_stored,
+                "failures": self.failures, "live_aborted": self.live_aborted,
+                "spool_bytes": self.spool_bytes}
+
+
+# ----------------------------------------------------------------------------- the uploader
+
+
+LandedCallback = Callable[[Upload], Awaitable[None]]
+
+
+class Uploader:
+    """Creates spool files, uploads them with ``put``, retries and resumes them.
+
+    Args:
+        ids: the IDS client (its ``sessionId`` may change at any time).
+        icat: the ICAT client (format look-ups, the landed check, renames).
+        bridge: the thread bridge for every blocking call.
+        spool_dir: the spool directory (created 0700 if missing).
+        datafile_format: ``NAME[:VERSION]`` of the DatafileFormat new datafiles
+            get (default :data:`DEFAULT_DATAFILE_FORMAT`); without a version
+            the highest version of that name is taken.
+        owner: who the uploads belong to (ICAT URL and user); records of
+            another owner found in the spool are left alone.
+        retry_delay: first delay before a background retry, seconds.
+        max_retry_delay: longest delay between retries.
+        online_wait: how long ``commit`` retries a ``put`` refused because the
+            dataset is archived or busy (503) before giving up for now.
+        renew_session: coroutine called after a 403; True when the IDS
+            client's session changed (then the ``put`` is repeated at once).
+        live_threshold, max_live, live_stall: see "Live uploads" above
+            (``max_live=0`` turns live uploads off).
+        clock: monotonic clock (tests).
+
+    Raises:
+        ValueError: a bad ``datafile_format`` or negative delays.
+    """
+
+    def __init__(
+        self,
+        ids: IDSClient,
+        icat: ICATClient,
+        bridge: ThreadBridge,
+        spool_dir: str | os.PathLike[str],
+        *,
+        datafile_format: str = DEFAULT_DATAFILE_FORMAT,
+        owner: str = "",
+        retry_delay: float = DEFAULT_RETRY_DELAY,
+        max_retry_delay: float = DEFAULT_MAX_RETRY_DELAY,
+        online_wait: float = 60.0,
+        renew_session: Callable[[], Awaitable[bool]] | None = None,
+        live_threshold: int = DEFAULT_LIVE_THRESHOLD,
+        max_live: int = DEFAULT_MAX_LIVE,
+        live_stall: float = DEFAULT_LIVE_STALL,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.format_name, self.format_version = parse_format(datafile_format)
+        if retry_delay < 0 or max_retry_delay < 0 or online_wait < 0 or live_stall <= 0:
+            raise ValueError("delays must not be negative")
+        self._ids = ids
+        self._icat = icat
+        self._bridge = bridge
+        self.spool_dir = Path(spool_dir)
+        self.owner = owner
+        self.retry_delay = retry_delay
+        self.max_retry_delay = max(max_retry_delay, retry_delay)
+        self.online_wait = online_wait
+        self._renew_session = renew_session
+        self.live_threshold = live_threshold
+        self.max_live = max_live
+        self.live_stall = live_stall
+        self._clock = clock
+        self.uploads: dict[str, Upload] = {}
+        self._formats: dict[int, int] = {}
+        self._facility_of: dict[int, int] = {}
+        self._lock_fd: int | None = None
+        self._nursery: trio.Nursery | None = None
+        self._wakeup = trio.Event()
+        self._closing = False
+        self._live_count = 0
+        self._stored = 0
+        self._bytes_stored = 0
+        self._failures = 0
+        self._live_aborted = 0
+        #: called (on the trio thread) when an upload landed: the tree shows the datafile
+        self.on_landed: LandedCallback | None = None
+        #: called when an upload changed state in the background (the tree refreshes it)
+        self.on_changed: Callable[[Upload], None] | None = None
+
+    # ------------------------------------------------------------------ spool directory
+
+    def open_spool(self) -> list[Upload]:
+        """Create and lock the spool directory and load the uploads found in it.
+
+        Records of an upload that was being written when the daemon stopped
+        become ``failed`` (their content is whatever had been written); those
+        of an attempt in progress become ``pending`` with ``maybe_landed``.
+        Unreadable records are renamed ``<name>.bad`` and reported. Returns the
+        uploads loaded (all not ``done``).
+
+        Raises:
+            SpoolError: the directory cannot be made or is locked by another
+                daemon.
+        """
+        spool = self.spool_dir
+        try:
+            spool.mkdir(mode=0o700, parents=True, exist_ok=True)
+            with contextlib.suppress(OSError):
+                os.chmod(spool, 0o700)
+            fd = os.open(spool / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise SpoolError(f"cannot use the spool directory {spool}: {exc.strerror or exc}",
+                             exc.errno) from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            raise SpoolError(f"the spool directory {spool} is used by another idsfs daemon "
+                             f"(give this mount its own --spool-dir)", errno.EBUSY) from exc
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock_fd = fd
+        loaded: list[Upload] = []
+        for meta in sorted(spool.glob("*.json")):
+            try:
+                doc = json.loads(meta.read_text(encoding="utf-8"))
+                up = Upload.from_json(spool, doc)
+                if meta.name != f"{up.uid}.json":
+                    raise ValueError("record name and upload id differ")
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                log.error("unreadable upload record %s (%s): renamed to %s.bad", meta, exc,
+                          meta.name)
+                with contextlib.suppress(OSError):
+                    os.replace(meta, meta.with_name(meta.name + ".bad"))
+                continue
+            if self.owner and up.owner and up.owner != self.owner:
+                log.warning("upload %s in %s belongs to %s, not to this mount: left alone",
+                            up.display, spool, up.owner)
+                continue
+            if not up.data_path.exists():
+                log.error("upload %s (%s): its spool file is missing; record renamed to .bad",
+                          up.display, up.uid)
+                with contextlib.suppress(OSError):
+                    os.replace(meta, meta.with_name(meta.name + ".bad"))
+                continue
+            with contextlib.suppress(OSError):
+                up.size = os.stat(up.data_path).st_size
+            if up.state == DONE:
+                up.remove_files()
+                continue
+            if up.state == WRITING:
+                up.state = FAILED
+                up.reason = ("the daemon stopped while the file was open for writing; its "
+                             "content may be incomplete")
+                up.try_save()
+            elif up.state == UPLOADING:
+                up.state = PENDING
+                up.maybe_landed = True
+                up.try_save()
+            self.uploads[up.uid] = up
+            loaded.append(up)
+            log.info("found upload %s in the spool: %s", up.display, up.describe_state())
+        return loaded
+
+    def close_spool(self) -> None:
+        """Close spool files and release the spool directory lock."""
+        for up in self.uploads.values():
+            up.close_fd()
+        if self._lock_fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def spool_free(self) -> tuple[int, int]:
+        """``(free bytes, total bytes)`` of the spool's file system ((0, 0) if unknown)."""
+        try:
+            st = os.statvfs(self.spool_dir)
+        except OSError:
+            return 0, 0
+        return st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
+
+    # ------------------------------------------------------------------ formats
+
+    async def format_id(self, dataset_id: int, facility_id: int | None = None) -> int:
+        """The DatafileFormat id new datafiles of this dataset get (cached per facility).
+
+        Raises:
+            MissingTypeError: the facility has no such format.
+            ICATError, TransportError: the look-up failed.
+        """
+        if facility_id is None:
+            facility_id = self._facility_of.get(dataset_id)
+        if facility_id is None:
+            rows = await self._search(
+                f"SELECT ds.investigation.facility.id FROM Dataset ds WHERE ds.id = {dataset_id}")
+            if not rows or not isinstance(rows[0], int):
+                raise MissingTypeError(f"dataset {dataset_id} is not readable")
+            facility_id = int(rows[0])
+            self._facility_of[dataset_id] = facility_id
+        known = self._formats.get(facility_id)
+        if known is not None:
+            return known
+        query = (f"SELECT f.id, f.version FROM DatafileFormat f WHERE f.facility.id = "
+                 f"{facility_id} AND f.name = {quote(self.format_name)}")
+        if self.format_version is not None:
+            query += f" AND f.version = {quote(self.format_version)}"
+        rows = await self._search(query)
+        found = [(r[0], str(r[1] or "")) for r in rows if isinstance(r, tuple) and len(r) == 2]
+        if not found:
+            names = await self._search(
+                f"SELECT f.name, f.version FROM DatafileFormat f WHERE f.facility.id = "
+                f"{facility_id} ORDER BY f.name")
+            have = ", ".join(f"{r[0]}:{r[1]}" for r in names if isinstance(r, tuple))[:400]
+            wanted = self.format_name + (f":{self.format_version}" if self.format_version
+                                         else "")
+            msg = (f"the facility (id {facility_id}) has no datafile format {wanted!r}; "
+                   f"choose one with --datafile-format NAME[:VERSION] (it has: "
+                   f"{have or 'none'})")
+            log.error("%s", msg)
+            raise MissingTypeError(msg)
+        found.sort(key=lambda r: _version_key(r[1]))
+        fid = int(found[-1][0])
+        self._formats[facility_id] = fid
+        log.info("new datafiles of facility %d get datafile format %s:%s (id %d)",
+                 facility_id, self.format_name, found[-1][1], fid)
+        return fid
+
+    # ------------------------------------------------------------------ creating
+
+    def create(self, *, dataset_id: int, name: str, display: str, format_id: int | None,
+               replace_id: int | None = None) -> Upload:
+        """Start a new upload: an empty spool file and its record (state ``writing``).
+
+        ``replace_id`` names the datafile the new one replaces once stored.
+        Raises :class:`~idsfs.errors.SpoolError` when the spool cannot be written.
+        """
+        uid = secrets.token_hex(16)
+        up = Upload(self.spool_dir, uid, dataset_id=dataset_id, name=name, display=display,
+                    format_id=format_id, owner=self.owner)
+        up.replace_id = replace_id
+        try:
+            fd = os.open(up.data_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise SpoolError(f"cannot create a spool file for {display}: {exc.strerror or exc}",
+                             exc.errno) from exc
+        up.fd = fd
+        try:
+            up.save()
+        except SpoolError:
+            up.remove_files()
+            raise
+        self.uploads[uid] = up
+        return up
+
+    def adopt_handle(self, up: Upload, *, write: bool) -> None:
+        """Count a new file handle on ``up`` (a writer moves it back to ``writing``)."""
+        up.handles += 1
+        if write:
+            up.writers += 1
+            if up.state in (PENDING, FAILED, CONFLICT):
+                up.state = WRITING
+                up.try_save()
+
+    # ------------------------------------------------------------------ live uploads
+
+    def maybe_start_live(self, up: Upload) -> None:
+        """Start the live upload of ``up`` if it qualifies (see the module docstring)."""
+        if (up.live is not None or not up.live_possible or self._nursery is None
+                or self._closing or self._live_count >= self.max_live
+                or up.size < self.live_threshold or up.replace_id is not None
+                or up.datafile_id is not None or up.cancelled or up.write_error
+                or up.format_id is None):
+            return
+        if not up.sequential:
+            up.live_possible = False
+            return
+        live = _LiveStream(up.data_path, self.live_stall)
+        live.available = up.size
+        up.live = live
+        self._live_count += 1
+        self._nursery.start_soon(self._live_put, up, live)
+
+    async def _live_put(self, up: Upload, live: _LiveStream) -> None:
+        name = up.name
+        assert up.format_id is not None
+        # The modification time is not known before the end: it is set in ICAT
+        # after the upload (see _fix_mod_time).
+        call = functools.partial(
+            self._ids.put, live.body(), name, up.dataset_id, up.format_id,
+            datafileCreateTime=up.create_ms)
+        try:
+            live.result = await self._bridge.run(call, abandon_on_cancel=False,
+                                                 name="IDS put (live)")
+        except BaseException as exc:
+            live.error = exc
+            if isinstance(exc, trio.Cancelled):
+                raise
+        finally:
+            self._live_count -= 1
+            live.done.set()
+            if live.final is None and not live.aborted:
+                live.abort("the live upload ended early")
+            if live.error is not None and live.final is None:
+                self._live_aborted += 1
+                log.debug("live upload of %s given up: %s", up.display,
+                          live.why or _describe(live.error))
+                if up.live is live:
+                    up.live = None
+                    up.live_possible = False
+
+    # ------------------------------------------------------------------ committing
+
+    async def commit(self, up: Upload) -> int:
+        """Upload ``up`` now (the close the user sees); return the datafile id.
+
+        Does nothing when IDS already has the current content. On failure the
+        upload becomes ``pending`` (retried in the background), ``failed`` or
+        ``conflict`` (held) and :class:`~idsfs.errors.UploadFailedError` is
+        raised.
+        """
+        async with up.lock:
+            return await self._commit_locked(up, foreground=True)
+
+    async def _commit_locked(self, up: Upload, *, foreground: bool) -> int:
+        if up.cancelled:
+            raise UploadFailedError(f"{up.display} was deleted", FAILED, "deleted")
+        if up.landed:
+            return up.datafile_id  # type: ignore[return-value]
+        if up.write_error:
+            self._abort_live(up, "write error")
+            self._set(up, FAILED, up.write_error)
+            raise UploadFailedError(f"{up.display}: {up.write_error}", FAILED, up.write_error)
+        if up.datafile_id is not None and up.uploaded_generation != up.generation \
+                and up.temp_name is None and up.replace_id is None:
+            # written again after it was stored: replace our own datafile
+            up.replace_id = up.datafile_id
+            up.datafile_id = None
+        if up.replace_id is not None and up.datafile_id is None and up.temp_name is None:
+            up.temp_name = f"{_TEMP_PREFIX}{up.uid[:16]}"
+        generation = up.generation
+        up.state = UPLOADING
+        up.attempts += 1
+        up.in_progress = True
+        up.started_at = self._clock()
+        if not up.try_save() and foreground:
+            # without a record a crash could lose track of the attempt: refuse
+            up.in_progress = False
+            self._set(up, PENDING, "the upload record cannot be saved (spool disk full?)")
+            raise UploadFailedError(f"{up.display}: cannot save the upload record", PENDING,
+                                    up.reason)
+        try:
+            datafile_id = await self._attempt(up, foreground=foreground)
+        except _Fail as fail:
+            self._failures += 1
+            up.in_progress = False
+            self._set(up, fail.state, fail.reason)
+            if fail.state == PENDING:
+                up.next_attempt = self._clock() + self._backoff(up)
+            log.warning("upload of %s failed (%s, attempt %d): %s", up.display, fail.state,
+                        up.attempts, fail.reason)
+            self._wakeup.set()
+            raise UploadFailedError(f"upload of {up.display} failed: {fail.reason}",
+                                    fail.state, fail.reason) from fail.__cause__
+        except BaseException:
+            up.in_progress = False
+            up.state = PENDING
+            up.try_save()
+            raise
+        up.in_progress = False
+        up.uploaded_generation = generation
+        up.state = DONE
+        up.reason = ""
+        up.try_save()
+        if up.live_landed:
+            up.live_landed = False
+            await self.set_mod_time(datafile_id, up.mod_ms)
+        self._stored += 1
+        self._bytes_stored += up.size
+        took = self._clock() - (up.started_at or self._clock())
+        log.info("stored %s as datafile %d (%s in %.2f s)", up.display, datafile_id,
+                 _size(up.size), took)
+        if self.on_landed is not None:
+            try:
+                await self.on_landed(up)
+            except Exception:
+                log.exception("updating the tree after storing %s failed", up.display)
+        return datafile_id
+
+    async def set_mod_time(self, datafile_id: int, mod_ms: int) -> bool:
+        """Set ``datafileModTime`` of a datafile in ICAT (after a live upload, ``touch``).
+
+        Returns False (logged) when ICAT refuses; the file itself is stored.
+        """
+        try:
+            await self._bridge.run(
+                self._icat.update,
+                {"Datafile": {"id": datafile_id, "datafileModTime": icat_date(mod_ms)}},
+                abandon_on_cancel=False, name="ICAT set datafileModTime")
+            return True
+        except (IdsfsError, OSError) as exc:
+            log.warning("cannot set the modification time of datafile %d: %s", datafile_id,
+                        _describe(exc))
+            return False
+
+    async def settle(self, up: Upload) -> None:
+        """Find out whether the last attempt of a pending upload landed (before reopening it).
+
+        When it did, the upload is ``done`` (its datafile is the stored file).
+        Raises :class:`~idsfs.errors.UploadFailedError` when ICAT cannot tell now.
+        """
+        async with up.lock:
+            if up.datafile_id is not None or not up.maybe_landed or up.in_progress:
+                return
+            try:
+                found = await self._resolve(up, up.temp_name or up.name)
+            except _Fail as fail:
+                if fail.state == CONFLICT:
+                    self._set(up, CONFLICT, fail.reason)
+                    return
+                raise UploadFailedError(fail.reason, up.state, fail.reason) from None
+            up.maybe_landed = False
+            if found is None:
+                up.try_save()
+                return
+            up.datafile_id = found
+            if up.replace_id is None and up.temp_name is None:
+                up.uploaded_generation = up.generation
+                up.state = DONE
+                up.reason = ""
+            up.try_save()
+            if up.landed and self.on_landed is not None:
+                await self.on_landed(up)
+
+    def _set(self, up: Upload, state: str, reason: str) -> None:
+        up.state = state
+        up.reason = reason
+        up.try_save()
+        if self.on_changed is not None:
+            try:
+                self.on_changed(up)
+            except Exception:
+                log.exception("on_changed failed")
+
+    def _backoff(self, up: Upload) -> float:
+        n = max(0, up.attempts - 1)
+        return min(self.max_retry_delay, self.retry_delay * (2 ** min(n, 30)))
+
+    def _abort_live(self, up: Upload, why: str) -> None:
+        if up.live is not None:
+            up.live.abort(why)
+
+    async def _attempt(self, up: Upload, *, foreground: bool) -> int:
+        """Run the steps that remain for ``up``; return the datafile id or raise _Fail."""
+        # 1. wrong datafiles registered by earlier attempts go first
+        for bad in list(up.cleanup_ids):
+            try:
+                await self._delete_datafile(bad)
+            except IDSNotFoundError:
+                pass
+            except (IdsfsError, OSError) as exc:
+                raise _Fail(PENDING, f"cannot remove the wrong datafile {bad} an earlier "
+                                     f"attempt left: {_describe(exc)}") from exc
+            up.cleanup_ids.remove(bad)
+            up.try_save()
+        target = up.temp_name or up.name
+        # 2. an earlier attempt whose outcome is not known: did it land?
+        if up.datafile_id is None and up.maybe_landed:
+            self._abort_live(up, "resuming")
+            found = await self._resolve(up, target)
+            if found is not None:
+                up.datafile_id = found
+                up.maybe_landed = False
+                up.try_save()
+        # 3. the put
+        if up.datafile_id is None:
+            up.datafile_id = await self._put(up, target, foreground=foreground)
+            up.maybe_landed = False
+            up.try_save()
+        # 4. a replace: delete the old datafile, then give the new one the real name
+        if up.replace_id is not None:
+            old = up.replace_id
+            try:
+                await self._delete_datafile(old)
+            except IDSNotFoundError:
+                pass  # gone already
+            except (IdsfsError, OSError) as exc:
+                raise _Fail(PENDING, f"stored as {target!r} (datafile {up.datafile_id}) but "
+                                     f"the old datafile {old} could not be deleted: "
+                                     f"{_describe(exc)}") from exc
+            up.replace_id = None
+            up.replaced_ids.append(old)
+            up.try_save()
+        if up.temp_name is not None:
+            try:
+                await self._bridge.run(
+                    self._icat.update, {"Datafile": {"id": up.datafile_id, "name": up.name}},
+                    abandon_on_cancel=False, name="ICAT rename datafile")
+            except ICATError as exc:
+                if exc.type == "OBJECT_ALREADY_EXISTS":
+                    raise _Fail(CONFLICT, f"stored as {up.temp_name!r} (datafile "
+                                          f"{up.datafile_id}): another datafile is named "
+                                          f"{up.name!r} now") from exc
+                raise _Fail(PENDING, f"stored as {up.temp_name!r} (datafile {up.datafile_id}) "
+                                     f"but renaming it failed: {_describe(exc)}") from exc
+            except (TransportError, OSError) as exc:
+                raise _Fail(PENDING, f"stored as {up.temp_name!r} (datafile {up.datafile_id}) "
+                                     f"but renaming it failed: {_describe(exc)}") from exc
+            up.temp_name = None
+            up.try_save()
+        assert up.datafile_id is not None
+        return up.datafile_id
+
+    async def _put(self, up: Upload, target: str, *, foreground: bool) -> int:
+        """Send the spool (or finish the live upload); classify failures into _Fail."""
+        if up.format_id is None:
+            try:
+                up.format_id = await self.format_id(up.dataset_id)
+            except MissingTypeError as exc:
+                raise _Fail(FAILED, str(exc)) from exc
+            except (IdsfsError, OSError) as exc:
+                raise _Fail(PENDING, f"cannot look up the datafile format: "
+                                     f"{_describe(exc)}") from exc
+        deadline = self._clock() + (self.online_wait if foreground else 0.0)
+        delay = 0.25
+        renewed = False
+        while True:
+            used = self._ids.sessionId
+            up.maybe_landed = True
+            up.try_save()
+            try:
+                return await self._put_once(up, target)
+            except IDSInsufficientPrivilegesError as exc:
+                # nothing stored; a renewed session deserves one more try at once
+                up.maybe_landed = False
+                if not renewed and await self._session_changed(used):
+                    renewed = True
+                    continue
+                raise _Fail(PENDING, _describe(exc)) from exc
+            except IDSDataNotOnlineError as exc:
+                up.maybe_landed = False
+                left = deadline - self._clock()
+                if left > 0:
+                    await trio.sleep(min(delay, left))
+                    delay = min(delay * 2, 5.0)
+                    continue
+                busy = "busy" in exc.message.lower()
+                why = ("the dataset is locked by another operation (Data is busy)" if busy
+                       else "the dataset is archived; IDS is restoring it")
+                raise _Fail(PENDING, f"{why} ({_describe(exc)})") from exc
+            except IDSNotImplementedError as exc:
+                up.maybe_landed = False
+                raise _Fail(PENDING, f"the IDS does not accept uploads now (read-only?): "
+                                     f"{_describe(exc)}") from exc
+            except (IDSBadRequestError, IDSNotFoundError) as exc:
+                up.maybe_landed = False
+                raise _Fail(FAILED, _describe(exc)) from exc
+            except IDSResponseError as exc:
+                wrong = getattr(exc, "datafile_id", None)
+                if isinstance(wrong, int):
+                    # registered, but not with our bytes: remove it, then retry later
+                    up.maybe_landed = False
+                    up.cleanup_ids.append(wrong)
+                    up.try_save()
+                    with contextlib.suppress(IdsfsError, OSError):
+                        await self._delete_datafile(wrong)
+                        up.cleanup_ids.remove(wrong)
+                        up.try_save()
+                    raise _Fail(PENDING, _describe(exc)) from exc
+                return await self._after_ambiguous(up, target, exc)
+            except (TransportError, IDSError, OSError) as exc:
+                return await self._after_ambiguous(up, target, exc)
+
+    async def _after_ambiguous(self, up: Upload, target: str, exc: BaseException) -> int:
+        """After a failure that may have landed: ask ICAT. Returns the id if it landed.
+
+        Raises _Fail (pending when it did not land, conflict when another
+        datafile has the name).
+        """
+        found = await self._resolve(up, target)
+        if found is not None:
+            log.info("upload of %s: the answer was lost (%s) but the datafile is there "
+                     "(id %d)", up.display, _describe(exc), found)
+            return found
+        up.maybe_landed = False
+        up.try_save()
+        raise _Fail(PENDING, _describe(exc)) from exc
+
+    async def _resolve(self, up: Upload, target: str) -> int | None:
+        """Does a datafile ``target`` with our size and CRC32 exist? Its id, or None.
+
+        Raises _Fail(CONFLICT) when one with other content exists, _Fail(PENDING)
+        when ICAT cannot tell now (``maybe_landed`` stays set).
+        """
+        query = (f"SELECT df.id, df.fileSize, df.checksum, df.location FROM Datafile df "
+                 f"WHERE df.dataset.id = {up.dataset_id} AND df.name = {quote(target)}")
+        rows: list[Any] = []
+        for attempt in range(_RESOLVE_TRIES):
+            try:
+                rows = await self._search(query)
+                break
+            except (IdsfsError, OSError) as exc:
+                if attempt + 1 >= _RESOLVE_TRIES:
+                    raise _Fail(PENDING, f"the outcome of the last attempt is not known and "
+                                         f"ICAT cannot be asked now: {_describe(exc)}") from exc
+                await trio.sleep(0.2)
+        if not rows:
+            return None
+        row = rows[0]
+        if not isinstance(row, tuple) or len(row) != 4:
+            raise _Fail(PENDING, f"unexpected ICAT answer {str(row)[:80]}")
+        did, size, checksum, location = row
+        if up.crc is None:
+            try:
+                up.crc = await self._bridge.run(up.compute_crc, name="spool CRC32")
+            except OSError as exc:
+                raise _Fail(FAILED, f"cannot read the spool file: {exc.strerror or exc}") \
+                    from exc
+            up.try_save()
+        ours = isinstance(size, int) and size == up.size and location is not None \
+            and _same_crc(checksum, up.crc)
+        if ours:
+            return int(did)
+        raise _Fail(CONFLICT, f"a different datafile {target!r} (id {did}, {size} bytes, "
+                              f"checksum {checksum}) exists in the dataset; not overwritten")
+
+    async def _put_once(self, up: Upload, target: str) -> int:
+        live = up.live
+        if live is not None and target == up.name and up.temp_name is None:
+            if live.finish(up.size):
+                await live.done.wait()
+                if live.result is not None:
+                    up.live = None
+                    up.live_landed = True
+                    return live.result
+                if live.error is not None:
+                    up.live = None
+                    if isinstance(live.error, Exception) and not isinstance(
+                            live.error, _LiveAborted):
+                        raise live.error
+            else:
+                live.abort("the file changed")
+                await live.done.wait()
+                up.live = None
+        assert up.format_id is not None
+        call = functools.partial(self._put_file, up, target, up.format_id)
+        return await self._bridge.run(call, abandon_on_cancel=False, name="IDS put")
+
+    def _put_file(self, up: Upload, target: str, format_id: int) -> int:
+        """Blocking: ``put`` the whole spool file (Content-Length, as ``curl -T``)."""
+        with open(up.data_path, "rb", buffering=0) as f:
+            size = os.fstat(f.fileno()).st_size
+            if size != up.size:
+                raise OSError(errno.EIO, f"spool file has {size} bytes, {up.size} expected")
+            return self._ids.put(f if size else b"", target, up.dataset_id, format_id,
+                                 datafileCreateTime=up.create_ms, datafileModTime=up.mod_ms)
+
+    async def _session_changed(self, used: str | None) -> bool:
+        if self._ids.sessionId != used:
+            return True
+        if self._renew_session is None:
+            return False
+        try:
+            return bool(await self._renew_session())
+        except Exception:
+            log.debug("session renewal failed", exc_info=True)
+            return False
+
+    async def _search(self, query: str) -> list[Any]:
+        return await self._bridge.run(self._icat.search, query, name="ICAT search")
+
+    async def _delete_datafile(self, datafile_id: int) -> None:
+        """IDS ``delete`` of one datafile, retrying "Data is busy" briefly."""
+        await delete_datafile(self._ids, self._bridge, datafile_id)
+
+    async def delete(self, datafile_id: int) -> None:
+        """Delete a datafile through IDS (``unlink``); see :func:`delete_datafile`."""
+        await delete_datafile(self._ids, self._bridge, datafile_id)
+
+    async def fsync(self, up: Upload) -> None:
+        """``fsync`` the spool file of ``up`` (in a worker thread)."""
+        await self._bridge.run(up.fsync, name="spool fsync")
+
+    async def rename(self, up: Upload, new_name: str, display: str) -> None:
+        """Give a file written here another ICAT name (``rename`` within its dataset).
+
+        Its datafile, if stored, is renamed in ICAT too (an attempt whose
+        outcome is unknown is settled first). Raises ICAT errors
+        (``ICATObjectExistsError`` when the name is taken).
+        """
+        await self.settle(up)
+        async with up.lock:
+            if up.datafile_id is not None and up.temp_name is None:
+                await self._bridge.run(
+                    self._icat.update, {"Datafile": {"id": up.datafile_id, "name": new_name}},
+                    abandon_on_cancel=False, name="ICAT rename datafile")
+            self._abort_live(up, "renamed")
+            up.live_possible = False
+            up.name = new_name
+            up.display = display
+            up.try_save()
+
+    # ------------------------------------------------------------------ handles closing
+
+    def released(self, up: Upload) -> None:
+        """The last file handle of ``up`` was closed.
+
+        A deleted upload's spool goes; a stored one is finished (spool deleted,
+        state ``done``); a file never uploaded or changed since its last upload
+        is queued for an upload right away (the close could not report it).
+        """
+        if up.handles > 0:
+            return
+        up.close_fd()
+        if up.cancelled:
+            self.forget(up)
+            return
+        if up.landed:
+            up.state = DONE
+            self.forget(up)
+            return
+        if up.write_error:
+            self._abort_live(up, "write error")
+            if up.state != FAILED:
+                self._set(up, FAILED, up.write_error)
+            return
+        if up.state in (WRITING, UPLOADING):
+            up.state = PENDING
+            if not up.reason:
+                up.reason = "waiting for its upload"
+            up.try_save()
+            up.next_attempt = self._clock()
+            self._wakeup.set()
+
+    def forget(self, up: Upload) -> None:
+        """Drop ``up`` and its spool files (after it landed or was deleted)."""
+        self._abort_live(up, "forgotten")
+        self.uploads.pop(up.uid, None)
+        up.remove_files()
+
+    async def discard(self, up: Upload) -> None:
+        """``unlink`` of a file not yet (or just) stored: drop the spool.
+
+        A datafile it already produced (stored, or maybe stored by an attempt
+        whose outcome is unknown) is deleted through IDS too. Raises the IDS
+        or ICAT error when that fails (the upload is then kept).
+        """
+        self._abort_live(up, "deleted")
+        async with up.lock:
+            if up.datafile_id is None and up.maybe_landed:
+                try:
+                    found = await self._resolve(up, up.temp_name or up.name)
+                except _Fail as fail:
+                    if fail.state != CONFLICT:
+                        raise UploadFailedError(fail.reason, up.state, fail.reason) from None
+                    found = None
+                up.datafile_id = found
+            for did in [*up.cleanup_ids, *([up.datafile_id] if up.datafile_id else [])]:
+                with contextlib.suppress(IDSNotFoundError):
+                    await self._delete_datafile(did)
+            up.cancelled = True
+            if up.handles <= 0:
+                self.forget(up)
+            # else: the open handles keep the spool until the last one is closed
+
+    # ------------------------------------------------------------------ background
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Retry pending uploads in the background until cancelled (start in a nursery)."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            try:
+                while True:
+                    await self._retry_due()
+                    self._wakeup = trio.Event()
+                    wait = self._next_wait()
+                    with trio.move_on_after(wait):
+                        await self._wakeup.wait()
+            finally:
+                self._nursery = None
+
+    def _next_wait(self) -> float:
+        now = self._clock()
+        due = [up.next_attempt - now for up in self.uploads.values()
+               if up.state == PENDING and up.handles == 0 and not up.in_progress]
+        return max(0.0, min(due)) if due else 3600.0
+
+    async def _retry_due(self) -> None:
+        now = self._clock()
+        for up in list(self.uploads.values()):
+            if (up.state == PENDING and up.handles == 0 and not up.in_progress
+                    and not up.cancelled and up.next_attempt <= now):
+                await self.retry(up)
+
+    async def retry(self, up: Upload) -> bool:
+        """One background attempt for ``up``; True when it landed."""
+        if up.lock.locked():
+            return False
+        async with up.lock:
+            if up.state != PENDING or up.handles > 0 or up.cancelled:
+                return up.landed
+            try:
+                await self._commit_locked(up, foreground=False)
+            except UploadFailedError:
+                return False
+        if up.handles == 0 and up.landed:
+            up.state = DONE
+            self.forget(up)
+            if self.on_changed is not None:
+                self.on_changed(up)
+        return True
+
+    def wake(self) -> None:
+        """Make the background loop look at the uploads now (e.g. after a retry request)."""
+        self._wakeup.set()
+
+    async def aclose(self, wait: float = DEFAULT_UPLOAD_WAIT) -> list[Upload]:
+        """Try the pending uploads (ignoring back-off) for up to ``wait`` seconds.
+
+        Returns the uploads that remain (logged; they stay in the spool for the
+        next mount). Aborts live uploads and closes the spool.
+        """
+        self._closing = True
+        for up in list(self.uploads.values()):
+            self._abort_live(up, "the mount is stopping")
+            if up.handles > 0 and not up.cancelled:
+                # no FUSE request comes any more: nobody can close these files
+                up.handles = 0
+                if up.writers > 0 and up.dirty and up.state == WRITING:
+                    self._set(up, FAILED, "the mount stopped while the file was open for "
+                                          "writing; its content may be incomplete")
+                up.writers = 0
+                self.released(up)
+        deadline = self._clock() + wait
+        with trio.move_on_after(max(0.0, wait)):
+            while True:
+                todo = [up for up in self.uploads.values()
+                        if up.state in (PENDING, WRITING, UPLOADING) and not up.cancelled]
+                if not todo:
+                    break
+                progressed = False
+                for up in todo:
+                    if up.state != PENDING:
+                        up.state = PENDING
+                    up.next_attempt = 0.0
+                    if await self.retry(up):
+                        progressed = True
+                if not progressed:
+                    left = deadline - self._clock()
+                    if left <= 0:
+                        break
+                    await trio.sleep(min(left, max(0.2, self.retry_delay)))
+        remaining = [up for up in self.uploads.values() if up.state != DONE and not up.cancelled]
+        for up in remaining:
+            if up.state in (WRITING, UPLOADING):
+                up.state = PENDING
+                up.try_save()
+            log.warning("upload not finished, kept in %s for the next mount: %s",
+                        self.spool_dir, up.line())
+        self.close_spool()
+        return remaining
+
+    # ------------------------------------------------------------------ status
+
+    def stats(self) -> UploaderStats:
+        """A snapshot for ``idsfs status``."""
+        now = self._clock()
+        in_progress = []
+        pending = []
+        spool_bytes = 0
+        writing = 0
+        for up in self.uploads.values():
+            spool_bytes += up.size
+            if up.in_progress:
+                took = max(1e-6, now - (up.started_at or now))
+                sent = up.live.sent if up.live is not None else None
+                rate = f", {_size(int(sent / took))}/s" if sent else ""
+                in_progress.append(f"{up.display} ({_size(up.size)}{rate})")
+            elif up.state == WRITING:
+                writing += 1
+            elif up.state in (PENDING, FAILED, CONFLICT):
+                pending.append(up.line())
+        return UploaderStats(str(self.spool_dir), writing, tuple(in_progress), tuple(pending),
+                             self._stored, self._bytes_stored, self._failures,
+                             self._live_aborted, spool_bytes)
+
+    def status(self) -> dict[str, Any]:
+        """:meth:`stats` as a JSON-able dict (the ``uploads`` section of ``idsfs status``)."""
+        return self.stats().as_dict()
+
+    def pending_lines(self) -> list[str]:
+        """One line per upload an unmount would wait for or leave in the spool."""
+        return [up.line() for up in self.uploads.values()
+                if up.state != DONE and not up.cancelled]
+
+
+def icat_date(ms: int) -> str:
+    """Epoch milliseconds as an ICAT date (``2024-05-01T12:00:00.000+00:00``)."""
+    seconds, millis = divmod(int(ms), 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{millis:03d}+00:00"
+
+
+def _same_crc(checksum: Any, crc: int | None) -> bool:
+    """ICAT's hex checksum (no leading zeros) equals ``crc``."""
+    if crc is None or not isinstance(checksum, str):
+        return False
+    try:
+        return int(checksum.strip(), 16) == crc
+    except ValueError:
+        return False
+
+
+async def delete_datafile(ids: IDSClient, bridge: ThreadBridge, datafile_id: int,
+                          busy_tries: int = 6) -> None:
+    """IDS ``delete`` of one datafile, retrying "Data is busy" (503) with back-off.
+
+    A definitive 503 changed nothing, so repeating it is safe. Raises the IDS
+    error otherwise (``IDSNotFoundError`` when it is gone already).
+    """
+    selection = DataSelection({"datafileIds": [datafile_id]})
+    delay = 0.1
+    for attempt in range(busy_tries):
+        try:
+            await bridge.run(ids.delete, selection, abandon_on_cancel=False, name="IDS delete")
+            return
+        except IDSDataNotOnlineError as exc:
+            if "busy" not in exc.message.lower() or attempt + 1 >= busy_tries:
+                raise
+            await trio.sleep(delay)
+            delay = min(delay * 2, 2.0)

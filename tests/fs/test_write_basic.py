@@ -1,0 +1,47 @@
+"""Write path, handler level: create/write/close uploads with put; what the tree shows."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import pyfuse3
+import pytest
+from writekit import DEMO_VISIT, WriteTree, crc_hex, datafiles_named, stored_bytes, wtree  # noqa: F401
+
+DS = f"{DEMO_VISIT}/raw"
+
+
+def dataset_id_of(t: WriteTree, xattrs: dict[str, str]) -> int:
+    return int(xattrs["user.ids.id"])
+
+
+def test_create_write_close_stores_one_datafile(fresh_emu, wtree) -> None:
+    t = wtree(fresh_emu)
+    data = os.urandom(300_000)
+
+    async def body(t: WriteTree) -> None:
+        ds_ino = await t.ino(DS)
+        ds_id = int((await t.ops.getxattr(ds_ino, b"user.ids.id", t.ctx)).decode())
+        fresh_emu.counters.reset()
+        fh, ino = await t.create(f"{DS}/new.bin")
+        await t.write_all(fh, data)
+        attr = await t.ops.getattr(ino, t.ctx)
+        assert attr.st_size == len(data)
+        assert fresh_emu.counters.get("ids/put") == 0
+        assert await t.close(fh) == 0
+        assert fresh_emu.counters.get("ids/put") == 1
+        rows = datafiles_named(fresh_emu, ds_id, "new.bin")
+        assert len(rows) == 1
+        did, size, checksum, location = rows[0]
+        assert size == len(data) and checksum == crc_hex(data) and location
+        assert stored_bytes(fresh_emu, did) == data
+        # the tree shows the datafile at once, with its id
+        assert "new.bin" in await t.names(DS)
+        assert await t.xattr(f"{DS}/new.bin", "user.ids.id") == str(did)
+        assert (await t.walk(f"{DS}/new.bin")).st_size == len(data)
+        assert await t.read_file(f"{DS}/new.bin") == data
+        assert not list(t.spool.glob("*.data"))
+
+    t.run(body)
