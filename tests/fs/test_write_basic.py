@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
-import errno
 import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import pyfuse3
 import pytest
-from writekit import DEMO_VISIT, WriteTree, crc_hex, datafiles_named, stored_bytes, wtree  # noqa: F401
+from writekit import DEMO_VISIT, WriteTree, crc_hex, datafiles_named, stored_bytes, write_trees
 
 DS = f"{DEMO_VISIT}/raw"
+
+
+@pytest.fixture
+def wtree(tmp_path: Path) -> Iterator[Callable[..., WriteTree]]:
+    with write_trees(tmp_path) as make:
+        yield make
 
 
 def dataset_id_of(t: WriteTree, xattrs: dict[str, str]) -> int:

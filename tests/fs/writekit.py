@@ -10,17 +10,17 @@ are called directly (see tests/fs/conftest.py).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import zlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pyfuse3
-import pytest
 import trio
-from fshelp import PASSWORDS, UID, GID, login
+from fshelp import GID, PASSWORDS, UID, login
 
 from idsfs.aio import ThreadBridge
 from idsfs.blockcache import BlockCache
@@ -35,7 +35,7 @@ from idsfs.upload import Uploader
 DEMO_VISIT = "DEMO/DEMO-2024-001/1"
 
 __all__ = ["DEMO_VISIT", "PASSWORDS", "WriteTree", "crc_hex", "datafiles_named", "fuse_errno",
-           "stored_bytes", "wtree"]
+           "setattr_fields", "stored_bytes", "write_trees"]
 
 
 class WriteTree:
@@ -74,10 +74,8 @@ class WriteTree:
         """Like the daemon's renew_session: ask ICAT (which re-logs in), pass the id on."""
         self.renewals += 1
         before = self.ids.sessionId
-        try:
+        with contextlib.suppress(Exception):
             await trio.to_thread.run_sync(self.icat.session_info)
-        except Exception:  # noqa: BLE001
-            pass
         self.ids.sessionId = self.icat.sessionId
         return self.ids.sessionId != before
 
@@ -215,17 +213,18 @@ class WriteTree:
         return value.decode("utf-8", "surrogatepass")
 
     async def settle(self, timeout: float = 10.0) -> None:
-        """Wait until no upload is pending or in progress (the background retries ran)."""
+        """Wait until every upload landed and left the spool, or is held (failed, conflict)."""
         with trio.fail_after(timeout):
-            while any(up.state in ("pending", "uploading", "writing")
+            while any(up.state not in ("failed", "conflict")
                       for up in self.uploader.uploads.values()):
                 await trio.sleep(0.02)
 
 
-@pytest.fixture
-def wtree(tmp_path: Path) -> Any:
-    """Factory ``wtree(emulator, user="alice", **options)`` of :class:`WriteTree`s whose
-    spool is under ``tmp_path``; their ICAT clients are closed at teardown."""
+@contextlib.contextmanager
+def write_trees(tmp_path: Path) -> Iterator[Callable[..., WriteTree]]:
+    """Factory ``make(emulator, user="alice", *, spool=None, **options)`` of
+    :class:`WriteTree`s whose spool is under ``tmp_path``; their ICAT clients are
+    closed at the end. Test modules wrap it in their ``wtree`` fixture."""
     made: list[WriteTree] = []
 
     def make(emu: Emulator, user: str = "alice", *, spool: Path | None = None,
@@ -239,6 +238,15 @@ def wtree(tmp_path: Path) -> Any:
     finally:
         for t in made:
             t.shutdown()
+
+
+def setattr_fields(**changed: bool) -> Any:
+    """A stand-in for ``pyfuse3.SetattrFields`` (whose attributes Python cannot set)."""
+    from types import SimpleNamespace
+
+    names = ("update_atime", "update_mtime", "update_ctime", "update_mode", "update_uid",
+             "update_gid", "update_size")
+    return SimpleNamespace(**{n: bool(changed.get(n.removeprefix("update_"))) for n in names})
 
 
 def fuse_errno(exc: BaseException) -> int:
