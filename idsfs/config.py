@@ -79,6 +79,8 @@ __all__ = [
     "CREDENTIAL_SESSION",
     "DEFAULT_BLOCK_SIZE",
     "DEFAULT_CACHE_SIZE",
+    "DEFAULT_DATAFILE_FORMAT",
+    "DEFAULT_DATASET_TYPE",
     "DEFAULT_READAHEAD",
     "ENV_CONFIG_FILE",
     "ENV_CONFIG_SECTION",
@@ -130,6 +132,10 @@ CONFIG_FILE_NAME = "icat.cfg"
 DEFAULT_CACHE_SIZE = 256 << 20
 #: default block size: 1 MiB (see :mod:`idsfs.blockcache`)
 DEFAULT_BLOCK_SIZE = 1 << 20
+#: default DatafileFormat of new datafiles (idsfs.upload.DEFAULT_DATAFILE_FORMAT)
+DEFAULT_DATAFILE_FORMAT = "binary"
+#: default DatasetType of datasets made with mkdir (idsfs.fs.DEFAULT_DATASET_TYPE)
+DEFAULT_DATASET_TYPE = "processed"
 #: default kernel readahead of the mount: 8 MiB (the kernel's own is 128 KiB)
 DEFAULT_READAHEAD = 8 << 20
 
@@ -377,6 +383,15 @@ def _parse_section(text: str) -> str:
     return value
 
 
+def _parse_format(text: str) -> str:
+    """``NAME[:VERSION]`` of a DatafileFormat (checked here, looked up at the facility)."""
+    value = str(text).strip()
+    name, sep, version = value.partition(":")
+    if not name.strip() or (sep and not version.strip()):
+        raise ValueError(f"not NAME[:VERSION]: {text!r}")
+    return value
+
+
 def _parse_proxy(text: str) -> str:
     value = str(text).strip()
     parts = urlsplit(value)
@@ -442,7 +457,8 @@ OPTIONS: tuple[OptionSpec, ...] = (
                "stay in the foreground (default: return once the mount answers and run in "
                "the background)"),
     OptionSpec("read_only", (), "ro", parse_bool,
-               "read-only mount (the default until writes exist); -o rw asks for read-write"),
+               "read-only mount (default: read-write, -o rw; a read-only IDS always mounts "
+               "read-only)"),
     OptionSpec("allow_other", (), "allow_other", parse_bool,
                "let other users than the mounting one use the mount (see docs/usage.md)"),
     OptionSpec("default_permissions", (), "default_permissions", parse_bool,
@@ -473,6 +489,28 @@ OPTIONS: tuple[OptionSpec, ...] = (
     OptionSpec("max_threads", ("--max-threads",), "max_threads", _parse_int,
                "most ICAT/IDS requests running at once (default: 16)", "N",
                group="caching and transfers"),
+    # writing
+    OptionSpec("spool_dir", ("--spool-dir",), "spool_dir", _parse_path,
+               "where files written through the mount wait for their upload, and pending "
+               "uploads survive restarts (default: $XDG_CACHE_HOME/idsfs/spool/<mount id>, "
+               "~/.cache when unset; /var/cache/idsfs/spool/<mount id> for root)", "DIR",
+               group="writing"),
+    OptionSpec("datafile_format", ("--datafile-format",), "datafile_format", _parse_format,
+               f"DatafileFormat of new datafiles, looked up at the dataset's facility; without "
+               f"VERSION the highest version of NAME (default: {DEFAULT_DATAFILE_FORMAT})",
+               "NAME[:VERSION]", group="writing"),
+    OptionSpec("dataset_type", ("--dataset-type",), "dataset_type", _parse_str,
+               f"DatasetType of datasets made with mkdir in a visit directory (default: "
+               f"{DEFAULT_DATASET_TYPE})", "NAME", group="writing"),
+    OptionSpec("replace_datafiles", ("--replace",), "replace", parse_bool,
+               "let existing datafiles be written again: the new version is stored first, "
+               "then the old one deleted (default: refused with EACCES)", group="writing"),
+    OptionSpec("upload_wait", ("--upload-wait",), "upload_wait", parse_duration,
+               "how long an unmount waits for pending uploads; what remains stays in the "
+               "spool for the next mount (default: 60s)", "SECONDS", group="writing"),
+    OptionSpec("upload_retry", ("--upload-retry",), "upload_retry", parse_duration,
+               "first delay before a failed upload is retried in the background, doubling "
+               "up to 10 minutes (default: 5s)", "SECONDS", group="writing"),
     # logging
     OptionSpec("debug", ("--debug",), "debug", parse_bool,
                "log every request and FUSE operation (implies --log-level debug)",
@@ -538,7 +576,7 @@ class Config:
     #: stay in the foreground
     foreground: bool = False
     #: read-only mount
-    read_only: bool = True
+    read_only: bool = False
     #: FUSE allow_other
     allow_other: bool = False
     #: FUSE default_permissions (kernel checks modes); always on
@@ -562,6 +600,18 @@ class Config:
     readahead: int = DEFAULT_READAHEAD
     #: most blocking ICAT/IDS calls at once (ThreadBridge size)
     max_threads: int = 16
+    #: spool directory of files being written (None: :func:`idsfs.upload.default_spool_dir`)
+    spool_dir: Path | None = None
+    #: ``NAME[:VERSION]`` of the DatafileFormat new datafiles get
+    datafile_format: str = DEFAULT_DATAFILE_FORMAT
+    #: DatasetType name of datasets made with mkdir
+    dataset_type: str = DEFAULT_DATASET_TYPE
+    #: existing datafiles may be written again (stored first, old one deleted after)
+    replace_datafiles: bool = False
+    #: how long an unmount waits for pending uploads, seconds
+    upload_wait: float = 60.0
+    #: first delay before retrying a failed upload, seconds
+    upload_retry: float = 5.0
     #: request tracing
     debug: bool = False
     #: log level name (``debug``/``info``/``warning``/``error``)
@@ -582,6 +632,8 @@ class Config:
             object.__setattr__(self, "log_file", Path(os.path.abspath(self.log_file)))
         if self.ca_file is not None:
             object.__setattr__(self, "ca_file", Path(os.path.abspath(self.ca_file)))
+        if self.spool_dir is not None:
+            object.__setattr__(self, "spool_dir", Path(os.path.abspath(self.spool_dir)))
         if not self.default_permissions:
             raise ConfigError("-o default_permissions: cannot be turned off")
         object.__setattr__(self, "fuse_options", frozenset(self.fuse_options))
@@ -619,7 +671,10 @@ class Config:
             check_block_size(self.block_size)
         except ValueError as exc:
             raise ConfigError(f"--block-size: {exc}") from None
-        for name in ("metadata_ttl", "restore_wait"):
+        _check("datafile_format", self.datafile_format, _parse_format)
+        if not self.dataset_type.strip():
+            raise ConfigError("--dataset-type: must not be empty")
+        for name in ("metadata_ttl", "restore_wait", "upload_wait", "upload_retry"):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
                 raise ConfigError(f"{_BY_FIELD[name].display}: must be 0 or more seconds")

@@ -570,6 +570,7 @@ class Daemon:
         self.cache: Any = None
         self.catalog: Any = None
         self.transfer: Any = None
+        self.uploader: Any = None
         self.read_only = config.read_only
         self._session_ids: list[str] = []
         self._lock = threading.Lock()
@@ -757,7 +758,7 @@ class Daemon:
 
     def build(self) -> None:
         """Create the bridge, the block cache, the catalogue, the transfers and the Operations."""
-        from idsfs import catalog, fs, transfer
+        from idsfs import catalog, fs, transfer, upload
         from idsfs.aio import ThreadBridge
         from idsfs.blockcache import BlockCache
 
@@ -769,8 +770,28 @@ class Daemon:
         self.transfer = transfer.Transfer(self.ids, self.bridge, self.cache,
                                           restore_wait=cfg.restore_wait,
                                           renew_session=self.renew_session)
+        self.uploader = None
+        if not self.read_only:
+            # the write path (issue 5): spool, uploads, pending ones from an earlier run
+            user = self._session_user or cfg.user
+            spool = cfg.spool_dir or upload.default_spool_dir(self.icat.url.rstrip("/"), user,
+                                                              cfg.mountpoint)
+            self.uploader = upload.Uploader(
+                self.ids, self.icat, self.bridge, spool, datafile_format=cfg.datafile_format,
+                owner=f"{self.icat.url.rstrip('/')} {user}", retry_delay=cfg.upload_retry,
+                online_wait=cfg.restore_wait, renew_session=self.renew_session)
+            try:
+                found = self.uploader.open_spool()
+            except IdsfsError as exc:
+                raise StartupError(str(exc)) from exc
+            if found:
+                log.info("%d unfinished upload(s) in %s: retrying them", len(found), spool)
+            self.add_status_provider("uploads", self.uploader.status,
+                                     pending=self.uploader.pending_lines)
         self.operations = fs.Operations(self.catalog, self.transfer, uid=cfg.uid, gid=cfg.gid,
-                                        read_only=self.read_only, block_size=cfg.block_size)
+                                        read_only=self.read_only, block_size=cfg.block_size,
+                                        uploader=self.uploader, replace=cfg.replace_datafiles,
+                                        dataset_type=cfg.dataset_type, notify_kernel=True)
         if cfg.debug:
             trace_operations(self.operations)
 
@@ -813,6 +834,8 @@ class Daemon:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             await nursery.start(self.transfer.run)
+            if self.uploader is not None:
+                await nursery.start(self.uploader.run)
             nursery.start_soon(self._watch_signals, nursery.cancel_scope)
             nursery.start_soon(self._probe_ready, reporter)
             nursery.start_soon(self._keep_session)
@@ -827,12 +850,32 @@ class Daemon:
                     self._stop_requested = True
                     log.info("%s was unmounted: stopping", self.config.mountpoint)
                     sd_notify("STOPPING=1", "STATUS=unmounted")
+                if self.uploader is not None:
+                    self.uploader.stop_live()
                 nursery.cancel_scope.cancel()
                 with trio.CancelScope(shield=True):
                     await self.transfer.aclose()
+                    if self.uploader is not None:
+                        await self._finish_uploads()
         if not reporter.done:
             reporter.failed(f"the mount on {self.config.mountpoint} ended before it answered"
                             + (f": {self.fatal}" if self.fatal else ""))
+
+    async def _finish_uploads(self) -> None:
+        """After the FUSE loop: give pending uploads ``--upload-wait`` seconds, report the rest."""
+        assert self.uploader is not None
+        waiting = self.uploader.pending_lines()
+        wait = self.config.upload_wait
+        if waiting:
+            self.announce("waiting", f"waiting up to {wait:g} s for {len(waiting)} upload(s)",
+                          pending=waiting)
+        remaining = await self.uploader.aclose(wait)
+        if remaining:
+            self.announce("waiting", f"{len(remaining)} upload(s) not finished; they stay in "
+                          f"{self.uploader.spool_dir} for the next mount",
+                          pending=[up.line() for up in remaining])
+        elif waiting:
+            self.announce("waiting", "all uploads finished")
 
     def _request_stop(self, why: str) -> None:
         import pyfuse3

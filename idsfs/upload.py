@@ -786,37 +786,26 @@ class Uploader:
     # ------------------------------------------------------------------ spool directory
 
     def open_spool(self) -> list[Upload]:
-        """Create and lock the spool directory and load the uploads found in it.
+        """Lock the spool directory, if it exists, and load the uploads found in it.
 
-        Records of an upload that was being written when the daemon stopped
-        become ``failed`` (their content is whatever had been written); those
-        of an attempt in progress become ``pending`` with ``maybe_landed``.
-        Unreadable records are renamed ``<name>.bad`` and reported. Returns the
-        uploads loaded (all not ``done``).
+        The directory itself is made (mode 0700) by the first file written, so
+        a mount that never writes leaves nothing behind. Records of an upload
+        that was being written when the daemon stopped become ``failed`` (their
+        content is whatever had been written); those of an attempt in progress
+        become ``pending`` with ``maybe_landed``. Unreadable records are renamed
+        ``<name>.bad`` and reported. Returns the uploads loaded (none ``done``).
 
         Raises:
-            SpoolError: the directory cannot be made or is locked by another
+            SpoolError: the directory cannot be used or is locked by another
                 daemon.
         """
         spool = self.spool_dir
-        try:
-            spool.mkdir(mode=0o700, parents=True, exist_ok=True)
-            with contextlib.suppress(OSError):
-                os.chmod(spool, 0o700)
-            fd = os.open(spool / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        except OSError as exc:
-            raise SpoolError(f"cannot use the spool directory {spool}: {exc.strerror or exc}",
-                             exc.errno) from exc
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            os.close(fd)
-            raise SpoolError(f"the spool directory {spool} is used by another idsfs daemon "
-                             f"(give this mount its own --spool-dir)", errno.EBUSY) from exc
-        with contextlib.suppress(OSError):
-            os.ftruncate(fd, 0)
-            os.write(fd, f"{os.getpid()}\n".encode())
-        self._lock_fd = fd
+        if not spool.is_dir():
+            if spool.exists():
+                raise SpoolError(f"the spool directory {spool} is not a directory",
+                                 errno.ENOTDIR)
+            return []
+        self._ensure_spool()
         loaded: list[Upload] = []
         for meta in sorted(spool.glob("*.json")):
             try:
@@ -859,6 +848,36 @@ class Uploader:
             log.info("found upload %s in the spool: %s", up.display, up.describe_state())
         return loaded
 
+    def _ensure_spool(self) -> None:
+        """Make (0700) and lock the spool directory; raises SpoolError."""
+        if self._lock_fd is not None:
+            return
+        spool = self.spool_dir
+        try:
+            spool.mkdir(mode=0o700, parents=True, exist_ok=True)
+            with contextlib.suppress(OSError):
+                os.chmod(spool, 0o700)
+            fd = os.open(spool / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise SpoolError(f"cannot use the spool directory {spool}: {exc.strerror or exc}",
+                             exc.errno) from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            raise SpoolError(f"the spool directory {spool} is used by another idsfs daemon "
+                             f"(give this mount its own --spool-dir)", errno.EBUSY) from exc
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock_fd = fd
+
+    def stop_live(self) -> None:
+        """Abort every live upload now (before a shutdown cancels their tasks)."""
+        self._closing = True
+        for up in self.uploads.values():
+            self._abort_live(up, "the mount is stopping")
+
     def close_spool(self) -> None:
         """Close spool files and release the spool directory lock."""
         for up in self.uploads.values():
@@ -869,9 +888,15 @@ class Uploader:
             self._lock_fd = None
 
     def spool_free(self) -> tuple[int, int]:
-        """``(free bytes, total bytes)`` of the spool's file system ((0, 0) if unknown)."""
+        """``(free bytes, total bytes)`` of the spool's file system ((0, 0) if unknown).
+
+        Before the spool directory exists, the nearest existing parent is asked.
+        """
+        path = self.spool_dir
+        while not path.exists() and path.parent != path:
+            path = path.parent
         try:
-            st = os.statvfs(self.spool_dir)
+            st = os.statvfs(path)
         except OSError:
             return 0, 0
         return st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
@@ -931,6 +956,7 @@ class Uploader:
         ``replace_id`` names the datafile the new one replaces once stored.
         Raises :class:`~idsfs.errors.SpoolError` when the spool cannot be written.
         """
+        self._ensure_spool()
         uid = secrets.token_hex(16)
         up = Upload(self.spool_dir, uid, dataset_id=dataset_id, name=name, display=display,
                     format_id=format_id, owner=self.owner)

@@ -137,7 +137,7 @@ def test_defaults(pwfile: Path, tmp_path: Path) -> None:
     assert cfg.metadata_ttl == 60.0
     assert cfg.restore_wait == 60.0
     assert cfg.max_threads == 16
-    assert cfg.read_only is True
+    assert cfg.read_only is False  # read-write unless -o ro (issue 5)
     assert cfg.foreground is False and cfg.debug is False and cfg.allow_other is False
     assert cfg.uid == os.getuid() and cfg.gid == os.getgid()
     assert cfg.effective_fsname == "http://icat.example.org:8181"
