@@ -8,6 +8,9 @@ interleaved, ``--repeat`` times (medians are printed):
 
 * **curl**: ``getData`` of the datafile (alice's session) to /dev/null: the
   baseline throughput, and curl's time to the first byte;
+* **pyfuse3 ceiling**: ``dd`` of a file of the same size from a minimal pyfuse3
+  file system that answers every read from one buffer in memory (same kernel
+  readahead, ``max_tasks``, no network): what the FUSE layer alone allows here;
 * **cold**: ``dd bs=1M`` of the file through a fresh mount (``--cache-size``,
   kernel readahead as the daemon sets it): throughput, the IDS requests the
   emulator counted, the daemon's CPU seconds per GB;
@@ -58,6 +61,87 @@ from idsfs.icat import ICATClient  # noqa: E402
 from idsfs.ids import IDSClient  # noqa: E402
 
 _NS_FLAG = "IDSFS_BENCH_IN_NAMESPACE"
+
+#: A pyfuse3 file system with one file served from memory (the ceiling baseline).
+MEMFS = r"""
+import errno, os, stat, sys
+import pyfuse3, trio
+
+SIZE = int(sys.argv[2])
+DATA = memoryview(bytes(range(256)) * (1 << 12))  # 1 MiB pattern
+
+class MemFS(pyfuse3.Operations):
+    async def getattr(self, inode, ctx=None):
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = inode
+        if inode == pyfuse3.ROOT_INODE:
+            e.st_mode, e.st_size = stat.S_IFDIR | 0o555, 0
+        elif inode == 2:
+            e.st_mode, e.st_size = stat.S_IFREG | 0o444, SIZE
+        else:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        e.attr_timeout = e.entry_timeout = 300
+        return e
+    async def lookup(self, parent, name, ctx=None):
+        if parent == pyfuse3.ROOT_INODE and name == b"file":
+            return await self.getattr(2)
+        raise pyfuse3.FUSEError(errno.ENOENT)
+    async def open(self, inode, flags, ctx):
+        return pyfuse3.FileInfo(fh=inode, keep_cache=True)
+    async def read(self, fh, off, size):
+        size = max(0, min(size, SIZE - off))
+        start = off % (1 << 20)
+        if start + size <= len(DATA):
+            return DATA[start:start + size]
+        return bytes(size)
+
+def set_readahead():
+    st = os.stat(sys.argv[1])  # answered by the running loop
+    bdi = f"/sys/class/bdi/{os.major(st.st_dev)}:{os.minor(st.st_dev)}/read_ahead_kb"
+    try:
+        with open(bdi, "w") as f:
+            f.write(sys.argv[3])
+    except OSError:
+        pass
+    print("ready", flush=True)
+
+async def serve():
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(trio.to_thread.run_sync, set_readahead)
+        await pyfuse3.main(max_tasks=64)
+
+def main():
+    pyfuse3.init(MemFS(), sys.argv[1], {"fsname=memfs", "ro"})
+    try:
+        trio.run(serve)
+    finally:
+        pyfuse3.close(unmount=True)
+
+main()
+"""
+
+
+def memfs_read(work: Path, size: int, readahead_kb: int) -> float:
+    """Mount MEMFS, ``dd`` its file once (cold); return bytes per second."""
+    mnt = work / "memfs"
+    mnt.mkdir(exist_ok=True)
+    script = work / "memfs.py"
+    script.write_text(MEMFS)
+    proc = subprocess.Popen([sys.executable, str(script), str(mnt), str(size),
+                             str(readahead_kb)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        if proc.stdout.readline().strip() != "ready":
+            raise RuntimeError("the pyfuse3 baseline did not mount")
+        seconds, got = dd(mnt / "file")
+        return got / seconds
+    finally:
+        subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True, check=False)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 MB = 1_000_000
 MiB = 1 << 20
 
@@ -200,6 +284,8 @@ def main() -> int:
     parser.add_argument("--cache-size", type=parse_size, default=256 << 20,
                         help="--cache-size of the mounts (default 256M)")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--readahead-kb", type=int, default=8192,
+                        help="read_ahead_kb of the pyfuse3 baseline (the daemon's default: 8192)")
     parser.add_argument("--mount-option", action="append", default=[],
                         help="extra idsfs mount argument (repeatable), e.g. --readahead=16M")
     args = parser.parse_args()
@@ -226,12 +312,14 @@ def main() -> int:
         cold_file = stored["cold.bin"]
 
         curl_speed, curl_ttfb, cold_speed, warm_speed, mount_ttfb = [], [], [], [], []
+        ceiling = []
         cpu_per_gb, requests_seen = [], []
         for i in range(args.repeat):
             seconds, ttfb, size = curl_get(emu, session, cold_file.datafile_id)
             assert size == cold_file.size, (size, cold_file.size)
             curl_speed.append(size / seconds)
             curl_ttfb.append(ttfb)
+            ceiling.append(memfs_read(work, cold_file.size, args.readahead_kb))
 
             m = start_mount(work / f"mount{i}", emu, *mount_args, register=mounts.append)
             assert m.pid is not None
@@ -286,10 +374,14 @@ def main() -> int:
               f"(cache {args.cache_size / MiB:g} MiB, mount options {args.mount_option or '-'}):")
         print(f"  curl getData          {med(curl_speed) / MB:8.0f} MB/s   first byte "
               f"{med(curl_ttfb) * 1000:6.1f} ms")
+        print(f"  pyfuse3 from memory   {med(ceiling) / MB:8.0f} MB/s   (the FUSE ceiling)")
         print(f"  mount, cold (dd 1M)   {med(cold_speed) / MB:8.0f} MB/s   first byte "
               f"{med(mount_ttfb) * 1000:6.1f} ms (open + 4 KiB read)")
         print(f"  mount, warm (dd 1M)   {med(warm_speed) / MB:8.0f} MB/s")
         print(f"  daemon CPU, cold      {med(cpu_per_gb):8.2f} s per GB")
+        print(f"  ratio cold / curl {ratio:.2f}, cold / pyfuse3 ceiling "
+              f"{med(cold_speed) / med(ceiling):.2f}, ceiling / curl "
+              f"{med(ceiling) / med(curl_speed):.2f}")
         print(f"  IDS requests of a cold read: {requests_seen[-1]}")
         print(f"  copy of {size / 2**30:g} GiB with a 256 MiB cache: {rss_speed / MB:.0f} MB/s, "
               f"daemon RSS before {base_rss / MiB:.0f} MiB, peak {peak / MiB:.0f} MiB "
