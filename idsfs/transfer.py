@@ -989,56 +989,57 @@ class Transfer:
         pause = self.resume_backoff
         to_close: list[_Stream] = []
         try:
-            async with self._pump_limiter:
-                while True:
-                    with stream.lock:
-                        if stream.ds is None or opened.readers == 0:
-                            self._skip_cancelled(stream)
-                        done = not stream.claims or stream.closed
-                        if done:
-                            stream.pumping = False
-                        else:
-                            head = stream.claims[0]
+            while True:
+                with stream.lock:
+                    if stream.ds is None or opened.readers == 0:
+                        self._skip_cancelled(stream)
+                    done = not stream.claims or stream.closed
                     if done:
-                        # Decided without a checkpoint, so no claim can slip in meanwhile.
-                        to_close = self._retire(stream)
-                        break
-                    start = head.offset + head.got
-                    if stream.ds is None or stream.pos != start:
-                        if stream.ds is not None:
-                            await self._close_streams([stream])
-                        if stream.pos != start:
-                            stream.crc = 0 if start == 0 and opened.checksum else None
-                        stream.pos = start
-                        await self._open_stream(stream)
+                        stream.pumping = False
+                    else:
+                        head = stream.claims[0]
+                if done:
+                    # Decided without a checkpoint, so no claim can slip in meanwhile.
+                    to_close = self._retire(stream)
+                    break
+                start = head.offset + head.got
+                if stream.ds is None or stream.pos != start:
+                    if stream.ds is not None:
+                        await self._close_streams([stream])
+                    if stream.pos != start:
+                        stream.crc = 0 if start == 0 and opened.checksum else None
+                    stream.pos = start
+                    await self._open_stream(stream)
+                # Only reading takes a pump slot: waiting for a restore must not.
+                async with self._pump_limiter:
                     t0 = time.monotonic()
                     result = await self._bridge.run(
                         self._pump_thread, stream, name="getData read",
                         on_abandon=functools.partial(setattr, stream, "broken", True),
                     )
                     stream.active_time += time.monotonic() - t0
-                    if result.error is None and not result.short:
-                        continue  # all queued claims served, or the stream must move
-                    # The body ended early or broke: resume where it stopped.
-                    await self._close_streams([stream])
-                    if result.progress:
-                        no_progress, pause = 0, self.resume_backoff
-                    else:
-                        no_progress += 1
-                    why = result.error or "the body ended early"
-                    if no_progress > self.resume_retries:
-                        raise IncompleteDownloadError(
-                            f"datafile {ident}: download stopped at offset {stream.pos} of "
-                            f"{opened.key.size} bytes ({why}); {self.resume_retries} "
-                            f"attempts to resume brought no data",
-                            ident, stream.pos,
-                        ) from result.error
-                    self._resumes += 1
-                    log.info("datafile %d: stream stopped at offset %d (%s); resuming",
-                             ident, stream.pos, why)
-                    if no_progress:
-                        await trio.sleep(pause)
-                        pause = min(pause * 2, 5.0)
+                if result.error is None and not result.short:
+                    continue  # all queued claims served, or the stream must move
+                # The body ended early or broke: resume where it stopped.
+                await self._close_streams([stream])
+                if result.progress:
+                    no_progress, pause = 0, self.resume_backoff
+                else:
+                    no_progress += 1
+                why = result.error or "the body ended early"
+                if no_progress > self.resume_retries:
+                    raise IncompleteDownloadError(
+                        f"datafile {ident}: download stopped at offset {stream.pos} of "
+                        f"{opened.key.size} bytes ({why}); {self.resume_retries} "
+                        f"attempts to resume brought no data",
+                        ident, stream.pos,
+                    ) from result.error
+                self._resumes += 1
+                log.info("datafile %d: stream stopped at offset %d (%s); resuming",
+                         ident, stream.pos, why)
+                if no_progress:
+                    await trio.sleep(pause)
+                    pause = min(pause * 2, 5.0)
         except trio.Cancelled:
             self._fail_claims(stream, TransferError(f"datafile {ident}: read cancelled", ident))
             self._abort(stream)
