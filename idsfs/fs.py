@@ -809,8 +809,13 @@ class Operations(pyfuse3.Operations):
         """A ``close`` of a descriptor: upload the file if this is its last writer.
 
         See the module docstring ("When the upload happens"). Answers ``EIO``
-        when the upload failed (the file stays as a pending upload).
+        when the upload failed (the file stays as a pending upload). A
+        read-only mount answers ``ENOSYS`` (the kernel then stops asking; closes
+        succeed even after the daemon is gone).
         """
+        if self._read_only:
+            # nothing to do at close: the kernel stops sending flush requests after this
+            raise pyfuse3.FUSEError(errno.ENOSYS)
         handle = self._files.get(fh)
         if handle is None or handle.upload is None or not handle.write:
             return

@@ -113,7 +113,7 @@ def test_foreground_mount_and_idsfs_umount(mount) -> None:
     entry = find_mount(m.path)
     assert entry is not None and entry.fstype == "fuse.idsfs"
     assert entry.source == m.emulator.icat_url
-    assert "ro" in entry.options.split(",")
+    assert "rw" in entry.options.split(",")  # read-write by default (issue 5)
     assert "default_permissions" in entry.options
     assert sorted(os.listdir(m.path / "DEMO"))[:1] == ["DEMO-2024-001"]
     done = m.unmount()

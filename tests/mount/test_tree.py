@@ -77,7 +77,7 @@ def parse_ls_lR(text: str, top: Path) -> dict[Path, int]:
 
 def test_find_and_stat(mount, emulator_process) -> None:
     emu = emulator_process()
-    m = mount(emu)
+    m = mount(emu, "-o", "ro")  # read-write is the default since issue 5
     files = demo_files(emu)
     found = run("find", m.path, "-type", "f").stdout.splitlines()
     assert {Path(f).relative_to(m.path) for f in found} == set(files)
@@ -155,7 +155,7 @@ def test_getfattr(mount) -> None:
 
 
 def test_statfs(mount) -> None:
-    m = mount()
+    m = mount(None, "-o", "ro")  # read-write is the default since issue 5
     run("ls", "-lR", m.path)
     st = os.statvfs(m.path)
     assert st.f_namemax == 255
@@ -167,7 +167,7 @@ def test_statfs(mount) -> None:
 
 
 def test_read_only(mount) -> None:
-    m = mount()
+    m = mount(None, "-o", "ro")  # read-write is the default since issue 5
     raw = m.path / DEMO_VISIT / "raw"
     for argv in (["touch", raw / "new"], ["mkdir", raw / "d"], ["rm", "-f", raw / "tiny.txt"],
                  ["mv", raw / "tiny.txt", raw / "x"], ["setfattr", "-n", "user.x", "-v", "1",
