@@ -400,3 +400,36 @@ def test_dataset_storage_unit(emulator_factory) -> None:
                 await reader.close()
 
     run(body)
+
+
+def test_waiting_for_a_restore_does_not_block_other_files(emulator_factory) -> None:
+    world = make_world(emulator_factory(storage="datafile", restore_delay=1.5))
+    archived = world.put("wait.bin", random_bytes(100 * KiB))
+    online = world.put("now.bin", random_bytes(300 * KiB), dataset="ds2")  # not locked
+    world.archive(archived)
+    transfer = make_transfer(world.client(), block_size=BS, max_pumps=1)
+    took: list[float] = []
+
+    async def slow() -> None:
+        reader = await transfer.open(archived)
+        assert await read_all(reader) == world.content[archived.id]
+        await reader.close()
+
+    async def body() -> None:
+        async with running_transfer(transfer):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(slow)
+                await trio.sleep(0.2)
+                stats = transfer.stats()
+                assert [r.datafile_id for r in stats.restores] == [archived.id]
+                assert stats.restores[0].readers == 1
+                assert any(s.state == "opening" for s in stats.streams)
+                start = trio.current_time()
+                reader = await transfer.open(online)
+                assert await read_all(reader) == world.content[online.id]
+                await reader.close()
+                took.append(trio.current_time() - start)
+                assert len(transfer.stats().restores) == 1  # still waiting
+
+    run(body)
+    assert took[0] < 1.0
