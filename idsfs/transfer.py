@@ -108,6 +108,7 @@ first file is opened, the transfer starts it as a trio system task.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import threading
@@ -358,6 +359,14 @@ class TransferStats:
     def rate(self) -> float:
         """Summed rate of the streams reading now, in bytes per second."""
         return sum(s.rate for s in self.streams if s.state == "reading")
+
+    def as_dict(self) -> dict[str, Any]:
+        """The snapshot as plain JSON-able data (``in_flight`` and ``rate`` included)."""
+        data = dataclasses.asdict(self)
+        data["in_flight"] = self.in_flight
+        data["rate"] = self.rate
+        data["cache"]["hit_rate"] = self.cache.hit_rate
+        return data
 
 
 # ----------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import json
 import random
 
 import pytest
@@ -117,6 +118,10 @@ def test_sequential_read_reuses_one_stream(world: World) -> None:
     assert stats.blocks_fetched == -(-len(data) // BS)
     assert stats.stream_reuses == stats.blocks_fetched - 1
     assert stats.streams == ()  # closed at EOF
+    data = stats.as_dict()
+    assert data["streams_opened"] == 1 and data["in_flight"] == 0
+    assert data["cache"]["capacity"] == 64 * MiB and 0 <= data["cache"]["hit_rate"] <= 1
+    json.dumps(data)
 
 
 def test_readahead_grows_on_sequential_reads_only(world: World) -> None:
