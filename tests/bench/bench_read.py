@@ -8,6 +8,9 @@ interleaved, ``--repeat`` times (medians are printed):
 
 * **curl**: ``getData`` of the datafile (alice's session) to /dev/null: the
   baseline throughput, and curl's time to the first byte;
+* **transfer alone**: the same datafile read in this process through
+  ``idsfs.transfer`` and the block cache (1 MiB reads, no FUSE, no kernel page
+  cache): what the read path costs without the FUSE layer;
 * **pyfuse3 ceiling**: ``dd`` of a file of the same size from a minimal pyfuse3
   file system that answers every read from one buffer in memory (same kernel
   readahead, ``max_tasks``, no network): what the FUSE layer alone allows here;
@@ -119,6 +122,44 @@ def main():
 
 main()
 """
+
+
+def transfer_read(emu: EmulatorProcess, session: str, df: int, cache_size: int) -> float:
+    """Read datafile ``df`` with idsfs.transfer in this process; return bytes per second."""
+    import trio
+
+    from idsfs.aio import ThreadBridge
+    from idsfs.blockcache import BlockCache
+    from idsfs.model import Datafile
+    from idsfs.transfer import Transfer
+
+    ids = IDSClient(emu.ids_url, session)
+    icat = ICATClient(emu.icat_url, sessionId=session)
+    record = icat.get(Datafile, df)
+    result: list[float] = []
+
+    async def main() -> None:
+        transfer = Transfer(ids, ThreadBridge(16), BlockCache(cache_size), restore_wait=60)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(transfer.run)
+            reader = await transfer.open(record)
+            start = time.perf_counter()
+            offset = 0
+            while True:
+                view = await reader.read(offset, MiB)
+                if not len(view):
+                    break
+                offset += len(view)
+            result.append(offset / (time.perf_counter() - start))
+            await reader.close()
+            await transfer.aclose()
+
+    try:
+        trio.run(main)
+    finally:
+        ids.close()
+        icat.close()
+    return result[0]
 
 
 def memfs_read(work: Path, size: int, readahead_kb: int) -> tuple[float, float]:
@@ -313,13 +354,14 @@ def main() -> int:
         cold_file = stored["cold.bin"]
 
         curl_speed, curl_ttfb, cold_speed, warm_speed, mount_ttfb = [], [], [], [], []
-        ceiling, ceiling_cpu = [], []
+        ceiling, ceiling_cpu, alone = [], [], []
         cpu_per_gb, requests_seen = [], []
         for i in range(args.repeat):
             seconds, ttfb, size = curl_get(emu, session, cold_file.datafile_id)
             assert size == cold_file.size, (size, cold_file.size)
             curl_speed.append(size / seconds)
             curl_ttfb.append(ttfb)
+            alone.append(transfer_read(emu, session, cold_file.datafile_id, args.cache_size))
             speed, cpu = memfs_read(work, cold_file.size, args.readahead_kb)
             ceiling.append(speed)
             ceiling_cpu.append(cpu)
@@ -377,6 +419,7 @@ def main() -> int:
               f"(cache {args.cache_size / MiB:g} MiB, mount options {args.mount_option or '-'}):")
         print(f"  curl getData          {med(curl_speed) / MB:8.0f} MB/s   first byte "
               f"{med(curl_ttfb) * 1000:6.1f} ms")
+        print(f"  transfer alone        {med(alone) / MB:8.0f} MB/s   (no FUSE)")
         print(f"  pyfuse3 from memory   {med(ceiling) / MB:8.0f} MB/s   (the FUSE ceiling; "
               f"its CPU {med(ceiling_cpu):.2f} s per GB)")
         print(f"  mount, cold (dd 1M)   {med(cold_speed) / MB:8.0f} MB/s   first byte "
