@@ -78,6 +78,55 @@ def _unshare_mounts() -> str | None:
     return None
 
 
+# ----------------------------------------------------------------------------- systemd
+
+
+class NotifySocket:
+    """A ``$NOTIFY_SOCKET`` like systemd's: records every datagram, in order.
+
+    ``lines()`` are all ``KEY=VALUE`` lines received so far; ``wait_for(line)``
+    polls for one. ``on_ready()``, if given, is called the moment ``READY=1``
+    arrives and its result kept in ``ready_check`` (to check that the mount
+    answers already then).
+    """
+
+    def __init__(self, path: Path, on_ready: Callable[[], Any] | None = None) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.messages: list[tuple[float, list[str]]] = []
+        self.ready_check: list[Any] = []
+        self.on_ready = on_ready
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            if not select.select([self.sock], [], [], 0.05)[0]:
+                continue
+            lines = self.sock.recv(65536).decode().splitlines()
+            if "READY=1" in lines and self.on_ready is not None:
+                # before the lines are recorded: wait_for("READY=1") returns after the check
+                self.ready_check.append(self.on_ready())
+            self.messages.append((time.monotonic(), lines))
+
+    def lines(self) -> list[str]:
+        """Every line received so far."""
+        return [line for _, group in self.messages for line in group]
+
+    def wait_for(self, line: str, timeout: float = 60) -> bool:
+        """Wait until ``line`` was received; False after ``timeout`` seconds."""
+        return wait_until(lambda: line in self.lines(), timeout)
+
+    def close(self) -> None:
+        """Stop listening and remove nothing else."""
+        self._stop.set()
+        self.thread.join(5)
+        self.sock.close()
+
+
+
 # ----------------------------------------------------------------------------- mount(8)
 
 #: the commands a real installation puts on mount(8)'s and /bin/sh's search paths
