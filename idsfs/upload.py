@@ -1452,7 +1452,8 @@ class Uploader:
                 up.reason = "waiting for its upload"
             up.try_save()
             up.next_attempt = self._clock()
-            self._wakeup.set()
+        if up.state == PENDING:
+            self._wakeup.set()  # retryable now that no handle holds it
 
     def forget(self, up: Upload) -> None:
         """Drop ``up`` and its spool files (after it landed or was deleted)."""
@@ -1494,8 +1495,8 @@ class Uploader:
             task_status.started()
             try:
                 while True:
+                    self._wakeup = trio.Event()  # a wake() from now on is not missed
                     await self._retry_due()
-                    self._wakeup = trio.Event()
                     wait = self._next_wait()
                     with trio.move_on_after(wait):
                         await self._wakeup.wait()
