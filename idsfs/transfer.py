@@ -1138,8 +1138,10 @@ class Transfer:
             error: BaseException | None = None
             if stream.crc is not None:
                 stream.crc = zlib.crc32(view, stream.crc)
-            if stream.pos >= size:
-                error = self._at_eof(stream, ds)
+            at_eof = stream.pos >= size
+            if at_eof:
+                stream.eof = True
+                error = self._check_crc(stream)
             with stream.lock:
                 if stream.claims and stream.claims[0] is claim:
                     stream.claims.popleft()
@@ -1149,36 +1151,42 @@ class Transfer:
                 token.run_sync_soon(self._finish_claim, opened, claim, error)
             except trio.RunFinishedError:
                 return
-            if stream.eof:
+            if at_eof:
+                self._drain(stream, ds)  # after the hand-over: the last read need not wait
                 return
 
-    def _at_eof(self, stream: _Stream, ds: DataStream) -> BaseException | None:
-        """Worker thread: the stream reached fileSize; check the end and the checksum."""
+    def _check_crc(self, stream: _Stream) -> BaseException | None:
+        """The stream read the whole file from 0: compare its CRC32 with ICAT's, if asked."""
         opened = stream.file
+        if not (self.verify_checksum and stream.crc is not None and opened.checksum):
+            return None
         ident = opened.key.datafile_id
-        stream.eof = True
+        # IDS writes the CRC32 as Java's Long.toHexString: no leading zeros.
+        actual = f"{stream.crc:x}"
+        expected = opened.checksum.strip().lower()
+        try:
+            same = int(expected, 16) == stream.crc
+        except ValueError:
+            same = True  # not a CRC32 (another checksum kind): nothing to compare
+        if same:
+            return None
+        return ChecksumMismatchError(
+            f"datafile {ident}: the CRC32 of the bytes read ({actual}) differs from "
+            f"the ICAT checksum ({expected})", ident, expected, actual,
+        )
+
+    @staticmethod
+    def _drain(stream: _Stream, ds: DataStream) -> None:
+        """Worker thread: the stream reached fileSize; read the end of the body and close it."""
+        opened = stream.file
         try:
             extra = ds.read(1)
         except TransportError:
             extra = b""
         if extra:
             log.warning("datafile %d: the IDS sends more bytes than its fileSize %d; "
-                        "the rest is ignored", ident, opened.key.size)
+                        "the rest is ignored", opened.key.datafile_id, opened.key.size)
         ds.close()
-        if self.verify_checksum and stream.crc is not None and opened.checksum:
-            # IDS writes the CRC32 as Java's Long.toHexString: no leading zeros.
-            actual = f"{stream.crc:x}"
-            expected = opened.checksum.strip().lower()
-            try:
-                same = int(expected, 16) == stream.crc
-            except ValueError:
-                same = True  # not a CRC32 (another checksum kind): nothing to compare
-            if not same:
-                return ChecksumMismatchError(
-                    f"datafile {ident}: the CRC32 of the bytes read ({actual}) differs from "
-                    f"the ICAT checksum ({expected})", ident, expected, actual,
-                )
-        return None
 
     def _finish_claim(self, opened: _Open, claim: _Claim, error: BaseException | None) -> None:
         """Trio thread: hand a finished (or failed) claim to whoever waits for it."""

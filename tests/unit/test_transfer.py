@@ -260,7 +260,7 @@ def test_idle_stream_is_closed_and_releases_the_lock(world: World) -> None:
             assert len(transfer.stats().streams) == 1
             # the open getData stream holds a SHARED lock: delete is refused
             client = world.client(retries=0)
-            with pytest.raises(IDSDataNotOnlineError, match="(?i)busy"):
+            with pytest.raises(IDSDataNotOnlineError, match=r"(?i)busy"):
                 await trio.to_thread.run_sync(client.delete, sel)
             with trio.fail_after(5):
                 while transfer.stats().streams:

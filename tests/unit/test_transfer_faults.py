@@ -416,20 +416,41 @@ def test_waiting_for_a_restore_does_not_block_other_files(emulator_factory) -> N
         await reader.close()
 
     async def body() -> None:
-        async with running_transfer(transfer):
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(slow)
-                await trio.sleep(0.2)
-                stats = transfer.stats()
-                assert [r.datafile_id for r in stats.restores] == [archived.id]
-                assert stats.restores[0].readers == 1
-                assert any(s.state == "opening" for s in stats.streams)
-                start = trio.current_time()
-                reader = await transfer.open(online)
-                assert await read_all(reader) == world.content[online.id]
-                await reader.close()
-                took.append(trio.current_time() - start)
-                assert len(transfer.stats().restores) == 1  # still waiting
+        async with running_transfer(transfer), trio.open_nursery() as nursery:
+            nursery.start_soon(slow)
+            await trio.sleep(0.2)
+            stats = transfer.stats()
+            assert [r.datafile_id for r in stats.restores] == [archived.id]
+            assert stats.restores[0].readers == 1
+            assert any(s.state == "opening" for s in stats.streams)
+            start = trio.current_time()
+            reader = await transfer.open(online)
+            assert await read_all(reader) == world.content[online.id]
+            await reader.close()
+            took.append(trio.current_time() - start)
+            assert len(transfer.stats().restores) == 1  # still waiting
 
     run(body)
     assert took[0] < 1.0
+
+
+def test_bytes_beyond_filesize_are_ignored(
+    two_level: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    world = two_level
+    data = random_bytes(200 * KiB)
+    df = world.put("long.bin", data)
+    world.icat.update(df, fileSize=len(data) - 1000)
+    shorter = world.datafile(df.id)
+    transfer = make_transfer(world.client(), block_size=BS)
+
+    async def body() -> None:
+        async with running_transfer(transfer):
+            reader = await transfer.open(shorter)
+            assert await read_all(reader) == data[:len(data) - 1000]
+            assert len(await reader.read(len(data) - 1000, 10)) == 0
+            await reader.close()
+
+    with caplog.at_level("WARNING", logger="idsfs.transfer"):
+        run(body)
+    assert "more bytes than its fileSize" in caplog.text  # preparedId answers are not cut

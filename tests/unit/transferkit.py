@@ -4,7 +4,6 @@ emulator, a Transfer wired to it, and a runner for trio test bodies."""
 from __future__ import annotations
 
 import os
-import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -92,21 +91,8 @@ def make_world(emu: Any) -> World:
     return World(emu=emu, icat=icat, ids=ids, sid=sid, fmt=fmt, inv=inv)
 
 
-def pattern(size: int, seed: int = 0) -> bytes:
-    """Distinct bytes at every offset: 8-byte big-endian offsets xor a seed."""
-    words = (size + 7) // 8
-    out = bytearray(words * 8)
-    for i in range(words):
-        out[i * 8:(i + 1) * 8] = ((i * 8) ^ (seed * 0x9E3779B97F4A7C15 & (2**64 - 1))).to_bytes(8, "big")
-    return bytes(out[:size])
-
-
 def random_bytes(size: int) -> bytes:
     return os.urandom(size)
-
-
-def crc(data: bytes) -> str:
-    return f"{zlib.crc32(data):08x}"
 
 
 def make_transfer(ids: IDSClient, *, capacity: int = 64 * MiB, block_size: int = 64 * KiB,
