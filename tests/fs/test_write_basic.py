@@ -50,3 +50,21 @@ def test_create_write_close_stores_one_datafile(fresh_emu, wtree) -> None:
         assert not list(t.spool.glob("*.data"))
 
     t.run(body)
+
+
+def test_errno_table_and_docs_agree() -> None:
+    """Every exception class of fs.ERRNO_TABLE has its row in docs/semantics.md."""
+    import errno as errno_module
+
+    from idsfs.fs import ERRNO_TABLE
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "semantics.md").read_text()
+    table = doc[doc.index("## Errors"):doc.index("## Reading")]
+    for cls, code in ERRNO_TABLE:
+        rows = [line for line in table.splitlines()
+                if f"`{cls.__name__}`" in line or f".{cls.__name__}`" in line]
+        if cls.__name__ in ("IdsfsError",):
+            rows = [line for line in table.splitlines() if "other `IdsfsError`" in line]
+        assert rows, f"{cls.__name__} is missing from the errno table of docs/semantics.md"
+        if code is not None:
+            assert any(errno_module.errorcode[code] in row for row in rows), (cls, rows)
