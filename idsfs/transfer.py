@@ -73,14 +73,16 @@ Archived data and errors
   (``EBUSY``).
 * Session changes: the daemon may replace ``ids.sessionId`` after a re-login;
   every call reads the current value. A call made with the session
-  (``prepareData``, sessionId-mode ``getData``, ``getStatus``, ``isTwoLevel``)
-  that answers 403 is repeated once if the session id changed meanwhile, or if
-  the optional ``renew_session`` coroutine (given by the daemon) returns
-  ``True``; otherwise the 403 propagates
+  (``prepareData``, sessionId-mode ``getData``, ``getStatus``) that answers
+  403 is repeated once if the session id changed meanwhile, or if the optional
+  ``renew_session`` coroutine (given by the daemon) returns ``True``;
+  otherwise the 403 propagates
   (:class:`~idsfs.errors.IDSInsufficientPrivilegesError`, ``EACCES``).
   PreparedId calls need no session and are not affected by its expiry.
-* Every other IDS or transport error propagates unchanged (see the errno table
-  in docs/semantics.md).
+* A ``getData`` that fails with 500 (other than "Restore failed") or with a
+  transport error (after the IDSClient's own retries) is tried again, at most
+  ``resume_retries`` times with back-off. Every other IDS or transport error
+  propagates unchanged (see the errno table in docs/semantics.md).
 
 Status
 ------
@@ -92,10 +94,11 @@ wait for the file, else ``getStatus`` for that datafile, cached for
 
 Keeping the kernel page cache
 -----------------------------
-:attr:`Reader.keep_cache` is ``True`` unless the datafile's version (its size,
-``modTime``, checksum and location, as ICAT reported them) differs from the
-one seen at its previous open in this mount; ``fs.py`` passes it to the kernel
-as ``keep_cache``.
+:attr:`Reader.keep_cache` is ``True`` unless the datafile's size or version
+(the record's ``version`` token, else its ``modTime``, checksum and location as
+ICAT reported them) differs from the one seen at its previous open in this
+mount; ``fs.py`` passes it to the kernel as ``keep_cache``. Cached blocks are
+keyed by that version too, so a changed datafile never serves old blocks.
 
 Lifecycle
 ---------
