@@ -454,3 +454,35 @@ def test_bytes_beyond_filesize_are_ignored(
     with caplog.at_level("WARNING", logger="idsfs.transfer"):
         run(body)
     assert "more bytes than its fileSize" in caplog.text  # preparedId answers are not cut
+
+
+def test_prepare_and_status_with_an_expired_session(two_level: World) -> None:
+    world = two_level
+    df = world.put("sess2.bin", random_bytes(100 * KiB))
+    client = world.client()
+    renewals: list[int] = []
+
+    async def renew() -> bool:
+        renewals.append(1)
+        client.sessionId = world.emu.login("root")
+        return True
+
+    transfer = make_transfer(client, block_size=BS, renew_session=renew)
+
+    async def body() -> None:
+        async with running_transfer(transfer):
+            world.emu.expire_sessions()
+            assert await transfer.status(df) == ONLINE  # getStatus: 403, renewed, again
+            world.emu.expire_sessions()
+            reader = await transfer.open(df)
+            assert await read_all(reader) == world.content[df.id]  # prepareData likewise
+            await reader.close()
+            # the preparedId does not need the session: expired, reads still work
+            world.emu.expire_sessions()
+            transfer.cache.clear()
+            reader = await transfer.open(df)
+            assert await read_all(reader) == world.content[df.id]
+            await reader.close()
+
+    run(body)
+    assert renewals == [1, 1]
