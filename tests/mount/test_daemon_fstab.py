@@ -75,7 +75,7 @@ def test_idsfs_hash_section_line_with_mount_a(site) -> None:
     with installed_commands(site.dir("sbin")):
         done = run("mount", "--fstab", str(fstab), "-a")
         assert done.returncode == 0, done.stderr
-        site.adopt(where)
+        daemon = site.adopt(where)
         entry = find_mount(where)
         assert entry is not None and entry.fstype == "fuse.idsfs"
         assert entry.source == "idsfs#facility"
@@ -90,7 +90,7 @@ def test_idsfs_hash_section_line_with_mount_a(site) -> None:
         done = run("umount", str(where))
         assert done.returncode == 0, done.stderr
         assert not is_mounted(where)
-        assert wait_until(lambda: not os.path.exists(f"/proc/{pid}"), 20)
+        assert wait_until(lambda: not daemon.alive(), 20)
 
 
 def test_fuse_idsfs_line_through_our_helper(site) -> None:
