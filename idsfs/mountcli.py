@@ -96,9 +96,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS",
                             help="how long the mount may take to answer before it is "
                                  "treated as hung (default: 5)")
-        parser.add_argument("--wait", type=float, default=60.0, metavar="SECONDS",
-                            help="how long to wait for the daemon to finish its work and "
-                                 "exit (default: 60)")
+        parser.add_argument("--wait", type=float, default=90.0, metavar="SECONDS",
+                            help="how long to wait for the daemon to finish its work (pending "
+                                 "uploads get --upload-wait, 60s by default) and exit "
+                                 "(default: 90)")
         return
     if command == "status":
         parser.description = _STATUS_DESCRIPTION
@@ -265,7 +266,7 @@ def _stop_through_channel(socket_path: Path, path: str, lazy: bool, timeout: flo
 
 
 def unmount(mountpoint: str | Path, *, lazy: bool = False, timeout: float = 5.0,
-            wait: float = 60.0, progress: Any = None) -> tuple[int, str]:
+            wait: float = 90.0, progress: Any = None) -> tuple[int, str]:
     """Unmount an idsfs (FUSE) mount; returns ``(exit status, message)``.
 
     When the daemon's control socket answers, the daemon is asked to unmount
