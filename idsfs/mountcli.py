@@ -6,10 +6,15 @@ mount answers and keeps running in the background (``-f`` stays in the
 foreground); Ctrl-C, SIGTERM or ``idsfs umount MOUNTPOINT`` unmount it.
 
 Credentials never go on the command line: ``--user NAME`` with the password
-in ``--password-file FILE`` (first line) or ``$IDSFS_PASSWORD``, or an
-existing ICAT session id in ``--session-file FILE`` or ``$IDSFS_SESSION_ID``.
-Every long option can also be given as ``-o key=value`` (``-o cache_size=1G``,
-as fstab will), long options winning. See docs/usage.md.
+in ``--password-file FILE`` (first line), the systemd credential
+idsfs-password or ``$IDSFS_PASSWORD``, or an existing ICAT session id in
+``--session-file FILE`` or ``$IDSFS_SESSION_ID``. python-icat users can name a
+section of their icat.cfg instead: ``--configSection NAME`` takes url,
+idsurl, auth, username and password (and idsfs's own options, mountpoint
+included) from it. Every long option can also be given as ``-o key=value``
+(``-o cache_size=1G``, as fstab does), long options winning. ``idsfs status
+MOUNTPOINT`` shows what the daemon does. See docs/usage.md and
+docs/configuration.md.
 """
 
 from __future__ import annotations
