@@ -337,6 +337,10 @@ class Operations(pyfuse3.Operations):
         self._dirs: dict[int, _DirHandle] = {}
         self._files: dict[int, _FileHandle] = {}
         self._next_fh = itertools.count(1)
+        # replacing uploads whose old bytes are fetched at their first change
+        self._copy_from: dict[str, DatafileRecord] = {}
+        # replacing uploads opened with O_TRUNC (to be stored even if never written)
+        self._truncated: set[str] = set()
         if uploader is not None:
             uploader.on_landed = self._landed
             for up in list(uploader.uploads.values()):
@@ -426,6 +430,9 @@ class Operations(pyfuse3.Operations):
         blksize = self._block_size
         if up is not None:  # a file being written: what its spool says, asked every time
             size = up.size
+            pending = self._copy_from.get(up.uid)
+            if pending is not None:  # replacing, old bytes not fetched yet: still the old size
+                size = pending.fileSize
             mtime = ctime = up.mod_ms * 1_000_000
             attr.entry_timeout = 0
             attr.attr_timeout = 0
@@ -755,18 +762,30 @@ class Operations(pyfuse3.Operations):
         assert record is not None and self._uploader is not None
         up = await self._new_upload(node.parent, node.name, record.name,
                                      replace_id=record.id, ino=entry.ino)
-        try:
-            if not flags & os.O_TRUNC and record.fileSize > 0:
-                await self._copy_down(record, up)
-        except BaseException:
-            self._drop_new_upload(up)
-            raise
+        if not flags & os.O_TRUNC and record.fileSize > 0:
+            # the old bytes are fetched at the first change (a mere open, or touch,
+            # costs nothing and replaces nothing)
+            self._copy_from[up.uid] = record
+        elif flags & os.O_TRUNC:
+            self._truncated.add(up.uid)  # stored (empty) even if nothing is written
         spool = self._catalog.local_node(self._spool_key(up))
         assert spool is not None
         entry.node = spool
         fh = self._handle(entry, up, write=True)
         self._invalidate_entry(node.parent, node.name)
         return pyfuse3.FileInfo(fh=fh, keep_cache=False)
+
+    async def _before_change(self, up: Upload, new_size: int | None = None) -> None:
+        """Before the first change of a replacing upload: fetch the old bytes (unless the
+        change is a truncation to 0)."""
+        record = self._copy_from.pop(up.uid, None)
+        if record is None or new_size == 0:
+            return
+        try:
+            await self._copy_down(record, up)
+        except BaseException:
+            self._copy_from[up.uid] = record
+            raise
 
     async def _copy_down(self, record: DatafileRecord, up: Upload) -> None:
         """Fill a replacing upload's spool with the datafile's bytes (open without O_TRUNC)."""
@@ -791,6 +810,8 @@ class Operations(pyfuse3.Operations):
         handle = self._files.get(fh)
         if handle is None or handle.reader is None:
             raise pyfuse3.FUSEError(errno.EBADF)
+        if handle.upload is not None and self._copy_from:
+            await self._before_change(handle.upload)
         return await handle.reader.read(off, size)
 
     @_handler
@@ -805,6 +826,8 @@ class Operations(pyfuse3.Operations):
         if up.in_progress or up.lock.locked():
             async with up.lock:  # an upload reads the spool: wait for it
                 pass
+        if self._copy_from:
+            await self._before_change(up)
         n = up.write(off, buf)
         if up.live is None and up.live_possible and self._uploader is not None:
             self._uploader.maybe_start_live(up)
@@ -861,6 +884,12 @@ class Operations(pyfuse3.Operations):
         if handle.write:
             up.writers -= 1
         if up.handles == 0 and self._uploader is not None:
+            if up.replace_id is not None and up.generation == 0 and up.datafile_id is None \
+                    and not up.maybe_landed and up.uid not in self._truncated:
+                # opened to replace, but nothing was written: the datafile stays as it is
+                self._copy_from.pop(up.uid, None)
+                up.cancelled = True
+            self._truncated.discard(up.uid)
             self._uploader.released(up)
             if up.cancelled or up.uid not in self._uploader.uploads:
                 self._finish_local(up)
@@ -1029,6 +1058,7 @@ class Operations(pyfuse3.Operations):
         up: Upload | None = node.local
         if fields.update_size:
             if up is not None and not (up.landed and up.handles == 0):
+                await self._before_change(up, attr.st_size)
                 async with up.lock:
                     up.truncate(attr.st_size)
             elif node.is_dir:
@@ -1037,7 +1067,12 @@ class Operations(pyfuse3.Operations):
                 raise pyfuse3.FUSEError(errno.EACCES)
         if fields.update_mtime:
             ms = attr.st_mtime_ns // 1_000_000
-            if up is not None:
+            if up is not None and up.replace_id is not None and up.generation == 0 \
+                    and up.datafile_id is None:
+                # a replacing open that changed nothing yet: the time is the datafile's
+                up.mod_ms = ms
+                await self._set_mod_time(up.dataset_id, up.replace_id, ms)
+            elif up is not None:
                 up.mod_ms = ms
                 up.try_save()
                 if up.landed and up.datafile_id is not None:

@@ -390,3 +390,42 @@ def test_replace_resumes_after_a_crash_between_put_and_delete(fresh_emu, wtree, 
         assert fresh_emu.counters.get("ids/put") == puts
 
     t2.run(second)
+
+
+def test_replace_open_without_change_replaces_nothing(fresh_emu, wtree) -> None:
+    """touch of an existing datafile (--replace): no download, no upload, only the time;
+    O_TRUNC without writes stores the empty file; the first write fetches the old bytes."""
+    t = wtree(fresh_emu, replace=True)
+
+    async def body(t: WriteTree) -> None:
+        ds = await dataset_id(t)
+        assert await t.write_file(f"{DS}/keep.dat", b"0123456789") == 0
+        (old,) = datafiles_named(fresh_emu, ds, "keep.dat")
+        fresh_emu.counters.reset()
+        fh = await t.open(f"{DS}/keep.dat", os.O_WRONLY)
+        fields = setattr_fields(mtime=True)
+        attr = pyfuse3.EntryAttributes()
+        attr.st_mtime_ns = 1_234_567_890_000_000_000
+        await t.ops.setattr(await t.ino(f"{DS}/keep.dat"), attr, fields, fh, t.ctx)
+        assert await t.close(fh) == 0
+        await t.settle()
+        assert fresh_emu.counters.get("ids/put") == 0
+        assert fresh_emu.counters.get("ids/getData") == 0
+        assert [r[0] for r in datafiles_named(fresh_emu, ds, "keep.dat")] == [old[0]]
+        assert (await t.walk(f"{DS}/keep.dat")).st_mtime_ns == 1_234_567_890_000_000_000
+        # a write in the middle: the old bytes come first; the size is the old one before
+        fh = await t.open(f"{DS}/keep.dat", os.O_RDWR)
+        assert (await t.walk(f"{DS}/keep.dat")).st_size == 10
+        await t.ops.write(fh, 4, b"ab")
+        assert await t.ops.read(fh, 0, 100) == b"0123ab6789"
+        assert await t.close(fh) == 0
+        (row,) = datafiles_named(fresh_emu, ds, "keep.dat")
+        assert stored_bytes(fresh_emu, row[0]) == b"0123ab6789"
+        # O_TRUNC and nothing written: the file is empty now
+        fh = await t.open(f"{DS}/keep.dat", os.O_WRONLY | os.O_TRUNC)
+        assert await t.close(fh) == 0
+        await t.settle()
+        (row,) = datafiles_named(fresh_emu, ds, "keep.dat")
+        assert row[1] == 0 and stored_bytes(fresh_emu, row[0]) == b""
+
+    t.run(body)
