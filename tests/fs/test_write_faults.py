@@ -203,3 +203,37 @@ def test_name_taken_meanwhile_is_a_conflict_nothing_overwritten(fresh_emu, wtree
 
     t.run(body)
 
+
+
+def test_put_into_archived_dataset_waits_then_lands_after_the_restore(tmp_path, wtree) -> None:
+    """Two-level storage with unit DATASET: a put into an archived dataset answers 503 and
+    makes IDS restore it (ids-protocol.md §7.3); close retries within its bound, then fails
+    with EIO; the pending upload lands once the dataset is online."""
+    from fshelp import settings
+
+    from idsfs.emulator import Emulator
+
+    emu = Emulator(settings(tmp_path / "two-level", demo=True, storage="dataset",
+                            restore_delay=1.0))
+    emu.start()
+    try:
+        t = wtree(emu, online_wait=0.3)
+        data = os.urandom(40_000)
+        path = f"{DEMO_VISIT}/processed data"
+
+        async def body(t: WriteTree) -> None:
+            ds_id = int(await t.xattr(path, "user.ids.id"))
+            fh, _ = await t.create(f"{path}/{NAME}")
+            await t.write_all(fh, data)
+            assert await t.close(fh) == errno.EIO
+            state = await t.xattr(f"{path}/{NAME}", "user.idsfs.upload")
+            # archived (restore requested), or locked by that restore meanwhile
+            assert state.startswith(("pending: the dataset is archived",
+                                     "pending: the dataset is locked")), state
+            assert datafiles_named(emu, ds_id, NAME) == []
+            await t.settle(timeout=30)
+            assert_one_good_datafile(emu, ds_id, data)
+
+        t.run(body)
+    finally:
+        emu.stop()
