@@ -112,6 +112,8 @@ READY_TIMEOUT = 30.0
 STOP_GRACE = 5.0
 #: seconds the logout at exit may take
 LOGOUT_TIMEOUT = 3.0
+#: seconds ``idsfs umount`` retries an unmount refused as busy (files closed just before)
+BUSY_RETRY = 1.0
 #: pyfuse3 worker tasks (must stay above 1: reads run concurrently)
 FUSE_MAX_TASKS = 64
 #: the longest and shortest interval between session refreshes, seconds
@@ -1007,7 +1009,14 @@ class Daemon:
         mp = str(self.config.mountpoint)
 
         def unmount_and_reply() -> bool:
-            done, busy, message = detach_mount(mp, False)
+            # A file closed just before still pins the mount until the kernel's
+            # asynchronous RELEASE is answered: "busy" for a moment is retried.
+            deadline = time.monotonic() + BUSY_RETRY
+            while True:
+                done, busy, message = detach_mount(mp, False)
+                if done or not busy or time.monotonic() >= deadline:
+                    break
+                time.sleep(0.05)
             if not done:
                 waiter.send({"ok": False, "error": "busy" if busy else "failed",
                              "message": message})
