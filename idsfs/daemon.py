@@ -44,12 +44,22 @@
 
 systemd: with ``$NOTIFY_SOCKET`` set, :func:`sd_notify` sends ``READY=1`` once
 the mount answers (with ``MAINPID`` when forked) and ``STOPPING=1`` when it
-begins to unmount, plus ``STATUS=`` lines.
+begins to unmount (also when unmounted from outside), plus ``STATUS=`` lines.
+
+Control channel (:mod:`idsfs.control`): once the mount answers, and before
+"ready" is reported, the daemon serves its control socket (named after the
+mount's device number) in the same nursery: ``status`` (:meth:`Daemon.status`,
+extended by :meth:`Daemon.add_status_provider`) for ``idsfs status``, and
+``stop`` for ``idsfs umount``, which unmounts (refused while busy, unless
+lazy), stops like SIGTERM and keeps the client informed
+(:meth:`Daemon.announce`) until the exit status (:meth:`Daemon.finish`).
 
 Logging: one line per event on standard error (foreground), a ``--log-file``,
 or syslog in the background; session ids and the password are redacted from
 every line, tracebacks included (:class:`RedactingFormatter`). ``--debug``
-logs every request (the clients' debug lines) and pyfuse3's own messages.
+logs every ICAT/IDS request with its time (the clients' debug lines), every
+FUSE request with its result and time (:func:`trace_operations`, logger
+``idsfs.fuse``) and pyfuse3's own messages.
 Under journald (``$JOURNAL_STREAM``) lines carry ``<N>`` priority prefixes
 instead of time stamps.
 
