@@ -470,7 +470,8 @@ def format_status(status: dict[str, Any]) -> str:
             head = f"{len(pending)} pending" if "pending" in section else ""
             if "in_progress" in section:
                 head += (", " if head else "") + f"{len(running)} in progress"
-            extra = ", ".join(f"{k} {v}" for k, v in rest.items())
+            extra = ", ".join(f"{k} {_human_size(v) if 'bytes' in k and isinstance(v, int) else v}"
+                              for k, v in rest.items())
             lines.append(label + "; ".join(x for x in (head, extra) if x))
             lines += [f"    {item}" for item in running + pending]
         else:
