@@ -508,6 +508,10 @@ OPTIONS: tuple[OptionSpec, ...] = (
     OptionSpec("upload_wait", ("--upload-wait",), "upload_wait", parse_duration,
                "how long an unmount waits for pending uploads; what remains stays in the "
                "spool for the next mount (default: 60s)", "SECONDS", group="writing"),
+    OptionSpec("live_upload", ("--live-upload",), "live_upload", parse_size,
+               "start the upload of a file written from its start while it is being "
+               "written, once SIZE bytes are in the spool (0: upload only at close; "
+               "default: 4M)", "SIZE", group="writing"),
     OptionSpec("upload_retry", ("--upload-retry",), "upload_retry", parse_duration,
                "first delay before a failed upload is retried in the background, doubling "
                "up to 10 minutes (default: 5s)", "SECONDS", group="writing"),
@@ -612,6 +616,8 @@ class Config:
     upload_wait: float = 60.0
     #: first delay before retrying a failed upload, seconds
     upload_retry: float = 5.0
+    #: bytes in the spool before a sequentially written file's upload starts (0: at close)
+    live_upload: int = 4 << 20
     #: request tracing
     debug: bool = False
     #: log level name (``debug``/``info``/``warning``/``error``)

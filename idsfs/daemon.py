@@ -791,7 +791,9 @@ class Daemon:
             self.uploader = upload.Uploader(
                 self.ids, self.icat, self.bridge, spool, datafile_format=cfg.datafile_format,
                 owner=f"{self.icat.url.rstrip('/')} {user}", retry_delay=cfg.upload_retry,
-                online_wait=cfg.restore_wait, renew_session=self.renew_session)
+                online_wait=cfg.restore_wait, renew_session=self.renew_session,
+                live_threshold=max(1, cfg.live_upload),
+                max_live=upload.DEFAULT_MAX_LIVE if cfg.live_upload else 0)
             try:
                 found = self.uploader.open_spool()
             except IdsfsError as exc:

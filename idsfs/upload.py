@@ -117,6 +117,7 @@ import secrets
 import threading
 import time
 import zlib
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -178,6 +179,8 @@ DEFAULT_MAX_LIVE = 2
 DEFAULT_LIVE_STALL = 10.0
 #: block size for reading the spool (put bodies, CRC32)
 _BLOCK = 1 << 20
+#: bytes of written data a live upload may hold in memory (beyond, it reads the spool)
+_LIVE_MEMORY = 64 << 20
 #: how often an ambiguous outcome is checked in ICAT before giving up for now
 _RESOLVE_TRIES = 2
 
@@ -279,9 +282,12 @@ class _LiveAborted(Exception):
 class _LiveStream:
     """The body of a ``put`` that follows a file while it is being written.
 
-    The trio thread reports progress (:meth:`advance`), the end (:meth:`finish`)
-    or gives up (:meth:`abort`); the worker thread running the ``put`` iterates
-    :meth:`body`, which waits for bytes to be written.
+    The trio thread reports progress (:meth:`advance`, with the bytes just
+    written), the end (:meth:`finish`) or gives up (:meth:`abort`); the worker
+    thread running the ``put`` iterates :meth:`body`, which waits for bytes to
+    be written. The bytes handed over are sent from memory (up to
+    :data:`_LIVE_MEMORY` of them; the rest is read back from the spool file),
+    which saves reading back what was just written.
     """
 
     def __init__(self, path: Path, stall: float) -> None:
@@ -297,11 +303,18 @@ class _LiveStream:
         self.result: int | None = None
         self.error: BaseException | None = None
         self.finished_at: float | None = None
+        self._held: deque[tuple[int, bytes]] = deque()
+        self._held_bytes = 0
 
     # trio side
-    def advance(self, end: int) -> None:
+    def advance(self, end: int, data: bytes | None = None) -> None:
+        """``end`` bytes are in the spool now; ``data`` are the last ones written."""
         with self.cond:
             if end > self.available:
+                if data is not None and len(data) == end - self.available \
+                        and self._held_bytes + len(data) <= _LIVE_MEMORY:
+                    self._held.append((self.available, data))
+                    self._held_bytes += len(data)
                 self.available = end
                 self.cond.notify_all()
 
@@ -328,6 +341,7 @@ class _LiveStream:
             buf = bytearray(_BLOCK)
             view = memoryview(buf)
             while True:
+                held: bytes | None = None
                 with self.cond:
                     while True:
                         if self.aborted:
@@ -341,6 +355,17 @@ class _LiveStream:
                             self.aborted = True
                             self.why = f"the writer paused for more than {self.stall:g} s"
                             raise _LiveAborted(self.why)
+                    while self._held and self._held[0][0] < self.sent:
+                        self._held_bytes -= len(self._held.popleft()[1])
+                    if self._held and self._held[0][0] == self.sent:
+                        held = self._held.popleft()[1]
+                        self._held_bytes -= len(held)
+                    elif self._held:
+                        upto = min(upto, self._held[0][0])
+                if held is not None:  # sent from memory: what was just written
+                    self.sent += len(held)
+                    yield memoryview(held)
+                    continue
                 want = min(len(view), upto - self.sent)
                 n = os.preadv(fd, [view[:want]], self.sent)
                 if n <= 0:
@@ -576,7 +601,8 @@ class Upload:
         live = self.live
         if live is not None:
             if appended and offset == live.available:
-                live.advance(end)
+                live.advance(end, data if isinstance(data, bytes) and done == len(data)
+                             else None)
             else:
                 live.abort("the file was not written sequentially")
         self.generation += 1
