@@ -44,7 +44,6 @@ myst_enable_extensions = ["deflist"]
 autodoc_member_order = "bysource"
 autodoc_typehints = "description"
 autodoc_typehints_description_target = "documented_params"
-autodoc_class_signature = "separated"
 autodoc_default_options = {
     "members": True,
     "show-inheritance": True,
@@ -55,4 +54,6 @@ html_title = f"idsfs {release}"
 html_theme_options = {
     "description": "Mount an ICAT Data Service archive as a directory tree",
     "fixed_sidebar": True,
+    "page_width": "1200px",
+    "sidebar_width": "250px",
 }
