@@ -228,6 +228,10 @@ def _stop_through_channel(socket_path: Path, path: str, lazy: bool, timeout: flo
         try:
             reply = client.request({"request": "stop", "lazy": lazy}, timeout=timeout)
         except ControlError:
+            from idsfs.daemon import find_mount
+
+            if find_mount(path) is None:  # the answer was slow, but the unmount happened
+                return 0, ""
             return None
         if not reply.get("ok"):
             if reply.get("error") == "busy":
@@ -264,7 +268,7 @@ def _stop_through_channel(socket_path: Path, path: str, lazy: bool, timeout: flo
     if entry is not None and entry.is_fuse:
         # e.g. the daemon runs in another mount namespace: clear this one's view
         done = _fusermount(entry.mountpoint, True)
-        if done.returncode != 0:
+        if done.returncode != 0 and find_mount(path) is not None:
             text = (done.stderr or done.stdout).strip()
             return 1, f"the daemon stopped, but {path} could not be detached here: {text}"
     return (0 if status in (None, 0) and not pending else 1), message
@@ -303,6 +307,8 @@ def unmount(mountpoint: str | Path, *, lazy: bool = False, timeout: float = 5.0,
     state = probe_mount(path, timeout=timeout)
     if state == 0:
         done = _fusermount(entry.mountpoint, lazy)
+        if done.returncode != 0 and find_mount(path) is None:
+            return 0, ""  # unmounted meanwhile (e.g. by the daemon, asked above)
         if done.returncode != 0:
             text = (done.stderr or done.stdout).strip()
             if "busy" in text.lower():
