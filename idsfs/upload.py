@@ -19,8 +19,11 @@ Each upload is two files named by a random id:
   memory (dataset id, ICAT name, datafile format id, create/modification times
   in epoch ms, size, CRC32 once known, state, last error, attempts, the
   replace bookkeeping below, and the ICAT URL and user it belongs to). Always
-  written to a temporary file, ``fsync``-ed and renamed over the old one, so a
-  crash leaves the old or the new version, never a torn one.
+  written to a temporary file and renamed over the old one, so a crash leaves
+  the old or the new version, never a torn one. Before each step whose outcome
+  a crash must not lose (a ``put``, a deletion, a rename of the replace steps)
+  the record is also ``fsync``-ed, in a worker thread; other changes (the state
+  shown to users) are not, which keeps ``fsync`` off the FUSE thread.
 
 Both are deleted once the datafile is in IDS (and no file handle is open).
 
@@ -522,18 +525,26 @@ class Upload:
             up.uploaded_generation = 0  # what is stored is the spool as it is
         return up
 
-    def save(self) -> None:
-        """Write the record atomically (temporary file, fsync, rename).
+    def record_text(self) -> str:
+        """The record as JSON text (take it on the trio thread; write it anywhere)."""
+        return json.dumps(self.to_json(), ensure_ascii=False, indent=1)
+
+    def save(self, durable: bool = False) -> None:
+        """Write the record atomically (temporary file, rename; ``fsync`` when ``durable``).
 
         Raises :class:`~idsfs.errors.SpoolError` when it cannot be written.
         """
-        text = json.dumps(self.to_json(), ensure_ascii=False, indent=1)
+        self.write_record(self.record_text(), durable)
+
+    def write_record(self, text: str, durable: bool) -> None:
+        """Blocking part of :meth:`save`: write ``text`` as the record. Raises SpoolError."""
         tmp = self.spool / f".{self.uid}.json.tmp"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
             try:
                 os.write(fd, text.encode("utf-8", "surrogatepass"))
-                os.fsync(fd)
+                if durable:
+                    os.fsync(fd)
             finally:
                 os.close(fd)
             os.replace(tmp, self.meta_path)
@@ -1091,12 +1102,6 @@ class Uploader:
         up.attempts += 1
         up.in_progress = True
         up.started_at = self._clock()
-        if not up.try_save() and foreground:
-            # without a record a crash could lose track of the attempt: refuse
-            up.in_progress = False
-            self._set(up, PENDING, "the upload record cannot be saved (spool disk full?)")
-            raise UploadFailedError(f"{up.display}: cannot save the upload record", PENDING,
-                                    up.reason)
         try:
             datafile_id = await self._attempt(up, foreground=foreground)
         except _Fail as fail:
@@ -1180,6 +1185,18 @@ class Uploader:
             if up.landed and self.on_landed is not None:
                 await self.on_landed(up)
 
+    async def _persist(self, up: Upload) -> bool:
+        """Save the record durably (``fsync``, in a worker thread) before a step whose
+        outcome a crash must not lose; False (logged) when it cannot be saved."""
+        text = up.record_text()
+        try:
+            await self._bridge.run(up.write_record, text, True, abandon_on_cancel=False,
+                                   name="save upload record")
+            return True
+        except SpoolError as exc:
+            log.warning("%s (the upload goes on from memory)", exc)
+            return False
+
     def _set(self, up: Upload, state: str, reason: str) -> None:
         up.state = state
         up.reason = reason
@@ -1210,7 +1227,7 @@ class Uploader:
                 raise _Fail(PENDING, f"cannot remove the wrong datafile {bad} an earlier "
                                      f"attempt left: {_describe(exc)}") from exc
             up.cleanup_ids.remove(bad)
-            up.try_save()
+            await self._persist(up)
         target = up.temp_name or up.name
         # 2. an earlier attempt whose outcome is not known: did it land?
         if up.datafile_id is None and up.maybe_landed:
@@ -1219,12 +1236,14 @@ class Uploader:
             if found is not None:
                 up.datafile_id = found
                 up.maybe_landed = False
-                up.try_save()
+                if up.replace_id is not None or up.temp_name is not None:
+                    await self._persist(up)
         # 3. the put
         if up.datafile_id is None:
             up.datafile_id = await self._put(up, target, foreground=foreground)
             up.maybe_landed = False
-            up.try_save()
+            if up.replace_id is not None or up.temp_name is not None:
+                await self._persist(up)  # the replace steps go on from here after a crash
         # 4. a replace: delete the old datafile, then give the new one the real name
         if up.replace_id is not None:
             old = up.replace_id
@@ -1238,7 +1257,7 @@ class Uploader:
                                      f"{_describe(exc)}") from exc
             up.replace_id = None
             up.replaced_ids.append(old)
-            up.try_save()
+            await self._persist(up)
         if up.temp_name is not None:
             try:
                 await self._bridge.run(
@@ -1255,7 +1274,7 @@ class Uploader:
                 raise _Fail(PENDING, f"stored as {up.temp_name!r} (datafile {up.datafile_id}) "
                                      f"but renaming it failed: {_describe(exc)}") from exc
             up.temp_name = None
-            up.try_save()
+            await self._persist(up)
         assert up.datafile_id is not None
         return up.datafile_id
 
@@ -1275,7 +1294,8 @@ class Uploader:
         while True:
             used = self._ids.sessionId
             up.maybe_landed = True
-            up.try_save()
+            up.state = UPLOADING
+            await self._persist(up)  # a crash from here on is checked in ICAT at restart
             try:
                 return await self._put_once(up, target)
             except IDSInsufficientPrivilegesError as exc:
@@ -1309,7 +1329,7 @@ class Uploader:
                     # registered, but not with our bytes: remove it, then retry later
                     up.maybe_landed = False
                     up.cleanup_ids.append(wrong)
-                    up.try_save()
+                    await self._persist(up)
                     with contextlib.suppress(IdsfsError, OSError):
                         await self._delete_datafile(wrong)
                         up.cleanup_ids.remove(wrong)
