@@ -220,7 +220,7 @@ def parse_format(text: str) -> tuple[str, str | None]:
 
 def _version_key(version: str) -> tuple[tuple[int, int | str], ...]:
     """Natural sort key of a version string (``4.10`` after ``4.9``)."""
-    parts = re.split(r"[.\-_]", version)
+    parts = re.findall(r"\d+|[^\W\d_]+", version)
     return tuple((0, int(p)) if p.isdigit() else (1, p) for p in parts)
 
 
