@@ -1,7 +1,8 @@
 """The ``idsfs`` command line: one sub-command per module.
 
 Each entry of :data:`SUBCOMMANDS` names a module that provides ``HELP`` (one
-line), ``add_arguments(parser)`` and ``run(args) -> int``. The module's
+line, or a mapping from sub-command name to its line when the module serves
+several), ``add_arguments(parser)`` and ``run(args) -> int``. The module's
 docstring becomes the sub-command's description. Keeping the parsers in the
 modules lets ``python -m idsfs.emulator`` and ``idsfs emulator`` share one.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from idsfs import __version__
 
@@ -37,9 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, modname in SUBCOMMANDS.items():
         module = importlib.import_module(modname)
+        help_line = module.HELP[name] if isinstance(module.HELP, Mapping) else module.HELP
         p = sub.add_parser(
             name,
-            help=module.HELP,
+            help=help_line,
             description=module.__doc__,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )

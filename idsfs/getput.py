@@ -44,7 +44,11 @@ from idsfs.errors import IdsfsError
 from idsfs.icat import ICATClient
 from idsfs.ids import DataSelection, IDSClient
 
-HELP = "download data from (get) or upload a file to (put) an IDS"
+#: one help line per sub-command this module serves
+HELP = {
+    "get": "download datafiles, datasets or investigations from an IDS",
+    "put": "upload a file into a dataset through an IDS",
+}
 
 ENV_SESSION = "IDSFS_SESSION_ID"
 ENV_PASSWORD = "IDSFS_PASSWORD"

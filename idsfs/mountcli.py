@@ -52,8 +52,13 @@ from idsfs.config import (
 __all__ = ["ENV_PASSWORD", "ENV_SESSION", "HELP", "add_arguments", "cli_layer", "format_status",
            "mount_helper", "query_status", "run", "unmount"]
 
-HELP = ("mount an IDS archive (mount), unmount it (umount), show what it does (status), or "
-        "try it on demo data (demo)")
+#: one help line per sub-command this module serves
+HELP = {
+    "mount": "mount an IDS archive as a directory tree",
+    "umount": "unmount an idsfs mount (also clears a stale one)",
+    "status": "show what a mounted idsfs is doing (cache, transfers, uploads, session)",
+    "demo": "start the emulator with demo data and mount it",
+}
 
 _UMOUNT_DESCRIPTION = """Unmount an idsfs mount cleanly.
 
