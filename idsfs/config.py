@@ -481,7 +481,7 @@ OPTIONS: tuple[OptionSpec, ...] = (
                group="caching and transfers"),
     OptionSpec("restore_wait", ("--restore-wait",), "restore_wait", parse_duration,
                "how long a read of archived data waits for its restore before failing with "
-               "EAGAIN (default: 60s)", "SECONDS", group="caching and transfers"),
+               "ENODATA (default: 60s)", "SECONDS", group="caching and transfers"),
     OptionSpec("readahead", ("--readahead",), "readahead", parse_size,
                f"kernel readahead of the mount (read_ahead_kb), 0 keeps the kernel's "
                f"(default: {format_size(DEFAULT_READAHEAD)})", "SIZE",

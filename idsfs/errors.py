@@ -33,7 +33,7 @@ original stays attached as ``__cause__``)::
     │       └── ICATResponseError       the ICAT response is unusable (bad JSON, ...)
     ├── TransferError                   the mount could not deliver a datafile's bytes
     │   │                               (idsfs.transfer; .datafile_id, .errno for FUSE)
-    │   ├── RestoreTimeoutError         archived data not online within --restore-wait (EAGAIN)
+    │   ├── RestoreTimeoutError         archived data not online within --restore-wait (ENODATA)
     │   ├── RestoreFailedError          the IDS reports "Restore failed" for it (EIO)
     │   ├── DataBusyError               "Data is busy" (a lock) outlasted the retries (EBUSY)
     │   ├── IncompleteDownloadError     the stream ended early or broke and could not be
@@ -401,9 +401,11 @@ class TransferError(IdsfsError):
 class RestoreTimeoutError(TransferError):
     """Archived data was still not online after the configured wait
     (``--restore-wait``); the restore goes on in the IDS, so trying again
-    later may succeed (``EAGAIN``). ``waited`` is the time waited in seconds."""
+    later may succeed (``ENODATA``, "No data available"; not ``EAGAIN``, which
+    Python's buffered files mistake for "would block" and turn into a short
+    read). ``waited`` is the time waited in seconds."""
 
-    errno = _errno.EAGAIN
+    errno = _errno.ENODATA
 
     def __init__(self, message: str, datafile_id: int | None = None, waited: float = 0.0) -> None:
         super().__init__(message, datafile_id)

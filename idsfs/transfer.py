@@ -59,7 +59,7 @@ Archived data and errors
   to ``max_poll_interval``) by one task at a time for all readers of the
   datafile, so a file is restored once however many reads wait for it. Each read
   waits at most ``restore_wait`` seconds, then fails with
-  :class:`~idsfs.errors.RestoreTimeoutError` (``EAGAIN``); the restore goes on
+  :class:`~idsfs.errors.RestoreTimeoutError` (``ENODATA``); the restore goes on
   in the IDS and a later read finds the same preparedId and waits again. A
   ``getData`` answering 503 "not online" after that (the data was archived
   again) goes back to polling.

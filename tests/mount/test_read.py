@@ -183,7 +183,7 @@ def test_archived_files_are_restored_once_and_read(mount, emulator_process) -> N
 
 
 def _os_read(path: Path, size: int = 1 << 20) -> bytes:
-    """One read(2) (Python's buffered io turns EAGAIN into None or a short result)."""
+    """One read(2) of up to ``size`` bytes."""
     fd = os.open(path, os.O_RDONLY)
     try:
         return os.read(fd, size)
@@ -191,18 +191,22 @@ def _os_read(path: Path, size: int = 1 << 20) -> bytes:
         os.close(fd)
 
 
-def test_restore_wait_then_eagain(mount, emulator_process) -> None:
+def test_restore_wait_then_enodata(mount, emulator_process) -> None:
     emu = emulator_process(storage="dataset", restore_delay=3.0)
     m = mount(emu, "--restore-wait", "0.3s")
     rel = next(rel for rel in demo_files(emu) if rel.is_relative_to(ARCHIVED))
     start = time.monotonic()
     with pytest.raises(OSError) as info:
         _os_read(m.path / rel)
-    assert info.value.errno == errno.EAGAIN
+    assert info.value.errno == errno.ENODATA
     assert time.monotonic() - start < 3.0
+    # Python's buffered files raise it too (EAGAIN would come back as None / a short read)
+    with pytest.raises(OSError) as info, open(m.path / rel, "rb") as f:
+        f.read()
+    assert info.value.errno == errno.ENODATA
     assert os.getxattr(m.path / rel, "user.ids.status") == b"RESTORING"
     done = run("cat", m.path / rel, check=False)
-    assert done.returncode != 0 and b"Resource temporarily unavailable" in done.stderr
+    assert done.returncode != 0 and b"No data available" in done.stderr
     # the restore goes on; later the same file reads fine, without a second restore
     assert emu.wait_idle(30)
     spec = demo_files(emu)[rel]
@@ -212,6 +216,6 @@ def test_restore_wait_then_eagain(mount, emulator_process) -> None:
             assert _os_read(m.path / rel) == expected(emu, spec)
             break
         except OSError as exc:
-            assert exc.errno == errno.EAGAIN and time.monotonic() < deadline
+            assert exc.errno == errno.ENODATA and time.monotonic() < deadline
             time.sleep(0.2)
     assert emu.counters()["ids/prepareData"]["requests"] == 1
