@@ -4,6 +4,8 @@ expired preparedIds, status)."""
 
 from __future__ import annotations
 
+import errno
+
 import pytest
 import trio
 from transferkit import KiB, MiB, World, make_transfer, make_world, random_bytes, read_all, run
@@ -252,7 +254,7 @@ def test_restore_timeout_then_later_read_without_new_restore(emulator_factory) -
                 for _ in range(4):
                     nursery.start_soon(one)
             assert len(errors) == 4
-            assert all(e.errno == 11 and e.datafile_id == df.id for e in errors)
+            assert all(e.errno == errno.ENODATA and e.datafile_id == df.id for e in errors)
             assert await transfer.status(df) in (ARCHIVED, RESTORING)
             # the restore goes on; a later read waits for the same one
             transfer.restore_wait = 10.0
