@@ -100,7 +100,15 @@ class ICATClient:
     ``requests.Session`` to share), ``sessionId`` (adopt an existing ICAT
     session) and ``refresh_margin`` (seconds; see the module docstring).
 
-    Constructing does not contact the server.
+    Constructing does not contact the server; it raises ``ValueError`` for a
+    URL that is not http(s).
+
+    Errors of every call: an ICAT error answer raises the
+    :class:`~idsfs.errors.ICATError` subclass of its code, an answer that
+    cannot be used :class:`~idsfs.errors.ICATResponseError`, no answer a
+    :class:`~idsfs.errors.TransportError` subclass (after the retries of
+    idempotent calls); a call that needs a session raises ``RuntimeError``
+    before login. The methods name the errors particular to them.
     """
 
     def __init__(
@@ -154,7 +162,10 @@ class ICATClient:
         return f"<ICATClient url={self.url!r} {state}>"
 
     def close(self) -> None:
-        """Close pooled connections (does not log out)."""
+        """Close pooled connections (does not log out).
+
+        Never raises.
+        """
         self._transport.close()
 
     def __enter__(self) -> ICATClient:
@@ -182,7 +193,10 @@ class ICATClient:
             self._set_session(value)
 
     def add_session_listener(self, listener: Callable[[str | None], None]) -> None:
-        """Call ``listener(new_session_id)`` whenever the session id changes."""
+        """Call ``listener(new_session_id)`` whenever the session id changes.
+
+        Never raises; a listener's own exceptions are logged, not raised.
+        """
         self._listeners.append(listener)
 
     def _set_session(self, value: str | None) -> None:
@@ -201,7 +215,8 @@ class ICATClient:
         ``credentials`` maps keys to values (``{"username": ..., "password":
         ...}``). With ``remember`` the credentials stay in memory for an
         automatic re-login. Raises :class:`~idsfs.errors.ICATSessionError`
-        when the login is refused.
+        when the login is refused, :class:`~idsfs.errors.ICATResponseError`
+        when the answer has no session id, and the errors of every call.
         """
         creds = {str(k): str(v) for k, v in credentials.items()}
         with self._lock:
@@ -257,11 +272,20 @@ class ICATClient:
             raise ICATResponseError("session info: unexpected response") from exc
 
     def session_info(self) -> SessionInfo:
-        """Return the user name and remaining minutes of the current session."""
+        """Return the user name and remaining minutes of the current session.
+
+        Raises ``RuntimeError`` before login, :class:`~idsfs.errors.ICATSessionError` for an
+        expired session, :class:`~idsfs.errors.ICATResponseError` for an unusable answer, and
+        the errors of every call.
+        """
         return self._with_session(self._session_info_raw, refresh=False)
 
     def refresh(self) -> None:
-        """Extend the session to its full lifetime (``PUT session/{id}``)."""
+        """Extend the session to its full lifetime (``PUT session/{id}``).
+
+        Raises ``RuntimeError`` before login, :class:`~idsfs.errors.ICATSessionError` for an
+        expired session, and the errors of every call.
+        """
         with self._lock:
             sid = self._require_session()
             self._transport.request(
@@ -276,6 +300,8 @@ class ICATClient:
         """End the session and forget the credentials.
 
         An already unknown or expired session is not an error.
+
+        Raises the errors of every call other than ICATSessionError.
         """
         with self._lock:
             sid = self._session_id
@@ -368,10 +394,14 @@ class ICATClient:
 
     @staticmethod
     def _row(row: Any) -> Any:
+        """A result row as model objects; raises ICATResponseError for unparsable entities."""
         if isinstance(row, dict) and len(row) == 1:
             (key, value), = row.items()
             if key in BEANS and isinstance(value, dict):
-                return BEANS[key].from_json(row)
+                try:
+                    return BEANS[key].from_json(row)
+                except ValueError as exc:
+                    raise ICATResponseError(f"unusable {key} in the response: {exc}") from exc
         if isinstance(row, list):
             return tuple(ICATClient._row(x) for x in row)
         return row
@@ -459,9 +489,10 @@ class ICATClient:
         """
         text, single = self._entities_json(objs)
         result = self._entity_manager("POST", {"entities": text}, idempotent=False)
-        if not isinstance(result, list):
+        if not isinstance(result, list) or not all(
+                isinstance(i, int) and not isinstance(i, bool) for i in result):
             raise ICATResponseError("create: response is not a JSON array of ids")
-        ids = [int(i) for i in result]
+        ids = list(result)
         if single:
             if len(ids) != 1:
                 raise ICATResponseError(f"create: expected one id, got {len(ids)}")
@@ -475,6 +506,10 @@ class ICATClient:
         ``id``); ``update(obj, name="b.dat")`` sends only ``id`` and the given
         fields (model objects for relations, datetimes for dates). A mapping
         ``{"Datafile": {"id": 12, "name": "b.dat"}}`` is sent as is.
+
+        Raises ``ValueError`` for a model object without id, ``TypeError`` for other arguments,
+        and the ICAT errors of the call (e.g. :class:`~idsfs.errors.ICATPrivilegesError`,
+        :class:`~idsfs.errors.ICATObjectExistsError`).
         """
         if isinstance(obj, Entity):
             if obj.id is None:
@@ -499,6 +534,9 @@ class ICATClient:
         Objects are model instances with ``id`` or ``{"Type": {"id": N}}``.
         Remember that deleting Datafiles here leaves their bytes in IDS: use
         ``IDSClient.delete`` for file content.
+
+        Raises ``ValueError`` for a model object without id and the ICAT errors of the call
+        (e.g. :class:`~idsfs.errors.ICATPrivilegesError`).
         """
         single = isinstance(objs, Entity | Mapping)
         items = [objs] if single else list(objs)  # type: ignore[list-item]
@@ -509,7 +547,11 @@ class ICATClient:
     # ------------------------------------------------------------------ server info
 
     def version(self) -> str:
-        """Return the ICAT server version (e.g. ``"6.2.1"``)."""
+        """Return the ICAT server version (e.g. ``"6.2.1"``).
+
+        Raises :class:`~idsfs.errors.ICATResponseError` for an unusable answer and the errors of
+        every call.
+        """
         response = self._transport.request(
             "GET", self.url + "version", idempotent=True, is_busy=_is_busy
         )
@@ -520,7 +562,11 @@ class ICATClient:
 
     def properties(self) -> dict[str, Any]:
         """Return the server properties (``maxEntities``, ``lifetimeMinutes``,
-        ``authenticators``, ...)."""
+        ``authenticators``, ...).
+
+        Raises :class:`~idsfs.errors.ICATResponseError` for an unusable answer and the errors of
+        every call.
+        """
         response = self._transport.request(
             "GET", self.url + "properties", idempotent=True, is_busy=_is_busy
         )

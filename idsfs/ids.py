@@ -147,8 +147,8 @@ def _as_id(value: Any, what: str) -> int:
 class DataSelection:
     """A set of investigation, dataset and datafile ids to pass to IDS calls.
 
-    ``objs`` is passed to :meth:`extend`. The three sets are the attributes
-    ``invIds``, ``dsIds`` and ``dfIds``.
+    ``objs`` is passed to :meth:`extend` (and raises what it raises). The
+    three sets are the attributes ``invIds``, ``dsIds`` and ``dfIds``.
     """
 
     def __init__(self, objs: Any = None) -> None:
@@ -589,6 +589,14 @@ def _regular_file_length(source: Any) -> int | None:
 # IDSClient
 
 
+def _decode_text(endpoint: str, response: requests.Response) -> str:
+    """The body of a text answer; raises IDSResponseError when it is not UTF-8."""
+    try:
+        return response.content.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise IDSResponseError(f"{endpoint}: response is not UTF-8 text") from exc
+
+
 def _is_busy(error: ServerError) -> bool:
     """Retry predicate: a lock conflict or a proxy-level overload.
 
@@ -617,7 +625,14 @@ class IDSClient:
 
     The constructor calls ``version`` once and stores the result in
     ``apiversion``; it raises :class:`~idsfs.errors.TransportError` if the
-    server cannot be reached.
+    server cannot be reached and ``ValueError`` for a URL that is not http(s).
+
+    Errors of every call: an IDS error answer raises the
+    :class:`~idsfs.errors.IDSError` subclass of its code (a body that is not
+    IDS error JSON: a plain IDSError with the status), an answer that cannot
+    be used :class:`~idsfs.errors.IDSResponseError`, no answer a
+    :class:`~idsfs.errors.TransportError` subclass (after the retries of
+    idempotent calls). The methods name the errors particular to them.
     """
 
     def __init__(
@@ -657,7 +672,10 @@ class IDSClient:
                f"sessionId={state}>"
 
     def close(self) -> None:
-        """Close pooled connections. The client must not be used afterwards."""
+        """Close pooled connections. The client must not be used afterwards.
+
+        Never raises.
+        """
         self._transport.close()
 
     def __enter__(self) -> IDSClient:
@@ -699,7 +717,7 @@ class IDSClient:
     def _text(self, endpoint: str, params: Mapping[str, Any] | None = None,
               method: str = "GET") -> str:
         response = self._call(method, endpoint, params, idempotent=method == "GET")
-        return response.content.decode("utf-8")
+        return _decode_text(endpoint, response)
 
     def _json(self, endpoint: str, params: Mapping[str, Any] | None = None) -> Any:
         text = self._text(endpoint, params)
@@ -739,10 +757,11 @@ class IDSClient:
         selection.fillParams(params)
         return params
 
-    def _versionMethodError(self, method: str, minversion: str, exc: Exception) -> Exception:
+    def _versionMethodError(self, method: str, minversion: str) -> VersionMethodError | None:
+        """The error to raise instead of a server error when the server predates ``method``."""
         if self.apiversion < minversion:
             return VersionMethodError(method, version=self.apiversion, service="IDS")
-        return exc
+        return None
 
     # -- discovery
     def ping(self) -> None:
@@ -761,6 +780,9 @@ class IDSClient:
         Servers older than 1.8.0 have no ``version`` call; their version is
         then guessed from ``getApiVersion``, ``ping`` and ``isReadOnly``
         (as python-icat does).
+
+        Raises :class:`~idsfs.errors.IDSResponseError` for an unusable answer and the errors of
+        every call (see :class:`IDSClient`).
         """
         try:
             doc = self._json("version")
@@ -788,22 +810,37 @@ class IDSClient:
             return "1.0.0"
 
     def getApiVersion(self) -> str:
-        """Return the server version string (emulated through ``version``)."""
+        """Return the server version string (emulated through ``version``).
+
+        Raises what :meth:`version` raises.
+        """
         return str(self.version()["version"])
 
     def getIcatUrl(self) -> str:
-        """Return the URL of the ICAT server this IDS uses (IDS >= 1.4.0)."""
+        """Return the URL of the ICAT server this IDS uses (IDS >= 1.4.0).
+
+        Raises :class:`~idsfs.errors.VersionMethodError` on an older server and the errors of
+        every call.
+        """
         try:
             return self._text("getIcatUrl")
         except IDSError as exc:
-            raise self._versionMethodError("getIcatUrl", "1.4.0", exc) from exc
+            if (too_old := self._versionMethodError("getIcatUrl", "1.4.0")) is not None:
+                raise too_old from exc
+            raise
 
     def isReadOnly(self) -> bool:
-        """Return whether the server is read-only."""
+        """Return whether the server is read-only.
+
+        Raises the errors of every call (see :class:`IDSClient`).
+        """
         return self._text("isReadOnly").strip().lower() == "true"
 
     def isTwoLevel(self) -> bool:
-        """Return whether the server has archive storage (two-level)."""
+        """Return whether the server has archive storage (two-level).
+
+        Raises the errors of every call (see :class:`IDSClient`).
+        """
         return self._text("isTwoLevel").strip().lower() == "true"
 
     def getServiceStatus(self) -> dict[str, Any]:
@@ -811,6 +848,10 @@ class IDSClient:
 
         Needs a session of a user in the IDS ``rootUserNames``; others get
         :class:`~idsfs.errors.IDSInsufficientPrivilegesError`.
+
+        Also raises ``RuntimeError`` without a sessionId,
+        :class:`~idsfs.errors.IDSResponseError` for an answer that is not a JSON object, and the
+        errors of every call.
         """
         result = self._json("getServiceStatus", {"sessionId": self._require_session()})
         if not isinstance(result, dict):
@@ -840,6 +881,9 @@ class IDSClient:
 
         Without a sessionId the parameter is left out and the IDS uses its
         reader account. A preparedId needs IDS >= 1.11.0.
+
+        Raises :class:`~idsfs.errors.VersionMethodError` for a preparedId on an older server,
+        ``TypeError`` for a selection of another type, and the errors of every call.
         """
         params = self._selectionParams(selection, requireSessionId=False)
         if "preparedId" in params and self.apiversion < "1.11.0":
@@ -848,59 +892,101 @@ class IDSClient:
         return self._text("getStatus", params)
 
     def getDatafileIds(self, selection: DataSelection | str) -> list[int]:
-        """Return the ids of the datafiles in the selection (IDS >= 1.5.0)."""
+        """Return the ids of the datafiles in the selection (IDS >= 1.5.0).
+
+        Raises :class:`~idsfs.errors.VersionMethodError` on an older server,
+        :class:`~idsfs.errors.IDSResponseError` when the answer has no list of integer ids,
+        ``RuntimeError`` for a DataSelection without a sessionId, and the errors of every call.
+        """
         params = self._selectionParams(selection)
         try:
             doc = self._json("getDatafileIds", params)
         except IDSError as exc:
             if isinstance(exc, IDSResponseError):
                 raise
-            raise self._versionMethodError("getDatafileIds", "1.5.0", exc) from exc
-        if not isinstance(doc, dict) or not isinstance(doc.get("ids"), list):
-            raise IDSResponseError("getDatafileIds: response has no 'ids' list")
-        return [int(i) for i in doc["ids"]]
+            if (too_old := self._versionMethodError("getDatafileIds", "1.5.0")) is not None:
+                raise too_old from exc
+            raise
+        ids = doc.get("ids") if isinstance(doc, dict) else None
+        if not isinstance(ids, list) or not all(
+                isinstance(i, int) and not isinstance(i, bool) for i in ids):
+            raise IDSResponseError("getDatafileIds: response has no 'ids' list of integers")
+        return list(ids)
 
     # -- deferred operations
     def archive(self, selection: DataSelection) -> None:
-        """Ask the IDS to move the selected data to archive storage."""
+        """Ask the IDS to move the selected data to archive storage.
+
+        Raises ``TypeError`` for anything but a DataSelection, ``RuntimeError`` without a
+        sessionId, and the errors of every call (:class:`~idsfs.errors.IDSNotImplementedError`
+        on a single-level server).
+        """
         self._call("POST", "archive", self._sessionSelection(selection), idempotent=False)
 
     def restore(self, selection: DataSelection) -> None:
-        """Ask the IDS to bring the selected data back online."""
+        """Ask the IDS to bring the selected data back online.
+
+        Raises ``TypeError`` for anything but a DataSelection, ``RuntimeError`` without a
+        sessionId, and the errors of every call (:class:`~idsfs.errors.IDSNotImplementedError`
+        on a single-level server).
+        """
         self._call("POST", "restore", self._sessionSelection(selection), idempotent=False)
 
     def write(self, selection: DataSelection) -> None:
         """Ask the IDS to (re)write the selected data to archive storage
-        (IDS >= 1.9.0)."""
+        (IDS >= 1.9.0).
+
+        Raises :class:`~idsfs.errors.VersionMethodError` on an older server, ``TypeError`` for
+        anything but a DataSelection, ``RuntimeError`` without a sessionId, and the errors of
+        every call.
+        """
         params = self._sessionSelection(selection)
         try:
             self._call("POST", "write", params, idempotent=False)
         except IDSError as exc:
-            raise self._versionMethodError("write", "1.9.0", exc) from exc
+            if (too_old := self._versionMethodError("write", "1.9.0")) is not None:
+                raise too_old from exc
+            raise
 
     def reset(self, selection: DataSelection | str) -> None:
-        """Clear a recorded restore failure of the selection (IDS >= 1.6.0)."""
+        """Clear a recorded restore failure of the selection (IDS >= 1.6.0).
+
+        Raises :class:`~idsfs.errors.VersionMethodError` on an older server, ``RuntimeError``
+        for a DataSelection without a sessionId, and the errors of every call.
+        """
         params = self._selectionParams(selection)
         try:
             self._call("POST", "reset", params, idempotent=False)
         except IDSError as exc:
-            raise self._versionMethodError("reset", "1.6.0", exc) from exc
+            if (too_old := self._versionMethodError("reset", "1.6.0")) is not None:
+                raise too_old from exc
+            raise
 
     # -- prepared downloads
     def prepareData(
         self, selection: DataSelection, compressFlag: bool = False, zipFlag: bool = False
     ) -> str:
-        """Prepare the selection for download; return the preparedId."""
+        """Prepare the selection for download; return the preparedId.
+
+        Raises ``TypeError`` for anything but a DataSelection, ``RuntimeError`` without a
+        sessionId, :class:`~idsfs.errors.IDSResponseError` for an answer that is not text, and
+        the errors of every call.
+        """
         params = self._sessionSelection(selection)
         if zipFlag:
             params["zip"] = "true"
         if compressFlag:
             params["compress"] = "true"
         response = self._call("POST", "prepareData", params, idempotent=False)
-        return response.content.decode("utf-8")
+        return _decode_text("prepareData", response)
 
     def isPrepared(self, preparedId: str) -> bool:
-        """Return whether the data of ``preparedId`` is ready for getData."""
+        """Return whether the data of ``preparedId`` is ready for getData.
+
+        Raises :class:`~idsfs.errors.IDSBadRequestError` for a malformed and
+        :class:`~idsfs.errors.IDSNotFoundError` for an unknown preparedId, and the errors of
+        every call.
+        """
         return self._text("isPrepared", {"preparedId": preparedId}).strip().lower() == "true"
 
     def _getDataParams(
@@ -935,6 +1021,10 @@ class IDSClient:
         flags are sent only for a DataSelection (a preparedId has its own).
         The opening request is retried like other idempotent calls; errors
         while reading the body are the stream's (see :class:`DataStream`).
+
+        Raises ``ValueError`` for a negative offset, ``RuntimeError`` for a DataSelection
+        without a sessionId, :class:`~idsfs.errors.IDSDataNotOnlineError` for archived data, and
+        the errors of every call.
         """
         if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
             raise ValueError(f"offset must be a non-negative integer, not {offset!r}")
@@ -958,6 +1048,9 @@ class IDSClient:
         """Return the getData URL for the selection without requesting it.
 
         The URL contains the session id (or preparedId): treat it as secret.
+
+        Raises ``RuntimeError`` for a DataSelection without a sessionId and ``TypeError`` for a
+        selection of another type; makes no request.
         """
         params = self._getDataParams(selection, compressFlag, zipFlag, outname, True)
         return self.url + "getData?" + urlencode(params)
@@ -966,6 +1059,10 @@ class IDSClient:
         """Return the path of a hard link to the datafile (deprecated IDS call).
 
         ``username`` defaults to the local login name.
+
+        Raises ``RuntimeError`` without a sessionId,
+        :class:`~idsfs.errors.IDSNotImplementedError` where the server has links disabled, and
+        the errors of every call.
         """
         if username is None:
             username = getpass.getuser()
@@ -974,7 +1071,7 @@ class IDSClient:
             "datafileId": str(_as_id(datafileId, "datafileId")),
             "username": username,
         }
-        return self._call("POST", "getLink", params, idempotent=False).content.decode("utf-8")
+        return _decode_text("getLink", self._call("POST", "getLink", params, idempotent=False))
 
     # -- writing
     def put(
@@ -1056,7 +1153,12 @@ class IDSClient:
         return new_id
 
     def delete(self, selection: DataSelection) -> None:
-        """Delete the selected datafiles (ICAT objects and stored bytes)."""
+        """Delete the selected datafiles (ICAT objects and stored bytes).
+
+        Raises ``TypeError`` for anything but a DataSelection, ``RuntimeError`` without a
+        sessionId, and the errors of every call (:class:`~idsfs.errors.IDSNotImplementedError`
+        on a read-only server).
+        """
         params = self._sessionSelection(selection)
         self._call("DELETE", "delete", params, idempotent=False)
 

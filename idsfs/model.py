@@ -57,8 +57,10 @@ def parse_date(value: str) -> _dt.datetime:
     """Parse an ICAT date (``2024-05-01T10:00:00.000+00:00`` or ``...Z``).
 
     Returns an aware datetime; a value without zone is taken as UTC.
-    Raises ``ValueError`` for text that is not an ISO-8601 date-time.
+    Raises ``ValueError`` for anything that is not ISO-8601 date-time text.
     """
+    if not isinstance(value, str):
+        raise ValueError(f"expected a date string, got {type(value).__name__}")
     text = value.strip()
     if text.endswith(("Z", "z")):
         text = text[:-1] + "+00:00"
@@ -185,8 +187,6 @@ class Entity:
         if self.id is None:
             raise ValueError(f"{self.BeanName} without id")
         return {self.BeanName: {"id": self.id}}
-
-
 
 
 def _convert(kind: Any, value: Any) -> Any:

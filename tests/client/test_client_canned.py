@@ -217,3 +217,46 @@ def test_icat_malformed_and_unknown_errors(canned) -> None:
     with pytest.raises(ICATError) as info:
         icat.properties()
     assert type(info.value) is ICATError and info.value.status == 418
+
+
+def test_icat_unusable_rows_and_ids_are_response_errors(canned) -> None:
+    """Well-formed JSON of the wrong shape is an ICATResponseError, never a raw
+    ValueError/TypeError/AttributeError from parsing it."""
+    icat = ICATClient(canned.url, backoff=0.01, sessionId=SID)
+    bad_rows = [
+        '[{"Dataset": {"id": "not a number"}}]',
+        '[{"Dataset": {"id": 1, "startDate": 12}}]',
+        '[{"Dataset": {"id": 1, "investigation": [1]}}]',
+    ]
+    for body in bad_rows:
+        canned.answer("/icat/entityManager", 200, body, JSON)
+        with pytest.raises(ICATResponseError) as info:
+            icat.search("SELECT ds FROM Dataset ds")
+        assert isinstance(info.value.__cause__, ValueError), body
+    for body in ('["x"]', "[null]", "[[1]]"):
+        canned.answer("/icat/entityManager", 200, body, JSON)
+        with pytest.raises(ICATResponseError):
+            icat.create({"Facility": {"name": "F"}})
+
+
+def test_ids_unusable_text_answers_are_response_errors(canned) -> None:
+    canned.answer("/ids/getDatafileIds", 200, '{"ids": [1, "two"]}', JSON)
+    canned.answer("/ids/getStatus", 200, b"ONLINE\xff\xfe")
+    canned.answer("/ids/prepareData", 200, b"\xff\xfe")
+    ids = client(canned)
+    with pytest.raises(IDSResponseError):
+        ids.getDatafileIds("a-prepared-id")
+    with pytest.raises(IDSResponseError):
+        ids.getStatus(DataSelection({"datafileIds": [1]}))
+    with pytest.raises(IDSResponseError):
+        ids.prepareData(DataSelection({"datafileIds": [1]}))
+
+
+def test_version_gate_keeps_a_clean_cause(canned) -> None:
+    """A new enough server's own error is raised as it is (not made its own cause)."""
+    canned.answer("/ids/getIcatUrl", 500, '{"code":"InternalException","message":"boom"}', JSON)
+    ids = client(canned)
+    with pytest.raises(IDSError) as info:
+        ids.getIcatUrl()
+    assert info.value.message == "boom"
+    assert info.value.__cause__ is not info.value
