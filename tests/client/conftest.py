@@ -196,12 +196,16 @@ class World:
         kw.setdefault("backoff", 0.01)
         return IDSClient(self.emu.ids_url, session, **kw)
 
-    def wait_idle(self, timeout: float = 20.0) -> None:
+    def wait_idle(self, timeout: float = 20.0, *, locks: bool = False) -> None:
+        """Poll until the IDS queue is empty (and, with ``locks``, no dataset is locked)."""
         import time
 
         deadline = time.monotonic() + timeout
-        while self.ids.getServiceStatus()["opsQueue"]:
-            assert time.monotonic() < deadline, "IDS did not become idle"
+        while True:
+            status = self.ids.getServiceStatus()
+            if not status["opsQueue"] and not (locks and status["locks"]):
+                return
+            assert time.monotonic() < deadline, f"IDS did not become idle: {status}"
             time.sleep(0.02)
 
 
