@@ -702,7 +702,11 @@ class Catalog:
         )
 
     async def fetch_datafile(self, dataset_id: int, datafile_id: int) -> DatafileRecord | None:
-        """One datafile of a dataset as the listings show it (one ICAT query), or None."""
+        """One datafile of a dataset as the listings show it (one ICAT query), or None.
+
+        Raises the ICAT and transport errors of :mod:`idsfs.errors`
+        (:class:`~idsfs.errors.ICATResponseError` for a bad date).
+        """
         rows = await self._search(
             self._DATAFILE_COLUMNS + f"df.id = {datafile_id} AND df.dataset.id = {dataset_id} "
             "AND df.location IS NOT NULL")
@@ -895,13 +899,19 @@ class Catalog:
         return node
 
     async def count_datafiles(self, dataset_id: int) -> int:
-        """Datafiles of a dataset in ICAT, those without location included."""
+        """Datafiles of a dataset in ICAT, those without location included.
+
+        Raises the ICAT and transport errors of :mod:`idsfs.errors`.
+        """
         rows = await self._search(
             f"SELECT COUNT(df) FROM Datafile df WHERE df.dataset.id = {dataset_id}")
         return int(rows[0]) if rows and isinstance(rows[0], int) else 0
 
     async def delete_dataset(self, dataset: Node) -> None:
-        """Delete the (empty) Dataset ``dataset`` in ICAT and forget its listings."""
+        """Delete the (empty) Dataset ``dataset`` in ICAT and forget its listings.
+
+        Raises what ICAT raises (``ICATPrivilegesError`` without DELETE permission).
+        """
         await self._bridge.run(self._icat.delete, {"Dataset": {"id": dataset.key.id}},
                                abandon_on_cancel=False, name="ICAT delete dataset")
         self.invalidate(dataset.key)
@@ -911,7 +921,10 @@ class Catalog:
             self.remove_local(key)
 
     async def rename_dataset(self, dataset: Node, new_name: str) -> None:
-        """Rename a Dataset in ICAT; its visit's listing is fetched again."""
+        """Rename a Dataset in ICAT; its visit's listing is fetched again.
+
+        Raises what ICAT raises (``ICATObjectExistsError`` when the name is taken).
+        """
         await self._bridge.run(self._icat.update,
                                {"Dataset": {"id": dataset.key.id, "name": new_name}},
                                abandon_on_cancel=False, name="ICAT rename dataset")
@@ -1033,16 +1046,10 @@ class Catalog:
             5,
         )
         now = self._clock()
-        by_id = {row[0]: row for row in rows}
-        directory = naming.Directory((_text(row[1]), row[0], True) for row in rows)
-        nodes = []
-        for entry in directory.entries:
-            fid, name, full_name, description, mod = by_id[entry.ids[0]]
-            t = _ns(_date(mod))
-            nodes.append(Node(
-                NodeKey(Kind.FACILITY, fid), ROOT_KEY, entry.file_name, mtime_ns=t, ctime_ns=t,
-                extra=_extra(id=fid, name=name, fullName=full_name, description=description),
-            ))
+        nodes = _object_nodes(
+            ROOT_KEY, Kind.FACILITY, rows, 1,
+            lambda fid, name, full_name, description, _mod: _extra(
+                id=fid, name=name, fullName=full_name, description=description))
         self._store(Listing(ROOT_KEY, nodes, now))
         self._account(ROOT_KEY, 0, 0, len(nodes))
 
@@ -1071,16 +1078,10 @@ class Catalog:
         self._account(key, 0, 0, len(nodes))
 
     def _name_listing(self, key: NodeKey, rows: Sequence[tuple[Any, ...]], now: float) -> Listing:
-        by_id = {row[0]: row for row in rows}
-        directory = naming.Directory((_text(row[2]), row[0], True) for row in rows)
-        nodes = []
-        for entry in directory.entries:
-            iid, name, visit, title, doi, mod = by_id[entry.ids[0]]
-            t = _ns(_date(mod))
-            nodes.append(Node(
-                NodeKey(Kind.INVESTIGATION, iid), key, entry.file_name, mtime_ns=t, ctime_ns=t,
-                extra=_extra(id=iid, name=name, visitId=visit, title=title, doi=doi),
-            ))
+        nodes = _object_nodes(
+            key, Kind.INVESTIGATION, rows, 2,
+            lambda iid, name, visit, title, doi, _mod: _extra(
+                id=iid, name=name, visitId=visit, title=title, doi=doi))
         listing = Listing(key, nodes, now)
         self._store(listing)
         self._account(key, 0, 0, len(nodes))
@@ -1117,39 +1118,22 @@ class Catalog:
         )
         now = self._clock()
         key = NodeKey(Kind.INVESTIGATION, investigation_id)
-        by_id = {row[0]: row for row in rows}
-        directory = naming.Directory((_text(row[1]), row[0], True) for row in rows)
-        nodes = []
-        for entry in directory.entries:
-            did, name, description, doi, location, mod = by_id[entry.ids[0]]
-            t = _ns(_date(mod))
-            nodes.append(Node(
-                NodeKey(Kind.DATASET, did), key, entry.file_name, mtime_ns=t, ctime_ns=t,
-                extra=_extra(id=did, name=name, description=description, doi=doi,
-                             location=location, investigation_id=investigation_id),
-            ))
+        nodes = _object_nodes(
+            key, Kind.DATASET, rows, 1,
+            lambda did, name, description, doi, location, _mod: _extra(
+                id=did, name=name, description=description, doi=doi, location=location,
+                investigation_id=investigation_id))
         self._store(Listing(key, nodes, now))
         self._account(key, 0, 0, len(nodes))
 
     async def _fetch_dataset(self, dataset_id: int) -> None:
         rows = await self._paged(
-            "SELECT df.id, df.name, df.fileSize, df.modTime, df.datafileModTime, "
-            "df.datafileCreateTime, df.checksum, df.location, df.description, df.doi "
-            f"FROM Datafile df WHERE df.dataset.id = {dataset_id} AND df.location IS NOT NULL "
+            self._DATAFILE_COLUMNS + f"df.dataset.id = {dataset_id} AND df.location IS NOT NULL "
             "AND df.id > {after} ORDER BY df.id LIMIT 0, {count}",
             10,
         )
         now = self._clock()
-        records: dict[int, DatafileRecord] = {}
-        for row in rows:
-            did, name, size, mod, dmod, dcreate, checksum, location, description, doi = row
-            records[did] = DatafileRecord(
-                id=did, name=_text(name), dataset_id=dataset_id,
-                fileSize=size if isinstance(size, int) and size > 0 else 0,
-                modTime=_date(mod), datafileModTime=_date(dmod),
-                datafileCreateTime=_date(dcreate), checksum=checksum, location=location,
-                description=description, doi=doi,
-            )
+        records = {row[0]: self._record(dataset_id, row) for row in rows}
         if any("/" in rec.name for rec in records.values()):
             tree = naming.DatafileTree((rec.name, rec.id) for rec in records.values())
             self._store_tree(dataset_id, tree, records, now)
@@ -1238,3 +1222,28 @@ class Catalog:
 def _text(value: Any) -> str:
     """An ICAT name as text (a missing name becomes the empty name)."""
     return "" if value is None else str(value)
+
+
+def _object_nodes(
+    parent: NodeKey,
+    kind: Kind,
+    rows: Sequence[tuple[Any, ...]],
+    name_column: int,
+    extra: Callable[..., tuple[tuple[str, str], ...]],
+) -> list[Node]:
+    """The directory nodes of ICAT objects listed in ``parent``, in file-name order.
+
+    Each row starts with the object's id and ends with its ``modTime``;
+    ``row[name_column]`` is the name the file name is made of (naming rules,
+    clashes); ``extra(*row)`` gives the node's xattrs. Raises
+    ICATResponseError for a bad date.
+    """
+    by_id = {row[0]: row for row in rows}
+    directory = naming.Directory((_text(row[name_column]), row[0], True) for row in rows)
+    nodes = []
+    for entry in directory.entries:
+        row = by_id[entry.ids[0]]
+        t = _ns(_date(row[-1]))
+        nodes.append(Node(NodeKey(kind, row[0]), parent, entry.file_name, mtime_ns=t,
+                          ctime_ns=t, extra=extra(*row)))
+    return nodes
