@@ -544,8 +544,38 @@ def _current_gid() -> int:
     return os.getgid()
 
 
+class _ClientOptions:
+    """The arguments of :class:`~idsfs.ids.IDSClient`/:class:`~idsfs.icat.ICATClient`
+    derived from the connection options (shared by :class:`Config` and
+    :class:`ClientConfig`)."""
+
+    insecure: bool
+    ca_file: Path | None
+    timeout: float
+    http_proxy: str | None
+    https_proxy: str | None
+    no_proxy: str | None
+
+    @property
+    def verify(self) -> bool | str:
+        """The ``verify`` argument of the clients (``False``, a CA file or ``True``)."""
+        if self.insecure:
+            return False
+        return str(self.ca_file) if self.ca_file else True
+
+    @property
+    def http_timeout(self) -> tuple[float, float]:
+        """``(connect, read)`` timeout of the clients."""
+        return (min(10.0, self.timeout), self.timeout)
+
+    @property
+    def proxies(self) -> dict[str, str] | None:
+        """The ``proxy`` argument of the clients (None: requests' environment variables)."""
+        return _proxies(self.http_proxy, self.https_proxy, self.no_proxy)
+
+
 @dataclass(frozen=True)
-class Config:
+class Config(_ClientOptions):
     """Every option of one mount, validated (immutable; see :meth:`replace`).
 
     Build it with :func:`assemble` (or the constructor with typed values);
@@ -656,15 +686,7 @@ class Config:
                 object.__setattr__(self, name, _check(name, value, _parse_proxy))
         object.__setattr__(self, "config_files", tuple(self.config_files))
         object.__setattr__(self, "notes", tuple(self.notes))
-        if self.session is None:
-            if not self.user:
-                raise ConfigError(
-                    f"no credentials: give --user NAME with --password-file FILE (or "
-                    f"${ENV_PASSWORD}), or an ICAT session id with --session-file FILE (or "
-                    f"${ENV_SESSION})")
-            if self.password is None:
-                raise ConfigError(f"no password for user {self.user!r}: use --password-file "
-                                  f"FILE or ${ENV_PASSWORD}")
+        _check_credentials(self.user, self.password, self.session)
         if not self.auth:
             raise ConfigError("--auth: must not be empty")
         if self.timeout <= 0:
@@ -718,23 +740,6 @@ class Config:
         """``fsname``, else the ICAT URL (else the IDS URL)."""
         return self.fsname or self.icat_url or self.ids_url or "idsfs"
 
-    @property
-    def verify(self) -> bool | str:
-        """The ``verify`` argument of the clients (``False``, a CA file or ``True``)."""
-        if self.insecure:
-            return False
-        return str(self.ca_file) if self.ca_file else True
-
-    @property
-    def http_timeout(self) -> tuple[float, float]:
-        """``(connect, read)`` timeout of the clients."""
-        return (min(10.0, self.timeout), self.timeout)
-
-    @property
-    def proxies(self) -> dict[str, str] | None:
-        """The ``proxy`` argument of the clients (None: requests' environment variables)."""
-        return _proxies(self.http_proxy, self.https_proxy, self.no_proxy)
-
     def replace(self, **changes: Any) -> Config:
         """Return a copy with ``changes`` applied (validated like the constructor)."""
         return dataclasses.replace(self, **changes)
@@ -758,6 +763,20 @@ def _proxies(http: str | None, https: str | None, no: str | None) -> dict[str, s
     out = {key: value for key, value in (("http", http), ("https", https), ("no_proxy", no))
            if value}
     return out or None
+
+
+def _check_credentials(user: str | None, password: Secret | None, session: Secret | None) -> None:
+    """Raise :class:`ConfigError` unless there is a session id or a user with a password."""
+    if session is not None:
+        return
+    if not user:
+        raise ConfigError(
+            f"no credentials: give --user NAME with --password-file FILE (or "
+            f"${ENV_PASSWORD}), or an ICAT session id with --session-file FILE (or "
+            f"${ENV_SESSION})")
+    if password is None:
+        raise ConfigError(f"no password for user {user!r}: use --password-file "
+                          f"FILE or ${ENV_PASSWORD}")
 
 
 def _check(name: str, value: Any, parse: Callable[[Any], Any]) -> Any:
@@ -1253,7 +1272,7 @@ CLIENT_FIELDS = ("icat_url", "ids_url", "auth", "user", "timeout", "insecure", "
 
 
 @dataclass(frozen=True)
-class ClientConfig:
+class ClientConfig(_ClientOptions):
     """Server, credentials and connection options of ``idsfs get`` / ``idsfs put``.
 
     Assembled by :func:`assemble_client` from the same config files,
@@ -1277,23 +1296,6 @@ class ClientConfig:
     config_files: tuple[Path, ...] = ()
     notes: tuple[str, ...] = field(default=(), compare=False)
 
-    @property
-    def verify(self) -> bool | str:
-        """The ``verify`` argument of the clients (``False``, a CA file or ``True``)."""
-        if self.insecure:
-            return False
-        return str(self.ca_file) if self.ca_file else True
-
-    @property
-    def http_timeout(self) -> tuple[float, float]:
-        """``(connect, read)`` timeout of the clients."""
-        return (min(10.0, self.timeout), self.timeout)
-
-    @property
-    def proxies(self) -> dict[str, str] | None:
-        """The ``proxy`` argument of the clients (None: requests' environment variables)."""
-        return _proxies(self.http_proxy, self.https_proxy, self.no_proxy)
-
 
 def assemble_client(
     layers: Sequence[Layer],
@@ -1315,14 +1317,7 @@ def assemble_client(
     merged = _merge([flayer, *layers])
     values = _parse_values(merged, CLIENT_FIELDS)
     password, session = _credentials(merged, values.get("user"), prompt)
-    if session is None:
-        if not values.get("user"):
-            raise ConfigError(f"no credentials: give --user NAME with --password-file FILE (or "
-                              f"${ENV_PASSWORD}), or an ICAT session id with --session-file "
-                              f"FILE (or ${ENV_SESSION})")
-        if password is None:
-            raise ConfigError(f"no password for user {values['user']!r}: use --password-file "
-                              f"FILE or ${ENV_PASSWORD}")
+    _check_credentials(values.get("user"), password, session)
     for name in ("icat_url", "ids_url"):
         if values.get(name):
             values[name] = _check(name, values[name], _parse_url)
