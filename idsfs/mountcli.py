@@ -34,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,7 @@ from idsfs.config import (
     ENV_PASSWORD,
     ENV_SESSION,
     OPTIONS,
+    Config,
     ConfigError,
     Layer,
     assemble,
@@ -49,8 +51,8 @@ from idsfs.config import (
     parse_size,
 )
 
-__all__ = ["ENV_PASSWORD", "ENV_SESSION", "HELP", "add_arguments", "cli_layer", "format_status",
-           "mount_helper", "query_status", "run", "unmount"]
+__all__ = ["ENV_PASSWORD", "ENV_SESSION", "HELP", "add_arguments", "cli_layer",
+           "config_from_args", "format_status", "mount_helper", "query_status", "run", "unmount"]
 
 #: one help line per sub-command this module serves
 HELP = {
@@ -173,15 +175,33 @@ def cli_layer(args: argparse.Namespace) -> Layer:
 # ----------------------------------------------------------------------------- mount
 
 
+def config_from_args(
+    args: argparse.Namespace,
+    *,
+    environ: Mapping[str, str] | None = None,
+    prompt: Callable[[str], str] | None = None,
+    search_path: Sequence[Path | str] | None = None,
+) -> Config:
+    """The :class:`~idsfs.config.Config` of ``idsfs mount`` from its parsed arguments.
+
+    Layers, lowest precedence first: the config files, the environment
+    (``environ``, default ``os.environ``), ``-o`` options, long options.
+    ``prompt`` and ``search_path`` are passed to :func:`idsfs.config.assemble`.
+    Raises :class:`~idsfs.config.ConfigError` naming the offending option.
+    """
+    env = os.environ if environ is None else environ
+    return assemble(args.mountpoint, [
+        env_layer(env),
+        parse_mount_options(args.mount_options),
+        cli_layer(args),
+    ], environ=env, prompt=prompt, search_path=search_path)
+
+
 def _run_mount(args: argparse.Namespace) -> int:
     from idsfs import daemon
 
     try:
-        config = assemble(args.mountpoint, [
-            env_layer(os.environ),
-            parse_mount_options(args.mount_options),
-            cli_layer(args),
-        ])
+        config = config_from_args(args)
     except ConfigError as exc:
         print(f"idsfs mount: {exc}", file=sys.stderr)
         return 2

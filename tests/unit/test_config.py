@@ -9,6 +9,7 @@ import pickle
 from pathlib import Path
 
 import pytest
+from configkit import mount_config
 
 from idsfs import mountcli
 from idsfs.config import (
@@ -20,11 +21,9 @@ from idsfs.config import (
     ConfigError,
     Secret,
     assemble,
-    env_layer,
     format_size,
     parse_bool,
     parse_duration,
-    parse_mount_options,
     parse_size,
     split_mount_options,
 )
@@ -49,14 +48,8 @@ def sidfile(tmp_path: Path) -> Path:
 
 
 def parse_cli(argv: list[str], environ: dict[str, str] | None = None) -> Config:
-    """Parse like ``idsfs mount`` does and assemble the Config."""
-    parser = argparse.ArgumentParser(prog="idsfs mount")
-    mountcli.add_arguments(parser)
-    args = parser.parse_args(argv)
-    env = environ if environ is not None else {}
-    return assemble(args.mountpoint, [
-        env_layer(env), parse_mount_options(args.mount_options), mountcli.cli_layer(args)
-    ], environ=env, prompt=None)
+    """Parse like ``idsfs mount`` does and assemble the Config (no config files)."""
+    return mount_config(argv, environ=environ)
 
 
 def base(pwfile: Path, *more: str) -> list[str]:

@@ -7,25 +7,21 @@ take part.
 
 from __future__ import annotations
 
-import argparse
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from configkit import mount_config
 
-from idsfs import mountcli
 from idsfs.config import (
     BEGIN_MARKER,
     END_MARKER,
-    Config,
     ConfigError,
-    assemble,
     assemble_client,
     default_config_files,
     env_layer,
-    parse_mount_options,
     read_config_files,
     render_markdown,
 )
@@ -42,16 +38,7 @@ def write(path: Path, text: str, mode: int = 0o600) -> Path:
     return path
 
 
-def config(argv: list[str], *, environ: dict[str, str] | None = None,
-           search_path: list[Path] | None = None, prompt=None) -> Config:
-    """Parse like ``idsfs mount`` and assemble with an explicit search path."""
-    parser = argparse.ArgumentParser(prog="idsfs mount")
-    mountcli.add_arguments(parser)
-    args = parser.parse_args(argv)
-    env = environ if environ is not None else {}
-    return assemble(args.mountpoint, [
-        env_layer(env), parse_mount_options(args.mount_options), mountcli.cli_layer(args)
-    ], environ=env, prompt=prompt, search_path=search_path if search_path is not None else [])
+config = mount_config
 
 
 FACILITY = f"""
