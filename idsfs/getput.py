@@ -40,7 +40,7 @@ from idsfs.download import (
     is_zipped,
     upload,
 )
-from idsfs.errors import IdsfsError
+from idsfs.errors import IdsfsError, IDSResponseError
 from idsfs.icat import ICATClient
 from idsfs.ids import DataSelection, IDSClient
 
@@ -218,21 +218,41 @@ def _credentials_of(settings: ClientConfig) -> Credentials:
 
 
 def connect(settings: ClientConfig, creds: Credentials) -> tuple[IDSClient, ICATClient | None]:
-    """Open the IDS client (and log in to ICAT when ``creds`` ask for it)."""
+    """Open the IDS client (and log in to ICAT when ``creds`` ask for it).
+
+    Raises :class:`UsageError` without an IDS URL,
+    :class:`~idsfs.errors.IDSResponseError` when the ICAT URL the IDS reports
+    is not an http(s) URL, and the errors of the clients (e.g.
+    :class:`~idsfs.errors.ICATSessionError` for a refused login). Nothing
+    stays open when it raises.
+    """
     if not settings.ids_url:
         raise UsageError(f"no IDS URL: use --ids, ${ENV_IDS_URL}, or idsurl in the config "
                          f"section")
     ids = IDSClient(settings.ids_url, creds.session_id, proxy=settings.proxies,
                     timeout=settings.http_timeout, verify=settings.verify)
-    icat: ICATClient | None = None
-    if creds.session_id is None:
-        icat_url = settings.icat_url or ids.getIcatUrl()
-        icat = ICATClient(icat_url, timeout=settings.http_timeout, verify=settings.verify,
-                          proxy=settings.proxies)
+    if creds.session_id is not None:
+        return ids, None
+    try:
+        icat_url = settings.icat_url or ids.getIcatUrl().strip()
+        try:
+            icat = ICATClient(icat_url, timeout=settings.http_timeout, verify=settings.verify,
+                              proxy=settings.proxies)
+        except ValueError as exc:
+            raise IDSResponseError(f"the IDS reports the ICAT URL {icat_url[:200]!r}, which "
+                                   f"is not an http(s) URL; give --icat URL") from exc
+    except BaseException:
+        ids.close()
+        raise
+    try:
         assert creds.auth is not None and creds.user is not None and creds.password is not None
         ids.sessionId = icat.login(
             creds.auth, {"username": creds.user, "password": creds.password}, remember=False
         )
+    except BaseException:
+        icat.close()
+        ids.close()
+        raise
     return ids, icat
 
 

@@ -119,3 +119,15 @@ def test_restore_failure_and_reset(world_factory) -> None:
         ids.getStatus(ds2)
     ids.reset(ds2)
     assert ids.getStatus(ds2) == "ARCHIVED"
+
+
+def test_unusable_icat_url_from_the_ids_is_a_clear_error(canned, tmp_path) -> None:
+    canned.answer("/ids/getIcatUrl", 200, "ftp://icat.example.org/icat")
+    pw = tmp_path / "pw"
+    pw.write_text("alice-secret\n")
+    r = idsfs("get", "--ids", canned.url + "/ids", "--user", "alice", "--password-file",
+              str(pw), "--datafile", "1", "-o", str(tmp_path / "a"))
+    assert r.returncode == 1, r.stderr
+    assert "Traceback" not in r.stderr
+    assert "ftp://icat.example.org/icat" in r.stderr and "--icat" in r.stderr
+    assert not (tmp_path / "a").exists()
