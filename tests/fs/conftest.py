@@ -22,6 +22,9 @@ Fixtures
     data (:func:`fshelp.populate_odd`); read only. Yields ``(emulator, Odd)``.
 ``tree``
     Factory ``tree(emulator, user="alice", **options)`` of :class:`fshelp.Tree`.
+``wtree``
+    Factory ``wtree(emulator, user="alice", *, spool=None, **options)`` of
+    :class:`writekit.WriteTree` (the write path; spools under ``tmp_path``).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from typing import Any
 import pyfuse3
 import pytest
 from fshelp import Odd, Tree, fake_readdir_reply, login, populate_odd, settings
+from writekit import WriteTree, write_trees
 
 from idsfs.emulator import Emulator
 from idsfs.icat import ICATClient
@@ -62,6 +66,13 @@ def tree() -> Iterator[Callable[..., Tree]]:
 
 
 # ----------------------------------------------------------------------------- emulators
+
+
+@pytest.fixture
+def wtree(tmp_path: Path) -> Iterator[Callable[..., WriteTree]]:
+    """Factory of write-path trees (see the module docstring)."""
+    with write_trees(tmp_path) as make:
+        yield make
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,8 @@ from idsfs.icat import ICATClient
 
 PASSWORDS = {"root": "root-pw", "alice": "alice-pw", "bob": "bob-pw"}
 UID, GID = 1234, 5678
+#: the first visit of the demo data
+DEMO_VISIT = "DEMO/DEMO-2024-001/1"
 
 
 def settings(data_dir: Path, **overrides: Any) -> EmulatorSettings:

@@ -7,11 +7,9 @@ import stat
 
 import pyfuse3
 import pytest
-from fshelp import GID, UID, Tree, attrs, login
+from fshelp import DEMO_VISIT, GID, UID, Tree, attrs, login
 
 from idsfs.model import parse_date
-
-DEMO_VISIT = "DEMO/DEMO-2024-001/1"
 
 
 def _ns(text: str) -> int:

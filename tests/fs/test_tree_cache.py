@@ -7,9 +7,7 @@ import stat
 import pyfuse3
 import pytest
 import trio
-from fshelp import FakeClock, Tree, login
-
-DEMO_VISIT = "DEMO/DEMO-2024-001/1"
+from fshelp import DEMO_VISIT, FakeClock, Tree, login
 
 
 def icat_searches(emu) -> int:

@@ -8,14 +8,12 @@ import logging
 import pyfuse3
 import pytest
 import trio
-from fshelp import Tree, login
+from fshelp import DEMO_VISIT, Tree, login
 
 from idsfs import errors, naming
 from idsfs.blockcache import BlockLengthError
 from idsfs.fs import ERRNO_TABLE, errno_for
 from idsfs.icat import ICATClient
-
-DEMO_VISIT = "DEMO/DEMO-2024-001/1"
 
 
 def _server(cls: type[errors.ServerError]) -> errors.ServerError:

@@ -8,15 +8,13 @@ from pathlib import Path
 
 import pyfuse3
 import pytest
-from fshelp import FakeClock, Tree, login, settings
+from fshelp import DEMO_VISIT, FakeClock, Tree, login, settings
 
 from idsfs.aio import ThreadBridge
 from idsfs.blockcache import BlockCache
 from idsfs.emulator import Emulator, demo
 from idsfs.ids import IDSClient
 from idsfs.transfer import Transfer
-
-DEMO_VISIT = "DEMO/DEMO-2024-001/1"
 
 
 def real_transfer(t: Tree, bridge: ThreadBridge) -> Transfer:

@@ -7,12 +7,10 @@ import hashlib
 
 import pyfuse3
 import pytest
-from fshelp import ODD_DATASETS, Odd, Tree
+from fshelp import DEMO_VISIT, ODD_DATASETS, Odd, Tree
 
 from idsfs import naming
 from idsfs.emulator import demo
-
-DEMO_VISIT = "DEMO/DEMO-2024-001/1"
 
 
 def test_every_level_of_the_demo(demo_emu, tree) -> None:

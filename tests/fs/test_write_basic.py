@@ -3,19 +3,9 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import pytest
-from writekit import DEMO_VISIT, WriteTree, crc_hex, datafiles_named, stored_bytes, write_trees
-
-DS = f"{DEMO_VISIT}/raw"
-
-
-@pytest.fixture
-def wtree(tmp_path: Path) -> Iterator[Callable[..., WriteTree]]:
-    with write_trees(tmp_path) as make:
-        yield make
+from writekit import DS, WriteTree, crc_hex, datafiles_named, stored_bytes
 
 
 def dataset_id_of(t: WriteTree, xattrs: dict[str, str]) -> int:

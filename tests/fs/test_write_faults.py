@@ -11,27 +11,13 @@ from __future__ import annotations
 import errno
 import json
 import os
-from collections.abc import Callable, Iterator
-from pathlib import Path
 
-import pytest
 import trio
-from writekit import DEMO_VISIT, WriteTree, crc_hex, datafiles_named, stored_bytes, write_trees
+from writekit import DEMO_VISIT, DS, WriteTree, crc_hex, datafiles_named, dataset_id, stored_bytes
 
 from idsfs.ids import IDSClient
 
-DS = f"{DEMO_VISIT}/raw"
-
-
-@pytest.fixture
-def wtree(tmp_path: Path) -> Iterator[Callable[..., WriteTree]]:
-    with write_trees(tmp_path) as make:
-        yield make
 NAME = "result.dat"
-
-
-async def dataset_id(t: WriteTree) -> int:
-    return int(await t.xattr(DS, "user.ids.id"))
 
 
 def records(t: WriteTree) -> list[dict]:

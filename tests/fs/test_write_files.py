@@ -6,33 +6,20 @@ from __future__ import annotations
 import errno
 import json
 import os
-from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import pyfuse3
 import pytest
 import trio
 from writekit import (
     DEMO_VISIT,
+    DS,
     WriteTree,
     crc_hex,
     datafiles_named,
+    dataset_id,
     setattr_fields,
     stored_bytes,
-    write_trees,
 )
-
-DS = f"{DEMO_VISIT}/raw"
-
-
-@pytest.fixture
-def wtree(tmp_path: Path) -> Iterator[Callable[..., WriteTree]]:
-    with write_trees(tmp_path) as make:
-        yield make
-
-
-async def dataset_id(t: WriteTree, path: str = DS) -> int:
-    return int(await t.xattr(path, "user.ids.id"))
 
 
 def test_random_writes_truncate_and_reads_before_close(fresh_emu, wtree) -> None:

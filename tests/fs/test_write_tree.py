@@ -6,25 +6,11 @@ from __future__ import annotations
 import errno
 import json
 import os
-from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import pyfuse3
 import pytest
 from fshelp import login
-from writekit import DEMO_VISIT, WriteTree, datafiles_named, stored_bytes, write_trees
-
-DS = f"{DEMO_VISIT}/raw"
-
-
-@pytest.fixture
-def wtree(tmp_path: Path) -> Iterator[Callable[..., WriteTree]]:
-    with write_trees(tmp_path) as make:
-        yield make
-
-
-async def dataset_id(t: WriteTree, path: str = DS) -> int:
-    return int(await t.xattr(path, "user.ids.id"))
+from writekit import DEMO_VISIT, DS, WriteTree, datafiles_named, dataset_id, stored_bytes
 
 
 def icat(emu, query: str) -> list:

@@ -20,7 +20,7 @@ from typing import Any
 
 import pyfuse3
 import trio
-from fshelp import GID, PASSWORDS, UID, login
+from fshelp import DEMO_VISIT, GID, PASSWORDS, UID, login
 
 from idsfs.aio import ThreadBridge
 from idsfs.blockcache import BlockCache
@@ -31,8 +31,6 @@ from idsfs.icat import ICATClient
 from idsfs.ids import DataSelection, IDSClient
 from idsfs.transfer import Transfer
 from idsfs.upload import Uploader
-
-DEMO_VISIT = "DEMO/DEMO-2024-001/1"
 
 __all__ = ["DEMO_VISIT", "PASSWORDS", "WriteTree", "crc_hex", "datafiles_named", "fuse_errno",
            "setattr_fields", "stored_bytes", "write_trees"]
@@ -220,11 +218,20 @@ class WriteTree:
                 await trio.sleep(0.02)
 
 
+#: the demo dataset the write tests write into
+DS = f"{DEMO_VISIT}/raw"
+
+
+async def dataset_id(t: WriteTree, path: str = DS) -> int:
+    """The ICAT id of the dataset directory ``path`` (its ``user.ids.id``)."""
+    return int(await t.xattr(path, "user.ids.id"))
+
+
 @contextlib.contextmanager
 def write_trees(tmp_path: Path) -> Iterator[Callable[..., WriteTree]]:
     """Factory ``make(emulator, user="alice", *, spool=None, **options)`` of
     :class:`WriteTree`s whose spool is under ``tmp_path``; their ICAT clients are
-    closed at the end. Test modules wrap it in their ``wtree`` fixture."""
+    closed at the end (the ``wtree`` fixture of conftest.py)."""
     made: list[WriteTree] = []
 
     def make(emu: Emulator, user: str = "alice", *, spool: Path | None = None,
