@@ -103,6 +103,7 @@ from mountharness import (
     start_mount,
     teardown_mount,
 )
+from writeharness import Servers
 
 _SKIP_REASON = enter_private_namespace()
 
@@ -144,6 +145,16 @@ def emulator_process(tmp_path: Path) -> Iterator[Callable[..., EmulatorProcess]]
     finally:
         for emu in reversed(started):
             emu.stop()
+
+
+@pytest.fixture
+def servers(emulator_process: Callable[..., EmulatorProcess]) -> Iterator[Servers]:
+    """Root's view (writeharness.Servers) of a fresh emulator with demo data."""
+    s = Servers(emulator_process())
+    try:
+        yield s
+    finally:
+        s.close()
 
 
 @pytest.fixture

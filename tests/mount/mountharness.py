@@ -25,6 +25,9 @@ from typing import Any
 
 import requests
 
+from idsfs import naming
+from idsfs.emulator import demo
+
 #: accounts of every harness emulator (``simple`` authenticator); root is ICAT root
 USERS: dict[str, str] = {
     "root": "root-" + secrets.token_hex(8),
@@ -221,6 +224,21 @@ def _pid_alive(pid: int) -> bool:
     except (OSError, IndexError):
         return False
     return state not in ("Z", "X")
+
+
+def demo_files(emu: Any) -> dict[Path, demo.FileSpec]:
+    """Relative path of every demo datafile of ``emu`` (as naming places it) -> its spec."""
+    out = {}
+    for inv in demo.plan(emu.seed, emu.demo_large_size):
+        for ds in inv.datasets:
+            base = Path("DEMO", naming.escape_name(inv.name), naming.escape_name(inv.visit_id),
+                        naming.escape_name(ds.name))
+            tree = naming.DatafileTree((spec.name, i) for i, spec in enumerate(ds.files))
+            for i, spec in enumerate(ds.files):
+                path = tree.path_of(i)
+                assert path is not None
+                out[base.joinpath(*path)] = spec
+    return out
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.02) -> bool:

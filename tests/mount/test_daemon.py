@@ -124,31 +124,20 @@ def test_foreground_mount_and_idsfs_umount(mount) -> None:
     assert "ready:" in text and "unmounted" in text and "logged out" in text
 
 
-def test_ids_url_derived_from_icat_url(mount, demo_emulator, tmp_path: Path) -> None:
+@pytest.mark.parametrize("given", ["--icat", "--ids"])
+def test_one_server_url_is_enough(demo_emulator, tmp_path: Path, given: str) -> None:
+    """--icat alone: the IDS URL is derived (<ICAT>/ids); --ids alone: the IDS names its ICAT."""
     pw = password_file(tmp_path, USERS["alice"])
     mp = tmp_path / "mnt"
     mp.mkdir()
-    done = run_idsfs("mount", "--icat", demo_emulator.icat_url, "--user", "alice",
-                     "--password-file", str(pw), str(mp))
+    url = demo_emulator.icat_url if given == "--icat" else demo_emulator.ids_url
+    done = run_idsfs("mount", given, url, "--user", "alice", "--password-file", str(pw), str(mp))
     try:
         assert done.returncode == 0, done.stderr
         assert "DEMO" in os.listdir(mp)
     finally:
-        assert run_idsfs("umount", str(mp)).returncode == 0
-    assert wait_until(lambda: not daemons_for(mp), 20)
-
-
-def test_icat_url_from_the_ids(demo_emulator, tmp_path: Path) -> None:
-    pw = password_file(tmp_path, USERS["alice"])
-    mp = tmp_path / "mnt"
-    mp.mkdir()
-    done = run_idsfs("mount", "--ids", demo_emulator.ids_url, "--user", "alice",
-                     "--password-file", str(pw), str(mp))
-    try:
-        assert done.returncode == 0, done.stderr
-        assert "DEMO" in os.listdir(mp)
-    finally:
-        run_idsfs("umount", str(mp))
+        umount = run_idsfs("umount", str(mp))
+    assert umount.returncode == 0, umount.stderr
     assert wait_until(lambda: not daemons_for(mp), 20)
 
 

@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
+from mountharness import demo_files
 
-from idsfs import naming
 from idsfs.emulator import demo
 
 pytestmark = pytest.mark.mount
@@ -26,21 +26,6 @@ ARCHIVED = Path("DEMO/DEMO-2024-001/1/processed data")  # starts archived (two-l
 
 def run(*argv: str | Path, check: bool = True) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run([str(a) for a in argv], capture_output=True, timeout=120, check=check)
-
-
-def demo_files(emu) -> dict[Path, demo.FileSpec]:
-    """Relative path of every demo datafile -> its spec."""
-    out = {}
-    for inv in demo.plan(emu.seed, emu.demo_large_size):
-        for ds in inv.datasets:
-            base = Path("DEMO", naming.escape_name(inv.name), naming.escape_name(inv.visit_id),
-                        naming.escape_name(ds.name))
-            tree = naming.DatafileTree((spec.name, i) for i, spec in enumerate(ds.files))
-            for i, spec in enumerate(ds.files):
-                path = tree.path_of(i)
-                assert path is not None
-                out[base.joinpath(*path)] = spec
-    return out
 
 
 def expected(emu, spec: demo.FileSpec, offset: int = 0, length: int | None = None) -> bytes:

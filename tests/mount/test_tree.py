@@ -8,9 +8,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from mountharness import USERS
+from mountharness import USERS, demo_files
 
-from idsfs import naming
 from idsfs.emulator import demo
 from idsfs.icat import ICATClient
 from idsfs.model import parse_date
@@ -29,21 +28,6 @@ def root_client(emu) -> ICATClient:
     client = ICATClient(emu.icat_url)
     client.login("simple", {"username": "root", "password": USERS["root"]})
     return client
-
-
-def demo_files(emu) -> dict[Path, demo.FileSpec]:
-    """Relative path of every demo datafile (as naming places it) -> its spec."""
-    out = {}
-    for inv in demo.plan(emu.seed, emu.demo_large_size):
-        for ds in inv.datasets:
-            base = Path("DEMO", naming.escape_name(inv.name), naming.escape_name(inv.visit_id),
-                        naming.escape_name(ds.name))
-            tree = naming.DatafileTree((spec.name, i) for i, spec in enumerate(ds.files))
-            for i, spec in enumerate(ds.files):
-                path = tree.path_of(i)
-                assert path is not None
-                out[base.joinpath(*path)] = spec
-    return out
 
 
 def test_ls_lR_shows_every_file_with_its_size(mount, emulator_process) -> None:

@@ -11,17 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from writeharness import DEMO_VISIT, RAW, Servers, run, spool_records, write_args
-
-
-@pytest.fixture
-def servers(emulator_process):
-    emu = emulator_process()
-    s = Servers(emu)
-    try:
-        yield s
-    finally:
-        s.close()
+from writeharness import DEMO_VISIT, RAW, run, spool_records, write_args
 
 
 def test_cp_stores_a_datafile_that_shows_at_once(mount, servers, tmp_path: Path) -> None:

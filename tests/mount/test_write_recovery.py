@@ -19,17 +19,7 @@ from pathlib import Path
 
 import pytest
 from mountharness import idsfs_command, is_mounted, wait_until
-from writeharness import RAW, Servers, run, spool_records, write_args
-
-
-@pytest.fixture
-def servers(emulator_process):
-    emu = emulator_process()
-    s = Servers(emu)
-    try:
-        yield s
-    finally:
-        s.close()
+from writeharness import RAW, run, spool_records, write_args
 
 
 def slow_retry(spool: Path, *extra: str) -> tuple[str, ...]:
