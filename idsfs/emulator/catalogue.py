@@ -719,13 +719,7 @@ class Catalogue:
         )
         if not self._may_write(con, user, e, new_id):
             raise _denied("CREATE", e.name)
-        for target, val in nested:
-            self._update(con, user, target, val)
-        for orel, lst in children:
-            child_e = ENTITIES[orel.target]
-            col = child_e.many_by_name[orel.mapped_by].column
-            for child in lst:
-                self._create(con, user, child_e, child, (col, new_id))
+        self._write_related(con, user, nested, children, new_id)
         return new_id
 
     def _update(
@@ -763,13 +757,25 @@ class Catalogue:
                 raise _denied("CREATE", e.name)
         else:
             self._validate(e, current)
+        self._write_related(con, user, nested, children, entity_id)
+
+    def _write_related(
+        self,
+        con: sqlite3.Connection,
+        user: str,
+        nested: list[tuple[EntityDef, dict[str, Any]]],
+        children: list[tuple[Any, list[Any]]],
+        owner_id: int,
+    ) -> None:
+        """Update the nested many-to-one objects given with ids and create the
+        one-to-many children given inline, pointing at ``owner_id``."""
         for target, val in nested:
             self._update(con, user, target, val)
         for orel, lst in children:
             child_e = ENTITIES[orel.target]
             col = child_e.many_by_name[orel.mapped_by].column
             for child in lst:
-                self._create(con, user, child_e, child, (col, entity_id))
+                self._create(con, user, child_e, child, (col, owner_id))
 
     # ---------------------------------------------------------------- deleting
     @staticmethod
