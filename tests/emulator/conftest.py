@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 import requests
+from emukit import ROOT_USER
 
 from idsfs.emulator import Emulator
 from idsfs.emulator.catalogue import READER
@@ -33,7 +34,6 @@ from idsfs.emulator.ids_api import storage_items
 CONTENT = {
     n: f"df{n} test content very compressible very compressible".encode() for n in range(1, 5)
 }
-ROOT_USER = "simple/root"
 
 
 @dataclass

@@ -4,37 +4,14 @@ from __future__ import annotations
 
 import pytest
 import requests
+from emukit import minimal_dataset
 
 from idsfs.emulator import Emulator
 
 
 def setup_file(emu: Emulator) -> tuple[str, int, int]:
     """A dataset with one uploaded datafile, readable by alice; (alice sid, ds id, df id)."""
-    root, cat = "simple/root", emu.catalogue
-    (fac,) = cat.write(root, [{"Facility": {"name": "F"}}])
-    (it,) = cat.write(root, [{"InvestigationType": {"name": "t", "facility": {"id": fac}}}])
-    (dt,) = cat.write(root, [{"DatasetType": {"name": "t", "facility": {"id": fac}}}])
-    (fmt,) = cat.write(
-        root, [{"DatafileFormat": {"name": "f", "version": "1", "facility": {"id": fac}}}]
-    )
-    inv = {"name": "I", "visitId": "v", "title": "t", "facility": {"id": fac}, "type": {"id": it}}
-    (inv_id,) = cat.write(root, [{"Investigation": inv}])
-    (user,) = cat.write(root, [{"User": {"name": "simple/alice"}}])
-    cat.write(
-        root,
-        [
-            {
-                "InvestigationUser": {
-                    "role": "r",
-                    "user": {"id": user},
-                    "investigation": {"id": inv_id},
-                }
-            }
-        ],
-    )
-    (ds,) = cat.write(
-        root, [{"Dataset": {"name": "d", "investigation": {"id": inv_id}, "type": {"id": dt}}}]
-    )
+    ds, fmt = minimal_dataset(emu, members=("alice",))
     sid = emu.login("alice")
     r = requests.put(
         emu.ids_url + "/put",

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import requests
+from emukit import minimal_dataset
 
 from idsfs.emulator import Emulator, EmulatorSettings
 from idsfs.emulator.http import Request, Response
@@ -139,25 +140,9 @@ def test_invalid_settings():
             EmulatorSettings(**kwargs)
 
 
-def _setup_dataset(emu: Emulator) -> tuple[int, int]:
-    root, cat = "simple/root", emu.catalogue
-    (fac,) = cat.write(root, [{"Facility": {"name": "F"}}])
-    (it,) = cat.write(root, [{"InvestigationType": {"name": "t", "facility": {"id": fac}}}])
-    (dt,) = cat.write(root, [{"DatasetType": {"name": "t", "facility": {"id": fac}}}])
-    (fmt,) = cat.write(
-        root, [{"DatafileFormat": {"name": "f", "version": "1", "facility": {"id": fac}}}]
-    )
-    inv = {"name": "I", "visitId": "v", "title": "t", "facility": {"id": fac}, "type": {"id": it}}
-    (inv_id,) = cat.write(root, [{"Investigation": inv}])
-    (ds,) = cat.write(
-        root, [{"Dataset": {"name": "d", "investigation": {"id": inv_id}, "type": {"id": dt}}}]
-    )
-    return ds, fmt
-
-
 def test_several_clients_at_once(emulator):
     """Uploads, downloads, ICAT logins and searches from 6 threads with their own sessions."""
-    ds, fmt = _setup_dataset(emulator)
+    ds, fmt = minimal_dataset(emulator)
     errors: list[BaseException] = []
 
     def client(n: int) -> None:
@@ -213,7 +198,7 @@ def test_several_clients_at_once(emulator):
 def test_restart_same_data_dir_keeps_files_and_sessions(emulator_factory, tmp_path: Path):
     data = tmp_path / "same"
     first = emulator_factory(data_dir=data)
-    ds, fmt = _setup_dataset(first)
+    ds, fmt = minimal_dataset(first)
     sid = first.login("alice")
     root_sid = first.login("root")
     r = requests.put(
