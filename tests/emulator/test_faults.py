@@ -257,7 +257,10 @@ def test_stall_forever_is_released_by_stop(emulator_factory, tmp_path):
     emu.faults.stall(after_bytes=10)
     thread = threading.Thread(target=lambda: raw_get(emu, "/ids/testData", timeout=30))
     thread.start()
-    time.sleep(0.2)
+    deadline = time.monotonic() + 10
+    while emu.faults.fired["stall"] < 1 or emu.counters.bytes_sent("ids/testData") < 10:
+        assert time.monotonic() < deadline, "the response never reached its stall"
+        time.sleep(0.01)
     start = time.monotonic()
     emu.stop()
     assert time.monotonic() - start < 5

@@ -558,7 +558,10 @@ def test_client_disconnect_mid_file(server, rec, caplog):
 def test_client_disconnect_mid_upload(server, caplog):
     with raw_connect(server) as sock:
         sock.sendall(b"PUT /api/echo HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\nabc")
-    time.sleep(0.2)
+    deadline = time.monotonic() + 10
+    while server._conns:  # the connection's thread is done (and has logged) when it leaves
+        assert time.monotonic() < deadline, "the server never finished the connection"
+        time.sleep(0.01)
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert requests.get(f"{server.base_url}/api/ping").text == "pong"
 

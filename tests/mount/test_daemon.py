@@ -275,8 +275,9 @@ def test_stop_with_a_hung_read(mount, emulator_process) -> None:
     reader = subprocess.Popen(["cat", str(m.path / RAW / "block.bin")],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        time.sleep(0.5)
-        assert reader.poll() is None
+        assert wait_until(lambda: emu.requests_to("ids/getData") >= 1, 20)
+        time.sleep(0.2)
+        assert reader.poll() is None  # the read hangs
         m.kill(signal.SIGTERM)
         time.sleep(0.5)
         assert m.alive()  # waiting for the read, within the grace period
