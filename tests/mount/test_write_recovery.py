@@ -155,8 +155,9 @@ def test_unmount_waits_for_pending_uploads_and_keeps_the_rest(mount, servers, tm
               "--upload-wait", "1.5s")
     ds = servers.dataset_id("1", "raw")
     servers.emu.add_fault("error", endpoint="ids/put", status=500, count=1000)
-    with pytest.raises(OSError), open(m.path / RAW / "stuck.bin", "wb") as f:
+    with pytest.raises(OSError) as failed, open(m.path / RAW / "stuck.bin", "wb") as f:
         f.write(b"stuck")
+    assert failed.value.errno == errno.EIO  # close: the upload did not land (yet)
     started = time.monotonic()
     done = run(*idsfs_command(), "umount", m.path, check=False)
     assert done.returncode == 1, done
@@ -179,8 +180,9 @@ def test_unmount_waits_until_a_pending_upload_lands(mount, servers, tmp_path) ->
               "--upload-wait", "20s")
     ds = servers.dataset_id("1", "raw")
     servers.emu.add_fault("error", endpoint="ids/put", status=500, count=1)
-    with pytest.raises(OSError), open(m.path / RAW / "late.bin", "wb") as f:
+    with pytest.raises(OSError) as failed, open(m.path / RAW / "late.bin", "wb") as f:
         f.write(b"late")
+    assert failed.value.errno == errno.EIO  # close: the upload did not land (yet)
     done = run(*idsfs_command(), "umount", m.path, check=False)
     assert done.returncode == 0, done.stderr   # the unmount retried it at once
     servers.assert_stored(ds, "late.bin", b"late")
