@@ -4,6 +4,7 @@
   sub-command's real parser;
 * every demo path the quick start and the README show exists in the demo data
   (:func:`idsfs.emulator.demo.plan`), under the names the mount shows;
+* the errno table of docs/semantics.md gives, row by row, what ``fs.ERRNO_TABLE`` gives;
 * the Sphinx build passes with warnings as errors (``slow``: about 10 s; ``.ci/run``
   builds the documentation too, before pytest).
 """
@@ -108,6 +109,51 @@ def test_demo_paths_in_the_docs_exist() -> None:
     assert checked >= 10
     assert not missing, "demo paths the docs show but the demo does not have:\n" + "\n".join(
         missing)
+
+
+def _docs_errno_rows() -> list[tuple[str, str]]:
+    """(exception class name, errno name or "own") of each row of the errno table of
+    docs/semantics.md, in order; the last row ("anything else") is left out."""
+    text = (DOCS / "semantics.md").read_text(encoding="utf-8")
+    table = text.split("| Exception | errno |\n|---|---|\n", 1)[1].split("\n\n", 1)[0]
+    rows = []
+    for line in table.splitlines():
+        exc_cell, errno_cell = line.strip("|").split(" | ")
+        names = re.findall(r"`([\w.]+)`", exc_cell)
+        if not names:  # "anything else (a bug; ...)"
+            continue
+        own = errno_cell.lstrip().startswith("its `.errno`")
+        errno_name = "own" if own else re.fullmatch(r"\s*`(E[A-Z]+)`\s*", errno_cell).group(1)
+        rows.append((names[0].rsplit(".", 1)[-1], errno_name))
+    return rows
+
+
+def test_errno_table_in_the_docs_is_the_code_s() -> None:
+    """Each row of the docs' table gives the errno fs.ERRNO_TABLE gives that class (the
+    docs spell out some subclasses the code covers with one row), and every row of the
+    code is in the docs."""
+    import errno
+
+    from idsfs import blockcache, errors, naming
+    from idsfs.fs import ERRNO_TABLE
+
+    def matches(cls: type, documented: str) -> bool:
+        listed_value = next(v for listed, v in ERRNO_TABLE if issubclass(cls, listed))
+        if listed_value is None:  # the exception's own errno: its class's, unless set per
+            own = getattr(cls, "errno", None)  # instance (SpoolError: the OS error's)
+            return documented == "own" or errno.errorcode.get(own) == documented
+        return errno.errorcode[listed_value] == documented
+
+    rows = _docs_errno_rows()
+    assert len(rows) >= 20
+    wrong = []
+    for name, documented in rows:
+        cls = next(getattr(m, name) for m in (errors, naming, blockcache) if hasattr(m, name))
+        if not matches(cls, documented):
+            wrong.append(f"{name}: docs say {documented}")
+    assert not wrong, wrong
+    documented_names = {name for name, _ in rows}
+    assert {cls.__name__ for cls, _ in ERRNO_TABLE} <= documented_names
 
 
 @pytest.mark.slow
