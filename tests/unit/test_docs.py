@@ -156,6 +156,16 @@ def test_errno_table_in_the_docs_is_the_code_s() -> None:
     assert {cls.__name__ for cls, _ in ERRNO_TABLE} <= documented_names
 
 
+def test_demo_hints_are_the_quick_start_s() -> None:
+    from idsfs.mountcli import _demo_hints
+
+    text = (DOCS / "quickstart.md").read_text(encoding="utf-8")
+    start = text.index("Try, in another terminal:")
+    end = text.index("Press Ctrl-C here to unmount and stop.", start)
+    shown = text[start:end] + "Press Ctrl-C here to unmount and stop."
+    assert _demo_hints("ids-demo") == shown
+
+
 @pytest.mark.slow
 def test_sphinx_build_has_no_warnings(tmp_path: Path) -> None:
     for module in ("sphinx", "myst_parser"):
