@@ -261,14 +261,23 @@ def settings_from_args(args: argparse.Namespace) -> EmulatorSettings:
     )
 
 
+class RedactingFormatter(logging.Formatter):
+    """A log formatter that hides session and prepared ids in the whole line,
+    tracebacks included (``idsfs.emulator.http.redact``). Never raises."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        """The formatted record with its secrets replaced by ``***``."""
+        from idsfs.emulator.http import redact
+
+        return redact(super().format(record))
+
+
 def run(args: argparse.Namespace) -> int:
     """Start the emulator, print the ready line, serve until SIGINT/SIGTERM; exit status."""
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
-    logging.basicConfig(
-        stream=sys.stderr,
-        level=level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(RedactingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler])
     log = logging.getLogger("idsfs.emulator")
     try:
         settings = settings_from_args(args)

@@ -140,7 +140,7 @@ _FRAMING_HEADERS = frozenset({"content-length", "transfer-encoding", "connection
 #: statuses that never carry a body
 _NO_BODY_STATUSES = frozenset({204, 304})
 _UUID_RE = re.compile(r"[0-9a-fA-F]{8}(?:-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}")
-_SECRET_PARAMS_RE = re.compile(r"((?:^|[?&])(?:sessionId|preparedId)=)[^&]*", re.IGNORECASE)
+_SECRET_PARAMS_RE = re.compile(r"((?:^|[?&\s])(?:sessionId|preparedId)=)[^&\s]*", re.IGNORECASE)
 
 
 class HTTPError(Exception):

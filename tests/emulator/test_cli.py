@@ -234,3 +234,20 @@ def test_idsfs_emulator_subcommand(tmp_path):
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=20)
     assert proc.returncode == 0
+
+
+def test_log_lines_hide_session_ids_also_in_tracebacks():
+    import logging
+
+    from idsfs.emulator.cli import RedactingFormatter
+
+    sid = "0d9a3706-80d4-4d29-9ff3-4d65d4308a24"
+    try:
+        raise ValueError(f"no session {sid}")
+    except ValueError:
+        record = logging.LogRecord("idsfs.emulator.http", logging.ERROR, __file__, 1,
+                                   "GET /ids/getData?sessionId=%s failed", (sid,),
+                                   sys.exc_info())
+    text = RedactingFormatter("%(levelname)s %(message)s").format(record)
+    assert sid not in text
+    assert "sessionId=***" in text and "ValueError: no session ***" in text
