@@ -741,7 +741,8 @@ class Config(_ClientOptions):
         return self.fsname or self.icat_url or self.ids_url or "idsfs"
 
     def replace(self, **changes: Any) -> Config:
-        """Return a copy with ``changes`` applied (validated like the constructor)."""
+        """Return a copy with ``changes`` applied; raises :class:`ConfigError` like the
+        constructor (``TypeError`` for an unknown field)."""
         return dataclasses.replace(self, **changes)
 
     def describe(self) -> dict[str, Any]:

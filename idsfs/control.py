@@ -215,7 +215,11 @@ class Connection:
             await self.stream.send_all(encode(message))
 
     def detach(self) -> Waiter:
-        """Hand the connection over to a :class:`Waiter` that outlives the trio loop."""
+        """Hand the connection over to a :class:`Waiter` that outlives the trio loop.
+
+        Raises ``OSError`` when the socket cannot be duplicated (out of file
+        descriptors).
+        """
         fd = os.dup(self.stream.socket.fileno())
         self.detached = True
         return Waiter(socket.socket(fileno=fd))
