@@ -55,6 +55,9 @@ Fixtures
     failing test. ``mount(emulator, adopt=PATH)`` hands a mount that mount(8)
     or systemd made on PATH to the same teardown (its pid from the control
     socket).
+``servers``
+    Root's view (:class:`writeharness.Servers`: ICAT rows, stored bytes) of a
+    fresh ``emulator_process()`` with demo data, for the write-path tests.
 
 Example::
 
@@ -78,7 +81,8 @@ Helpers for tests live in ``tests/mount/mountharness.py`` (import them with
 a module of its own because several test folders have a ``conftest``):
 :func:`idsfs_command` (argv prefix of the ``idsfs`` command),
 :func:`is_mounted`, :func:`wait_until`, :func:`start_emulator`,
-:func:`start_mount`, :func:`teardown_mount`, :data:`USERS`;
+:func:`start_mount`, :func:`teardown_mount`, :func:`demo_files` (every demo
+datafile's path in the mount and its spec), :data:`USERS`;
 :func:`installed_commands` (the idsfs commands on mount(8)'s search path, in
 this namespace only, for fstab tests) and :func:`adopt_mount` (hand a mount
 made by mount(8) or by hand to the harness's teardown).
