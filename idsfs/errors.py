@@ -280,7 +280,13 @@ class IDSNotImplementedError(IDSError):
 class IDSResponseError(IDSError):
     """The IDS answered, but the answer cannot be used: a ``put`` checksum or
     size mismatch, a body that is not what the call returns, a byte count
-    that differs from the expected size."""
+    that differs from the expected size.
+
+    ``datafile_id``: after a ``put`` mismatch, the id of the datafile the
+    server registered with the wrong content (so the caller can delete it);
+    else ``None``."""
+
+    datafile_id: int | None = None
 
 
 class ICATError(ServerError):
