@@ -29,6 +29,15 @@ the fetching task and all waiters; short or wrong data is never cached and never
 returned. ``fetch`` is responsible for resuming a dropped stream; the cache only
 refuses a block that is incomplete.
 
+Releasing delivered blocks
+--------------------------
+:meth:`BlockCache.release` drops the blocks lying entirely inside a range that
+a reader has been given and will not ask for again (the FUSE layer: the kernel
+keeps what it read in its page cache). A sequential read of a large file then
+recycles a few block buffers, which stay in the CPU caches, instead of
+cycling through ``capacity`` bytes of memory (measured: about a quarter less
+CPU per GB read, see docs/benchmarks.md).
+
 Memory
 ------
 Cached blocks are counted by their length, so the cache holds at most
@@ -173,6 +182,7 @@ class CacheStats:
         evictions: blocks dropped to make room.
         invalidated: blocks dropped by :meth:`BlockCache.invalidate` or
             :meth:`BlockCache.clear`.
+        released: blocks dropped by :meth:`BlockCache.release`.
         bytes_fetched: bytes returned by successful fetches.
         bytes_served: bytes returned by :meth:`BlockCache.get_range`.
     """
@@ -191,6 +201,7 @@ class CacheStats:
     invalidated: int
     bytes_fetched: int
     bytes_served: int
+    released: int = 0
 
     @property
     def lookups(self) -> int:
@@ -261,6 +272,7 @@ class BlockCache:
         self._fetch_errors = 0
         self._evictions = 0
         self._invalidated = 0
+        self._released = 0
         self._bytes_fetched = 0
         self._bytes_served = 0
 
@@ -405,6 +417,37 @@ class BlockCache:
         self._invalidated += len(keys)
         return len(keys)
 
+    def release(self, file: FileKey, offset: int, size: int) -> int:
+        """Drop the cached blocks of ``file`` that lie entirely in ``[offset, offset + size)``.
+
+        For data the caller has delivered and will not ask for again (see the
+        module documentation); blocks only partly inside the range stay, and
+        fetches in progress are not affected. A block still referenced by a
+        returned memoryview lives on until the view is released.
+
+        Returns:
+            The number of blocks dropped.
+
+        Raises:
+            ValueError: if ``offset`` or ``size`` is negative.
+        """
+        _check_range(offset, size)
+        end = min(offset + size, file.size)
+        index = (offset + self._block_size - 1) >> self._shift  # the first block in the range
+        dropped = 0
+        while index << self._shift < end and min((index + 1) << self._shift, file.size) <= end:
+            key = self._key(file, index)
+            index += 1
+            if self._lru.pop(key, None) is not None:
+                dropped += 1
+                keys = self._by_file.get(key[0])
+                if keys is not None:
+                    keys.discard(key)
+                    if not keys:
+                        del self._by_file[key[0]]
+        self._released += dropped
+        return dropped
+
     def clear(self) -> None:
         """Drop every cached block (fetches in progress are not cached either)."""
         self._invalidated += len(self._lru)
@@ -431,6 +474,7 @@ class BlockCache:
             invalidated=self._invalidated,
             bytes_fetched=self._bytes_fetched,
             bytes_served=self._bytes_served,
+            released=self._released,
         )
 
     # -- internals -----------------------------------------------------------------------

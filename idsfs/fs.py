@@ -710,6 +710,10 @@ class Operations(pyfuse3.Operations):
         if self._transfer is None:
             raise pyfuse3.FUSEError(errno.ENOSYS)
         reader = await self._transfer.open(node.datafile)
+        if not flags & os.O_DIRECT and hasattr(reader, "release_delivered"):
+            # What the kernel reads stays in its page cache: blocks delivered to it
+            # need not stay in the block cache too (their buffers are reused at once).
+            reader.release_delivered = True
         entry = self._inodes.get(inode) or entry
         entry.node = node
         version = node.datafile.version

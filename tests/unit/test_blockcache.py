@@ -560,3 +560,34 @@ def test_empty_file_never_fetches() -> None:
         assert bytes(await cache.get_range(FileKey(1, 0), 0, 100, fetch)) == b""
 
     trio.run(main)
+
+
+def test_release_drops_only_blocks_entirely_inside_the_range() -> None:
+    size = 10 * BS + 100  # ten full blocks and a short one
+    data = content(5, size)
+    src = Source({5: data})
+    f = FileKey(5, size)
+
+    async def main() -> None:
+        cache = BlockCache(100 * BS, BS)
+        view = await cache.get_range(f, 0, size, src.fetch_for(5))
+        assert cache.stats().blocks == 11
+        kept = await cache.get_range(f, 0, 10, src.fetch_for(5))
+        assert cache.release(f, 0, BS) == 1  # block 0
+        assert bytes(kept) == data[:10]  # a view given out before stays valid
+        assert cache.release(f, 100, BS) == 0  # block 0 is gone, block 1 only partly inside
+        assert cache.release(f, BS + 1, 2 * BS) == 1  # block 2 only
+        assert cache.release(f, 10 * BS, 1 << 20) == 1  # the short last block (to EOF)
+        assert cache.release(f, 3 * BS, 0) == 0
+        with pytest.raises(ValueError):
+            cache.release(f, -1, BS)
+        assert cache.release(f, 3 * BS, 7 * BS) == 7  # blocks 3..9
+        stats = cache.stats()
+        assert (stats.blocks, stats.bytes, stats.released) == (1, BS, 10)
+        assert stats.evictions == 0 and stats.invalidated == 0
+        calls = len(src.calls)
+        assert bytes(await cache.get_range(f, 0, size, src.fetch_for(5))) == data
+        assert len(src.calls) == calls + 10  # released blocks are fetched again, block 1 not
+        assert bytes(view) == data
+
+    trio.run(main)

@@ -533,3 +533,51 @@ def test_parameters_are_checked(world: World) -> None:
         await transfer.aclose()
 
     run(body)
+
+
+def test_release_delivered_drops_blocks_of_a_sole_reader_only(world: World) -> None:
+    data = random_bytes(16 * BS)
+    df = world.put("release.bin", data)
+    transfer = make_transfer(world.client(), block_size=BS, max_readahead=0)
+    cache = transfer.cache
+
+    async def body() -> None:
+        async with running_transfer(transfer):
+            reader = await transfer.open(df)
+            reader.release_delivered = True
+            assert bytes(await reader.read(0, BS)) == data[:BS]
+            assert not cache.contains(reader.key, 0)  # delivered whole: released
+            assert bytes(await reader.read(BS, 100)) == data[BS:BS + 100]
+            assert cache.contains(reader.key, 1)  # only partly delivered: kept
+            second = await transfer.open(df)  # another reader of the file: keep everything
+            assert bytes(await reader.read(2 * BS, BS)) == data[2 * BS:3 * BS]
+            assert cache.contains(reader.key, 2)
+            await second.close()
+            plain = await transfer.open(df)  # without release_delivered nothing is released
+            await reader.close()
+            assert bytes(await plain.read(3 * BS, BS)) == data[3 * BS:4 * BS]
+            assert cache.contains(plain.key, 3)
+            await plain.close()
+            assert cache.stats().released == 1
+
+    run(body)
+
+
+def test_readahead_survives_requests_arriving_slightly_out_of_order(world: World) -> None:
+    data = random_bytes(40 * BS)
+    df = world.put("reorder.bin", data)
+    transfer = make_transfer(world.client(), block_size=BS, max_readahead=8 * BS, max_gap=0)
+
+    async def body() -> None:
+        async with running_transfer(transfer):
+            world.emu.counters.reset()
+            reader = await transfer.open(df)
+            # the kernel's parallel readahead requests: 0 1 2 3, then 5 before 4, ...
+            for i in (0, 1, 2, 3, 5, 4, 6, 8, 7, 9, 10, 11):
+                assert bytes(await reader.read(i * BS, BS)) == data[i * BS:(i + 1) * BS]
+            stats = transfer.stats()
+            assert stats.readahead_blocks >= 12  # the window kept growing
+            assert getdata(world) == 1  # one stream served it all
+            await reader.close()
+
+    run(body)
