@@ -32,7 +32,6 @@ import os
 import re
 import ssl
 import stat
-import zlib
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, BinaryIO
 from urllib.parse import urlencode
@@ -41,6 +40,7 @@ import requests
 import urllib3.exceptions
 
 from idsfs import _http
+from idsfs._crc import crc32
 from idsfs._http import DEFAULT_BACKOFF, DEFAULT_RETRIES, DEFAULT_TIMEOUT, Timeout
 from idsfs.errors import (
     IDSError,
@@ -566,7 +566,7 @@ class _PutBody:
             yield self._account(view[:n])
 
     def _account(self, view: memoryview) -> memoryview:
-        self.crc32 = zlib.crc32(view, self.crc32)
+        self.crc32 = crc32(view, self.crc32)
         self.size += len(view)
         return view
 

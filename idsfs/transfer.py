@@ -45,8 +45,9 @@ How a block is fetched
   IDSClient) is resumed by a new ``getData`` at the offset reached; when
   ``resume_retries`` attempts in a row bring no new byte, the read fails with
   :class:`~idsfs.errors.IncompleteDownloadError` (``EIO``). With
-  ``verify_checksum`` (off by default: zlib's CRC32 costs about 0.6 CPU-seconds
-  per GB on the 2-core test machine, a third of the daemon's CPU), a stream read
+  ``verify_checksum`` (off by default: the CRC32 costs about 0.15 CPU-seconds
+  per GB on the 2-core test machine with ISA-L's, 0.5 with zlib's; see
+  :mod:`idsfs._crc`), a stream read
   from offset 0 to the end is checked against the ICAT CRC32 ``checksum``; a
   mismatch drops the file's cached blocks and fails that read and every later
   read of the open file with :class:`~idsfs.errors.ChecksumMismatchError`
@@ -116,7 +117,6 @@ import functools
 import logging
 import threading
 import time
-import zlib
 from collections import deque
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
@@ -125,6 +125,7 @@ from typing import Any, TypeVar
 import cachetools
 import trio
 
+from idsfs._crc import crc32
 from idsfs.aio import ThreadBridge
 from idsfs.blockcache import BlockCache, CacheStats, FileKey
 from idsfs.errors import (
@@ -1144,7 +1145,7 @@ class Transfer:
                 return
             error: BaseException | None = None
             if stream.crc is not None:
-                stream.crc = zlib.crc32(view, stream.crc)
+                stream.crc = crc32(view, stream.crc)
             at_eof = stream.pos >= size
             if at_eof:
                 stream.eof = True

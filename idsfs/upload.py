@@ -119,7 +119,6 @@ import re
 import secrets
 import threading
 import time
-import zlib
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -129,6 +128,7 @@ from urllib.parse import urlsplit
 
 import trio
 
+from idsfs._crc import crc32
 from idsfs.aio import ThreadBridge
 from idsfs.errors import (
     ICATError,
@@ -673,7 +673,7 @@ class Upload:
                 n = f.readinto(view)
                 if not n:
                     break
-                crc = zlib.crc32(view[:n], crc)
+                crc = crc32(view[:n], crc)
         return crc & 0xFFFFFFFF
 
     def remove_files(self) -> None:
