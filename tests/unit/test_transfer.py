@@ -581,3 +581,24 @@ def test_readahead_survives_requests_arriving_slightly_out_of_order(world: World
             await reader.close()
 
     run(body)
+
+
+def test_a_sequential_reader_keeps_its_pump_thread(world: World) -> None:
+    data = random_bytes(48 * BS)
+    df = world.put("linger.bin", data)
+    transfer = make_transfer(world.client(), block_size=BS, max_readahead=4 * BS)
+
+    async def body() -> None:
+        async with running_transfer(transfer):
+            reader = await transfer.open(df)
+            before = transfer._bridge.stats().total
+            for i in range(48):
+                assert bytes(await reader.read(i * BS, BS)) == data[i * BS:(i + 1) * BS]
+                await trio.sleep(0.005)  # a reader slower than the stream: the pump waits
+            calls = transfer._bridge.stats().total - before
+            # one getData and a pump thread that waits for the next queued block
+            # instead of ending (and being started again) after every block
+            assert calls <= 8, calls
+            await reader.close()
+
+    run(body)
