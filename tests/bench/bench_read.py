@@ -4,7 +4,7 @@
 Starts an emulator in a child process (no demo data), stores as ICAT root a
 datafile of ``--size`` bytes (default 1 GiB) and one of ``--rss-size`` bytes
 (default 2 GiB) in a dataset ``alice`` may read, then measures in one run,
-interleaved, ``--repeat`` times (medians are printed):
+interleaved, ``--repeat`` times (medians and [min-max] are printed):
 
 * **curl**: ``getData`` of the datafile (alice's session) to /dev/null: the
   baseline throughput, and curl's time to the first byte;
@@ -16,11 +16,16 @@ interleaved, ``--repeat`` times (medians are printed):
   readahead, ``max_tasks``, no network): what the FUSE layer alone allows here;
 * **cold**: ``dd bs=1M`` of the file through a fresh mount (``--cache-size``,
   kernel readahead as the daemon sets it): throughput, the IDS requests the
-  emulator counted, the daemon's CPU seconds per GB;
+  emulator counted, CPU seconds per GB of the daemon (and of its FUSE thread and
+  its stream threads), of ``dd`` and of the emulator;
 * **first byte**: ``open`` + the first 4 KiB ``read`` of a file not read yet;
 * **warm**: the same ``dd`` again (kernel page cache, kept across opens);
 * **RSS**: the daemon's peak resident memory (``VmHWM``) while ``dd`` copies the
   ``--rss-size`` file to /dev/null through a mount with a 256 MiB cache.
+
+Every measurement also records the CPU time other processes used meanwhile
+(``foreign``): figures are only worth something when it is near 0. With
+``--quiet-wait`` the script waits for an idle machine before each measurement.
 
 Targets (issue 4): cold >= 0.8 of curl, warm >= 1 GB/s, RSS <= cache + 100 MiB;
 the script prints PASS/FAIL for each and exits 1 if one fails. The bytes read
@@ -38,7 +43,6 @@ import argparse
 import hashlib
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -47,23 +51,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "mount"))
+import benchkit as bk
 
-from mountharness import (  # noqa: E402
-    USERS,
-    EmulatorProcess,
-    Mounted,
-    start_emulator,
-    start_mount,
-    teardown_mount,
-)
+from idsfs.config import parse_size
+from idsfs.icat import ICATClient
+from idsfs.ids import IDSClient
 
-from idsfs.config import parse_size  # noqa: E402
-from idsfs.icat import ICATClient  # noqa: E402
-from idsfs.ids import IDSClient  # noqa: E402
-
-_NS_FLAG = "IDSFS_BENCH_IN_NAMESPACE"
+MB, MiB = bk.MB, bk.MiB
 
 #: A pyfuse3 file system with one file served from memory (the ceiling baseline).
 MEMFS = r"""
@@ -124,7 +118,36 @@ main()
 """
 
 
-def transfer_read(emu: EmulatorProcess, session: str, df: int, cache_size: int) -> float:
+@dataclass
+class Stored:
+    path_in_mount: str  # relative to the mount point
+    datafile_id: int
+    size: int
+    sha256: str
+
+
+def populate(emu: bk.EmulatorProcess, work: Path, sizes: dict[str, int]) -> dict[str, Stored]:
+    """As ICAT root: an investigation alice may read, a dataset, the files put through IDS."""
+    icat = bk.root_icat(emu)
+    try:
+        inv = bk.make_investigation(icat, "READ", format_name="bin")
+        ds = bk.make_dataset(icat, inv, "data", complete=True)
+        ids = IDSClient(emu.ids_url, icat.sessionId)
+        stored = {}
+        for name, size in sizes.items():
+            src = work / f"{name}.src"
+            digest, _ = bk.make_source(src, size, block=MiB)
+            with open(src, "rb") as f:
+                df = ids.put(f, name, ds, inv.datafile_format)
+            src.unlink()
+            stored[name] = Stored(f"BENCH/READ/1/data/{name}", df, size, digest)
+        ids.close()
+        return stored
+    finally:
+        icat.close()
+
+
+def transfer_read(emu: bk.EmulatorProcess, session: str, df: int, cache_size: int) -> float:
     """Read datafile ``df`` with idsfs.transfer in this process; return bytes per second."""
     import trio
 
@@ -174,9 +197,9 @@ def memfs_read(work: Path, size: int, readahead_kb: int) -> tuple[float, float]:
         assert proc.stdout is not None
         if proc.stdout.readline().strip() != "ready":
             raise RuntimeError("the pyfuse3 baseline did not mount")
-        cpu0 = cpu_seconds(proc.pid)
-        seconds, got = dd(mnt / "file")
-        return got / seconds, (cpu_seconds(proc.pid) - cpu0) / (got / 1e9)
+        cpu0 = bk.cpu_seconds(proc.pid)
+        seconds, got = bk.dd(mnt / "file")
+        return got / seconds, (bk.cpu_seconds(proc.pid) - cpu0) / (got / 1e9)
     finally:
         subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True, check=False)
         try:
@@ -184,93 +207,6 @@ def memfs_read(work: Path, size: int, readahead_kb: int) -> tuple[float, float]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-MB = 1_000_000
-MiB = 1 << 20
-
-
-def make_source(path: Path, size: int) -> str:
-    """Write ``size`` bytes (a random MiB whose first 8 bytes are the MiB index); return SHA-256."""
-    block = bytearray(os.urandom(MiB))
-    digest = hashlib.sha256()
-    with open(path, "wb") as f:
-        index = 0
-        left = size
-        while left:
-            block[:8] = index.to_bytes(8, "big")
-            piece = memoryview(block)[: min(left, MiB)]
-            f.write(piece)
-            digest.update(piece)
-            left -= len(piece)
-            index += 1
-    return digest.hexdigest()
-
-
-@dataclass
-class Stored:
-    path_in_mount: str  # relative to the mount point
-    datafile_id: int
-    size: int
-    sha256: str
-
-
-def populate(emu: EmulatorProcess, work: Path, sizes: dict[str, int]) -> dict[str, Stored]:
-    """Create facility/investigation/dataset readable by alice and put the files."""
-    icat = ICATClient(emu.icat_url)
-    session = icat.login("simple", {"username": "root", "password": USERS["root"]})
-    try:
-        fac = icat.create({"Facility": {"name": "BENCH"}})
-        itype = icat.create({"InvestigationType": {"name": "t", "facility": {"id": fac}}})
-        dtype = icat.create({"DatasetType": {"name": "t", "facility": {"id": fac}}})
-        fmt = icat.create({"DatafileFormat": {"name": "bin", "version": "1",
-                                              "facility": {"id": fac}}})
-        alice = icat.create({"User": {"name": "simple/alice"}})
-        inv = icat.create({"Investigation": {"name": "READ", "visitId": "1", "title": "read",
-                                             "facility": {"id": fac}, "type": {"id": itype}}})
-        icat.create({"InvestigationUser": {"role": "PI", "user": {"id": alice},
-                                           "investigation": {"id": inv}}})
-        ds = icat.create({"Dataset": {"name": "data", "complete": True,
-                                      "investigation": {"id": inv}, "type": {"id": dtype}}})
-        ids = IDSClient(emu.ids_url, session)
-        stored = {}
-        for name, size in sizes.items():
-            src = work / f"{name}.src"
-            digest = make_source(src, size)
-            with open(src, "rb") as f:
-                df = ids.put(f, name, ds, fmt)
-            src.unlink()
-            stored[name] = Stored(f"BENCH/READ/1/data/{name}", df, size, digest)
-        ids.close()
-        return stored
-    finally:
-        icat.close()
-
-
-def curl_get(emu: EmulatorProcess, session: str, df: int) -> tuple[float, float, int]:
-    """curl getData to /dev/null: (seconds, seconds to first byte, bytes)."""
-    url = f"{emu.ids_url.rstrip('/')}/getData?sessionId={session}&datafileIds={df}"
-    config = tempfile.NamedTemporaryFile("w", delete=False, suffix=".curl")  # noqa: SIM115
-    try:
-        os.chmod(config.name, 0o600)
-        config.write(f'url = "{url}"\noutput = "/dev/null"\n')  # the session stays off argv
-        config.close()
-        start = time.perf_counter()
-        done = subprocess.run(
-            ["curl", "-s", "-S", "-f", "-K", config.name, "-w",
-             "%{time_starttransfer} %{size_download}"],
-            check=True, capture_output=True, text=True)
-        seconds = time.perf_counter() - start
-    finally:
-        os.unlink(config.name)
-    ttfb, size = done.stdout.split()
-    return seconds, float(ttfb), int(size)
-
-
-def dd(path: Path) -> tuple[float, int]:
-    """``dd if=path of=/dev/null bs=1M``: (seconds, bytes)."""
-    start = time.perf_counter()
-    subprocess.run(["dd", f"if={path}", "of=/dev/null", "bs=1M"], check=True,
-                   capture_output=True)
-    return time.perf_counter() - start, path.stat().st_size
 
 
 def sha256_of(path: Path) -> str:
@@ -296,14 +232,6 @@ def first_byte(path: Path) -> float:
     return time.perf_counter() - start
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of ``pid`` so far."""
-    with open(f"/proc/{pid}/stat", encoding="ascii") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    ticks = os.sysconf("SC_CLK_TCK")
-    return (int(fields[11]) + int(fields[12])) / ticks
-
-
 def status_kib(pid: int, key: str) -> int:
     with open(f"/proc/{pid}/status", encoding="ascii") as f:
         for line in f:
@@ -312,7 +240,7 @@ def status_kib(pid: int, key: str) -> int:
     raise KeyError(key)
 
 
-def ids_requests(emu: EmulatorProcess) -> dict[str, int]:
+def ids_requests(emu: bk.EmulatorProcess) -> dict[str, int]:
     return {name: c.get("requests", 0) for name, c in emu.counters().items()
             if name.startswith("ids/") and c.get("requests", 0)}
 
@@ -325,117 +253,140 @@ def main() -> int:
                         help="size of the datafile copied for the RSS figure (default 2G)")
     parser.add_argument("--cache-size", type=parse_size, default=256 << 20,
                         help="--cache-size of the mounts (default 256M)")
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--readahead-kb", type=int, default=8192,
                         help="read_ahead_kb of the pyfuse3 baseline (the daemon's default: 8192)")
     parser.add_argument("--mount-option", action="append", default=[],
                         help="extra idsfs mount argument (repeatable), e.g. --readahead=16M")
+    parser.add_argument("--quiet-wait", action="store_true",
+                        help="wait for an idle machine before each measurement")
     args = parser.parse_args()
+    rc = bk.enter_private_namespace(__file__, sys.argv[1:])
+    if rc is not None:
+        return rc
 
-    if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
-        print("needs root and /dev/fuse", file=sys.stderr)
-        return 2
-    if os.environ.get(_NS_FLAG) != "1":
-        env = dict(os.environ, **{_NS_FLAG: "1"})
-        return subprocess.call(["unshare", "--mount", "--propagation", "private",
-                                sys.executable, __file__, *sys.argv[1:]], env=env)
-
+    print(bk.machine_line())
     work = Path(tempfile.mkdtemp(prefix="bench-read-"))
-    mounts: list[Mounted] = []
-    emu = start_emulator(work / "emulator", demo=False)
+    mounts: list[bk.Mounted] = []
+    emu = bk.start_emulator(work / "emulator", demo=False)
     mount_args = ["--cache-size", str(args.cache_size), *args.mount_option]
+    quiet = bk.wait_quiet if args.quiet_wait else (lambda: 0.0)
     try:
         t0 = time.perf_counter()
         stored = populate(emu, work, {"cold.bin": args.size, "rss.bin": args.rss_size,
                                       "first.bin": 4 * MiB})
         print(f"stored {args.size + args.rss_size} bytes in {time.perf_counter() - t0:.1f} s")
-        icat = ICATClient(emu.icat_url)
-        session = icat.login("simple", {"username": "alice", "password": USERS["alice"]})
+        session = bk.login(emu, "alice")
         cold_file = stored["cold.bin"]
-
-        curl_speed, curl_ttfb, cold_speed, warm_speed, mount_ttfb = [], [], [], [], []
-        ceiling, ceiling_cpu, alone = [], [], []
-        cpu_per_gb, requests_seen = [], []
+        gb = cold_file.size / 1e9
+        url = (f"{emu.ids_url.rstrip('/')}/getData?sessionId={session}"
+               f"&datafileIds={cold_file.datafile_id}")
+        S = bk.Series
+        curl, curl_ttfb, curl_emu, curl_foreign = S(), S(), S(), S()
+        alone, ceiling, ceiling_cpu = S(), S(), S()
+        cold, warm, mount_ttfb, foreign = S(), S(), S(), S()
+        cpu: dict[str, bk.Series] = {k: S() for k in
+                                     ("daemon", "fuse thread", "stream threads", "dd", "emulator")}
+        requests_seen = []
         for i in range(args.repeat):
-            seconds, ttfb, size = curl_get(emu, session, cold_file.datafile_id)
+            quiet()
+            with bk.Measure.run({"emulator": emu.process.pid}) as m:
+                seconds, ttfb, size = bk.curl_get(url)
             assert size == cold_file.size, (size, cold_file.size)
-            curl_speed.append(size / seconds)
-            curl_ttfb.append(ttfb)
-            alone.append(transfer_read(emu, session, cold_file.datafile_id, args.cache_size))
-            speed, cpu = memfs_read(work, cold_file.size, args.readahead_kb)
-            ceiling.append(speed)
-            ceiling_cpu.append(cpu)
+            curl.add(size / seconds)
+            curl_ttfb.add(ttfb)
+            curl_emu.add(m.cpu["emulator"] / gb)
+            curl_foreign.add(m.foreign)
+            quiet()
+            alone.add(transfer_read(emu, session, cold_file.datafile_id, args.cache_size))
+            quiet()
+            speed, ceiling_cpu_gb = memfs_read(work, cold_file.size, args.readahead_kb)
+            ceiling.add(speed)
+            ceiling_cpu.add(ceiling_cpu_gb)
 
-            m = start_mount(work / f"mount{i}", emu, *mount_args, register=mounts.append)
-            assert m.pid is not None
-            path = m.path / cold_file.path_in_mount
+            m_ = bk.start_mount(work / f"mount{i}", emu, *mount_args, register=mounts.append)
+            assert m_.pid is not None
+            path = m_.path / cold_file.path_in_mount
             os.stat(path)  # the listing is not what is measured
-            mount_ttfb.append(first_byte(m.path / stored["first.bin"].path_in_mount))
+            mount_ttfb.add(first_byte(m_.path / stored["first.bin"].path_in_mount))
             emu.reset_counters()
-            cpu0 = cpu_seconds(m.pid)
-            seconds, size = dd(path)
-            cold_speed.append(size / seconds)
-            cpu_per_gb.append((cpu_seconds(m.pid) - cpu0) / (cold_file.size / 1e9))
+            quiet()
+            threads0 = bk.thread_cpu(m_.pid)
+            with bk.Measure.run({"daemon": m_.pid, "emulator": emu.process.pid}) as m:
+                seconds, size = bk.dd(path)
+            by_thread = bk.thread_cpu_delta(threads0, bk.thread_cpu(m_.pid))
+            cold.add(size / seconds)
+            foreign.add(m.foreign)
+            cpu["daemon"].add(m.cpu["daemon"] / gb)
+            cpu["emulator"].add(m.cpu["emulator"] / gb)
+            cpu["dd"].add(m.child_cpu / gb)
+            cpu["fuse thread"].add(by_thread.pop("idsfs", 0.0) / gb)
+            cpu["stream threads"].add(sum(by_thread.values()) / gb)
             requests_seen.append(ids_requests(emu))
-            seconds, size = dd(path)
-            warm_speed.append(size / seconds)
+            seconds, size = bk.dd(path)
+            warm.add(size / seconds)
             if i == 0 and sha256_of(path) != cold_file.sha256:  # what the daemon delivered
                 print("FAIL: the bytes read through the mount differ", file=sys.stderr)
                 return 1
-            teardown_mount(m)
-            mounts.remove(m)
+            bk.teardown_mount(m_)
+            mounts.remove(m_)
+            print(f"  repeat {i + 1}: curl {curl.values[-1] / MB:.0f} MB/s, cold "
+                  f"{cold.values[-1] / MB:.0f} MB/s (foreign CPU {m.foreign:.2f} s, "
+                  f"{bk.load_line()})", flush=True)
 
         # Peak RSS while copying the big file with a 256 MiB cache.
         rss_cache = 256 << 20
-        m = start_mount(work / "mount-rss", emu, *args.mount_option, "--cache-size",
-                        str(rss_cache), register=mounts.append)
-        assert m.pid is not None
-        rss_path = m.path / stored["rss.bin"].path_in_mount
+        m_ = bk.start_mount(work / "mount-rss", emu, *args.mount_option, "--cache-size",
+                            str(rss_cache), register=mounts.append)
+        assert m_.pid is not None
+        rss_path = m_.path / stored["rss.bin"].path_in_mount
         os.stat(rss_path)
-        base_rss = status_kib(m.pid, "VmRSS") * 1024
+        base_rss = status_kib(m_.pid, "VmRSS") * 1024
         samples: list[int] = []
         done = threading.Event()
 
         def sample() -> None:
             while not done.is_set():
-                samples.append(status_kib(m.pid, "VmRSS") * 1024)
+                samples.append(status_kib(m_.pid, "VmRSS") * 1024)
                 time.sleep(0.05)
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
-        seconds, size = dd(rss_path)
+        seconds, size = bk.dd(rss_path)
         done.set()
         sampler.join()
-        peak = status_kib(m.pid, "VmHWM") * 1024
+        peak = status_kib(m_.pid, "VmHWM") * 1024
         rss_speed = size / seconds
-        teardown_mount(m)
-        mounts.remove(m)
-        icat.close()
+        bk.teardown_mount(m_)
+        mounts.remove(m_)
 
-        med = statistics.median
-        ratio = med(cold_speed) / med(curl_speed)
+        ratio = bk.median_ratio(cold.values, curl.values)
         limit = rss_cache + 100 * MiB
-        print(f"\nreading a {cold_file.size / 2**30:g} GiB datafile, medians of {args.repeat} "
-              f"(cache {args.cache_size / MiB:g} MiB, mount options {args.mount_option or '-'}):")
-        print(f"  curl getData          {med(curl_speed) / MB:8.0f} MB/s   first byte "
-              f"{med(curl_ttfb) * 1000:6.1f} ms")
-        print(f"  transfer alone        {med(alone) / MB:8.0f} MB/s   (no FUSE)")
-        print(f"  pyfuse3 from memory   {med(ceiling) / MB:8.0f} MB/s   (the FUSE ceiling; "
-              f"its CPU {med(ceiling_cpu):.2f} s per GB)")
-        print(f"  mount, cold (dd 1M)   {med(cold_speed) / MB:8.0f} MB/s   first byte "
-              f"{med(mount_ttfb) * 1000:6.1f} ms (open + 4 KiB read)")
-        print(f"  mount, warm (dd 1M)   {med(warm_speed) / MB:8.0f} MB/s")
-        print(f"  daemon CPU, cold      {med(cpu_per_gb):8.2f} s per GB")
-        print(f"  ratio cold / curl {ratio:.2f}, cold / pyfuse3 ceiling "
-              f"{med(cold_speed) / med(ceiling):.2f}, ceiling / curl "
-              f"{med(ceiling) / med(curl_speed):.2f}")
+        print(f"\nreading a {cold_file.size / 2**30:g} GiB datafile, median [min-max] of "
+              f"{args.repeat} (cache {args.cache_size / MiB:g} MiB, mount options "
+              f"{args.mount_option or '-'}; {bk.load_line()}):")
+        print(f"  curl getData          {curl.fmt(MB, unit=' MB/s')}, first byte "
+              f"{curl_ttfb.fmt(1e-3, 1, ' ms')}; emulator {curl_emu.fmt(1, 2)} CPU-s/GB")
+        print(f"  transfer alone        {alone.fmt(MB, unit=' MB/s')} (no FUSE)")
+        print(f"  pyfuse3 from memory   {ceiling.fmt(MB, unit=' MB/s')} (the FUSE ceiling; its "
+              f"CPU {ceiling_cpu.fmt(1, 2)} s/GB)")
+        print(f"  mount, cold (dd 1M)   {cold.fmt(MB, unit=' MB/s')}, first byte "
+              f"{mount_ttfb.fmt(1e-3, 1, ' ms')} (open + 4 KiB read)")
+        print(f"  mount, warm (dd 1M)   {warm.fmt(MB, unit=' MB/s')}")
+        print("  CPU-s/GB of a cold read: " + ", ".join(
+            f"{name} {series.fmt(1, 2)}" for name, series in cpu.items()))
+        print(f"  foreign CPU during the cold reads {foreign.fmt(1, 2, ' s')}, during curl "
+              f"{curl_foreign.fmt(1, 2, ' s')}")
+        print(f"  ratio cold / curl {ratio.fmt(1, 2)}, cold / pyfuse3 ceiling "
+              f"{bk.median_ratio(cold.values, ceiling.values).fmt(1, 2)}, ceiling / curl "
+              f"{bk.median_ratio(ceiling.values, curl.values).fmt(1, 2)}")
         print(f"  IDS requests of a cold read: {requests_seen[-1]}")
         print(f"  copy of {size / 2**30:g} GiB with a 256 MiB cache: {rss_speed / MB:.0f} MB/s, "
               f"daemon RSS before {base_rss / MiB:.0f} MiB, peak {peak / MiB:.0f} MiB "
               f"(sampled max {max(samples, default=0) / MiB:.0f} MiB)")
         checks = [
-            (f"cold / curl = {ratio:.2f} >= 0.8", ratio >= 0.8),
-            (f"warm = {med(warm_speed) / 1e9:.2f} GB/s >= 1", med(warm_speed) >= 1e9),
+            (f"cold / curl = {ratio.median:.2f} >= 0.8", ratio.median >= 0.8),
+            (f"warm = {warm.median / 1e9:.2f} GB/s >= 1", warm.median >= 1e9),
             (f"peak RSS {peak / MiB:.0f} MiB <= cache + 100 MiB = {limit / MiB:.0f} MiB",
              peak <= limit),
         ]
@@ -443,8 +394,8 @@ def main() -> int:
             print(f"  {'PASS' if ok else 'FAIL'}: {text}")
         return 0 if all(ok for _, ok in checks) else 1
     finally:
-        for m in mounts:
-            teardown_mount(m)
+        for m_ in mounts:
+            bk.teardown_mount(m_)
         emu.stop()
         shutil.rmtree(work, ignore_errors=True)
 

@@ -3,7 +3,7 @@
 
 Starts an emulator in a child process (no demo data), creates as ICAT root a
 dataset that ``alice`` may write, and measures in one run, interleaved,
-``--repeat`` times (medians are printed):
+``--repeat`` times (medians and [min-max] are printed):
 
 * **curl -T**: ``PUT /ids/put`` of the source file with alice's session (a
   Content-Length body read from the file): the baseline;
@@ -16,47 +16,43 @@ dataset that ``alice`` may write, and measures in one run, interleaved,
 * **pyfuse3 ceiling**: ``cp`` of the file into a minimal pyfuse3 file system
   whose write handler only writes the bytes into a local file (no upload): what
   the FUSE layer plus a spool write allow on this machine;
-* **cp to the spool disk**: ``cp`` of the same file to a plain local file (the
-  page-cache write speed, for information);
-* the daemon's and the emulator's CPU seconds per GB.
+* **cp to a local file**, for information;
+* CPU seconds per GB of ``curl``/``cp``, of the daemon (its FUSE thread and the
+  others, which upload) and of the emulator, and the CPU other processes used meanwhile
+  (``foreign``: figures are only worth something when it is near 0; with
+  ``--quiet-wait`` the script waits for an idle machine before each measurement).
 
-Each stored datafile is checked (ICAT size and CRC32 of the source). Target
-(issue 5): cp >= 0.8 of curl; the script prints PASS/FAIL and exits 1 on FAIL.
+Each stored datafile is checked (ICAT size and CRC32 of the source) and then
+deleted, so that the emulator's storage does not grow by the file's size per
+measurement. Target (issue 5): cp >= 0.8 of curl; the script prints PASS/FAIL
+and exits 1 on FAIL.
 
 Needs root and /dev/fuse; it re-runs itself inside a private mount namespace
 (``unshare --mount --propagation private``), so no mount is left behind.
-Run: ``.venv/bin/python tests/bench/bench_write.py [--size 1G --repeat 3]``.
+Run: ``.venv/bin/python tests/bench/bench_write.py [--size 1G --repeat 5]``.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import zlib
 from pathlib import Path
 from urllib.parse import urlencode
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "mount"))
+import benchkit as bk
 
-from mountharness import (  # noqa: E402
-    USERS,
-    EmulatorProcess,
-    Mounted,
-    start_emulator,
-    start_mount,
-    teardown_mount,
-)
+from idsfs.config import parse_size
+from idsfs.icat import ICATClient
+from idsfs.ids import DataSelection, IDSClient
 
-from idsfs.config import parse_size  # noqa: E402
-from idsfs.icat import ICATClient  # noqa: E402
+MB, MiB = bk.MB, bk.MiB
 
 #: A pyfuse3 file system with one writable file whose writes go to a local file.
 MEMFS = r"""
@@ -101,76 +97,9 @@ finally:
     pyfuse3.close(unmount=True)
 """
 
-_NS_FLAG = "IDSFS_BENCH_IN_NAMESPACE"
-MB = 1_000_000
-MiB = 1 << 20
 
-
-def setup(emu: EmulatorProcess) -> tuple[int, int]:
-    """As root: facility, format, types, an investigation alice is member of, a dataset.
-
-    Returns (dataset id, datafile format id).
-    """
-    root = ICATClient(emu.icat_url)
-    root.login("simple", {"username": "root", "password": USERS["root"]})
-    try:
-        fac = root.create({"Facility": {"name": "BENCH"}})
-        fmt = root.create({"DatafileFormat": {"name": "binary", "version": "1",
-                                              "facility": {"id": fac}}})
-        root.create({"DatasetType": {"name": "processed", "facility": {"id": fac}}})
-        itype = root.create({"InvestigationType": {"name": "t", "facility": {"id": fac}}})
-        dtype = root.create({"DatasetType": {"name": "raw", "facility": {"id": fac}}})
-        inv = root.create({"Investigation": {"name": "write", "visitId": "1", "title": "w",
-                                             "facility": {"id": fac}, "type": {"id": itype}}})
-        alice = root.create({"User": {"name": "simple/alice"}})
-        root.create({"InvestigationUser": {"role": "PI", "user": {"id": alice},
-                                           "investigation": {"id": inv}}})
-        ds = root.create({"Dataset": {"name": "ds", "complete": False,
-                                      "investigation": {"id": inv}, "type": {"id": dtype}}})
-        return ds, fmt
-    finally:
-        root.close()
-
-
-def make_source(path: Path, size: int) -> int:
-    """Write ``size`` random-looking bytes (a 16 MiB random block repeated); return CRC32."""
-    block = os.urandom(16 * MiB)
-    crc = 0
-    with open(path, "wb") as f:
-        left = size
-        while left:
-            chunk = block[:min(left, len(block))]
-            f.write(chunk)
-            crc = zlib.crc32(chunk, crc)
-            left -= len(chunk)
-    return crc & 0xFFFFFFFF
-
-
-def drop_caches_of(path: Path) -> None:
-    """Have the source in the page cache for every contender alike (read it once)."""
-    with open(path, "rb") as f:
-        while f.read(16 * MiB):
-            pass
-
-
-def curl_put(emu: EmulatorProcess, session: str, dataset: int, fmt: int, src: Path,
-             name: str) -> float:
-    query = urlencode({"sessionId": session, "name": name, "datasetId": dataset,
-                       "datafileFormatId": fmt})
-    t0 = time.perf_counter()
-    subprocess.run(["curl", "-s", "-S", "-f", "-T", str(src), "-o", "/dev/null",
-                    f"{emu.ids_url.rstrip('/')}/put?{query}"], check=True)
-    return time.perf_counter() - t0
-
-
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat", encoding="ascii") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def ceiling(work: Path, src: Path) -> float:
-    """Seconds of ``cp`` into the minimal pyfuse3 file system of :data:`MEMFS`."""
+def ceiling(work: Path, src: Path) -> tuple[float, float]:
+    """``cp`` into the minimal pyfuse3 file system of :data:`MEMFS`: (seconds, its CPU s)."""
     mnt = work / "memfs"
     mnt.mkdir(exist_ok=True)
     script = work / "memfs.py"
@@ -182,10 +111,11 @@ def ceiling(work: Path, src: Path) -> float:
             if time.monotonic() > deadline or proc.poll() is not None:
                 raise SystemExit("the pyfuse3 baseline did not mount")
             time.sleep(0.05)
-        drop_caches_of(src)
+        bk.read_into_page_cache(src)
+        cpu0 = bk.cpu_seconds(proc.pid)
         t0 = time.perf_counter()
         subprocess.run(["cp", str(src), str(mnt / "f")], check=True)
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, bk.cpu_seconds(proc.pid) - cpu0
     finally:
         subprocess.run(["fusermount3", "-u", str(mnt)], check=False)
         proc.wait(20)
@@ -193,104 +123,147 @@ def ceiling(work: Path, src: Path) -> float:
             os.unlink(work / "memfs.data")
 
 
-def check_stored(icat: ICATClient, dataset: int, name: str, size: int, crc: int) -> None:
-    rows = icat.search(f"SELECT df.fileSize, df.checksum FROM Datafile df WHERE "
-                       f"df.dataset.id = {dataset} AND df.name = '{name}'")
-    if rows != [(size, f"{crc:x}")]:
-        raise SystemExit(f"FAIL: {name} stored as {rows}, expected {(size, f'{crc:x}')}")
+class Store:
+    """Alice's view of the dataset: checks stored datafiles and deletes them."""
+
+    def __init__(self, emu: bk.EmulatorProcess, session: str, dataset: int) -> None:
+        self.icat = ICATClient(emu.icat_url, sessionId=session)
+        self.ids = IDSClient(emu.ids_url, session)
+        self.dataset = dataset
+
+    def check_and_delete(self, name: str, size: int, crc: int) -> None:
+        """Raise SystemExit unless ``name`` is stored with ``size`` and ``crc``; delete it."""
+        rows = self.icat.search(f"SELECT df.id, df.fileSize, df.checksum FROM Datafile df WHERE "
+                                f"df.dataset.id = {self.dataset} AND df.name = '{name}'")
+        if len(rows) != 1 or tuple(rows[0][1:]) != (size, f"{crc:x}"):
+            raise SystemExit(f"FAIL: {name} stored as {rows}, expected {(size, f'{crc:x}')}")
+        self.ids.delete(DataSelection({"datafileIds": [rows[0][0]]}))
+
+    def close(self) -> None:
+        self.icat.close()
+        self.ids.close()
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", type=parse_size, default=1 << 30,
                         help="size of the copied file (default 1G)")
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--min-ratio", type=float, default=0.8)
     parser.add_argument("--mount-option", action="append", default=[],
                         help="extra idsfs mount argument (repeatable)")
+    parser.add_argument("--quiet-wait", action="store_true",
+                        help="wait for an idle machine before each measurement")
     args = parser.parse_args()
+    rc = bk.enter_private_namespace(__file__, sys.argv[1:])
+    if rc is not None:
+        return rc
 
-    if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
-        print("needs root and /dev/fuse", file=sys.stderr)
-        return 2
-    if os.environ.get(_NS_FLAG) != "1":
-        env = dict(os.environ, **{_NS_FLAG: "1"})
-        return subprocess.call(["unshare", "--mount", "--propagation", "private",
-                                sys.executable, __file__, *sys.argv[1:]], env=env)
-
+    print(bk.machine_line())
     work = Path(tempfile.mkdtemp(prefix="bench-write-"))
-    mounts: list[Mounted] = []
-    emu = start_emulator(work / "emulator", demo=False)
+    mounts: list[bk.Mounted] = []
+    emu = bk.start_emulator(work / "emulator", demo=False)
+    quiet = bk.wait_quiet if args.quiet_wait else (lambda: 0.0)
     try:
-        dataset, fmt = setup(emu)
+        icat = bk.root_icat(emu)
+        inv = bk.make_investigation(icat, "write")
+        dataset = bk.make_dataset(icat, inv, "ds")
+        icat.close()
         src = work / "source.bin"
-        crc = make_source(src, args.size)
-        icat = ICATClient(emu.icat_url)
-        session = icat.login("simple", {"username": "alice", "password": USERS["alice"]})
-        times: dict[str, list[float]] = {k: [] for k in
-                                          ("curl", "cp", "cp0", "ceiling", "local")}
-        cpu: dict[str, list[float]] = {k: [] for k in ("curl", "cp", "cp0")}
+        _, crc = bk.make_source(src, args.size)
+        session = bk.login(emu, "alice")
+        store = Store(emu, session, dataset)
         gb = args.size / 1e9
+        S = bk.Series
+        speed = {k: S() for k in ("curl", "cp", "cp0", "ceiling", "local")}
+        foreign = {k: S() for k in ("curl", "cp", "cp0")}
+        cpu = {k: {p: S() for p in ("client", "daemon", "FUSE thread", "other threads",
+                                    "emulator")} for k in ("curl", "cp", "cp0")}
+        ceiling_cpu = S()
+
+        def record(key: str, m: bk.Measure, threads: dict[str, float] | None = None) -> None:
+            speed[key].add(args.size / m.seconds)
+            foreign[key].add(m.foreign)
+            cpu[key]["client"].add(m.child_cpu / gb)
+            cpu[key]["emulator"].add(m.cpu["emulator"] / gb)
+            if threads is not None:  # the other threads upload (and may have ended)
+                fuse = threads.get("idsfs", 0.0)
+                cpu[key]["daemon"].add(m.cpu["daemon"] / gb)
+                cpu[key]["FUSE thread"].add(fuse / gb)
+                cpu[key]["other threads"].add((m.cpu["daemon"] - fuse) / gb)
+
+        def curl_put(i: int) -> None:
+            name = f"curl{i}.bin"
+            query = urlencode({"sessionId": session, "name": name, "datasetId": dataset,
+                               "datafileFormatId": inv.datafile_format})
+            bk.read_into_page_cache(src)
+            quiet()
+            with bk.Measure.run({"emulator": emu.process.pid}) as m:
+                _, answer = bk.curl_put(f"{emu.ids_url.rstrip('/')}/put?{query}", src)
+            if json.loads(answer).get("size") != args.size:
+                raise SystemExit(f"FAIL: curl put answered {answer[:200]}")
+            record("curl", m)
+            store.check_and_delete(name, args.size, crc)
 
         def cp_into_mount(key: str, i: int, *extra: str) -> None:
             spool = work / f"spool-{key}-{i}"
-            m = start_mount(work / f"mount-{key}-{i}", emu, "--spool-dir", str(spool),
-                            *extra, *args.mount_option, register=mounts.append)
-            assert m.pid is not None
-            target_dir = m.path / "BENCH" / "write" / "1" / "ds"
+            m_ = bk.start_mount(work / f"mount-{key}-{i}", emu, "--spool-dir", str(spool),
+                                *extra, *args.mount_option, register=mounts.append)
+            assert m_.pid is not None
+            target_dir = m_.path / "BENCH" / "write" / "1" / "ds"
             os.listdir(target_dir)  # the listing is not what is measured
-            drop_caches_of(src)
-            cpu0 = cpu_seconds(m.pid), cpu_seconds(emu.process.pid)
-            t0 = time.perf_counter()
-            subprocess.run(["cp", str(src), str(target_dir / f"{key}{i}.bin")], check=True)
-            times[key].append(time.perf_counter() - t0)
-            cpu[key].append((cpu_seconds(m.pid) - cpu0[0]
-                             + cpu_seconds(emu.process.pid) - cpu0[1]) / gb)
-            check_stored(icat, dataset, f"{key}{i}.bin", args.size, crc)
-            teardown_mount(m)
-            mounts.remove(m)
+            bk.read_into_page_cache(src)
+            quiet()
+            threads0 = bk.thread_cpu(m_.pid)
+            with bk.Measure.run({"daemon": m_.pid, "emulator": emu.process.pid}) as m:
+                subprocess.run(["cp", str(src), str(target_dir / f"{key}{i}.bin")], check=True)
+            record(key, m, bk.thread_cpu_delta(threads0, bk.thread_cpu(m_.pid)))
+            store.check_and_delete(f"{key}{i}.bin", args.size, crc)
+            bk.teardown_mount(m_)
+            mounts.remove(m_)
 
         for i in range(args.repeat):
-            drop_caches_of(src)
-            e0 = cpu_seconds(emu.process.pid)
-            times["curl"].append(curl_put(emu, session, dataset, fmt, src, f"curl{i}.bin"))
-            cpu["curl"].append((cpu_seconds(emu.process.pid) - e0) / gb)
-            check_stored(icat, dataset, f"curl{i}.bin", args.size, crc)
+            curl_put(i)
             cp_into_mount("cp", i)
             cp_into_mount("cp0", i, "--live-upload", "0")
-            times["ceiling"].append(ceiling(work, src))
-            drop_caches_of(src)
+            quiet()
+            seconds, used = ceiling(work, src)
+            speed["ceiling"].add(args.size / seconds)
+            ceiling_cpu.add(used / gb)
+            bk.read_into_page_cache(src)
+            quiet()
             t0 = time.perf_counter()
             subprocess.run(["cp", str(src), str(work / "local.bin")], check=True)
-            times["local"].append(time.perf_counter() - t0)
+            speed["local"].add(args.size / (time.perf_counter() - t0))
             os.unlink(work / "local.bin")
-        icat.close()
+            print(f"  repeat {i + 1}: curl {speed['curl'].values[-1] / MB:.0f} MB/s, cp "
+                  f"{speed['cp'].values[-1] / MB:.0f} MB/s (foreign CPU "
+                  f"{foreign['cp'].values[-1]:.2f} s, {bk.load_line()})", flush=True)
+        store.close()
 
-        med = statistics.median
-
-        def speed(key: str) -> float:
-            return args.size / med(times[key])
-
-        ratio = speed("cp") / speed("curl")
-        print(f"\nwriting a {args.size / 2**30:g} GiB file, medians of {args.repeat} "
-              f"(mount options {args.mount_option or '-'}):")
-        print(f"  curl -T put              {speed('curl') / MB:6.0f} MB/s  "
-              f"({med(times['curl']):.2f} s; emulator CPU {med(cpu['curl']):.2f} s/GB)")
-        print(f"  cp into the mount        {speed('cp') / MB:6.0f} MB/s  "
-              f"({med(times['cp']):.2f} s until close returned; daemon + emulator CPU "
-              f"{med(cpu['cp']):.2f} s/GB)")
-        print(f"  cp, upload at close      {speed('cp0') / MB:6.0f} MB/s  "
-              f"({med(times['cp0']):.2f} s; daemon + emulator CPU {med(cpu['cp0']):.2f} s/GB)")
-        print(f"  pyfuse3 ceiling          {speed('ceiling') / MB:6.0f} MB/s  (cp into a "
-              f"pyfuse3 file system that only writes a local file)")
-        print(f"  cp to a local file       {speed('local') / MB:6.0f} MB/s")
-        verdict = "PASS" if ratio >= args.min_ratio else "FAIL"
-        print(f"  cp / curl = {ratio:.2f}, ceiling / curl = "
-              f"{speed('ceiling') / speed('curl'):.2f} (target >= {args.min_ratio}): {verdict}")
+        ratio = bk.median_ratio(speed["cp"].values, speed["curl"].values)
+        names = {"curl": "curl -T put", "cp": "cp into the mount", "cp0": "cp, upload at close",
+                 "ceiling": "pyfuse3 ceiling", "local": "cp to a local file"}
+        print(f"\nwriting a {args.size / 2**30:g} GiB file, median [min-max] of {args.repeat} "
+              f"(mount options {args.mount_option or '-'}; {bk.load_line()}):")
+        for key, name in names.items():
+            line = f"  {name:22s} {speed[key].fmt(MB, unit=' MB/s')}"
+            if key == "ceiling":
+                line += f"; its CPU {ceiling_cpu.fmt(1, 2)} s/GB"
+            if key in cpu:
+                parts = [f"{p} {s.fmt(1, 2)}" for p, s in cpu[key].items() if s.values]
+                line += f"; CPU-s/GB: {', '.join(parts)}; foreign {foreign[key].fmt(1, 2, ' s')}"
+            print(line)
+        verdict = "PASS" if ratio.median >= args.min_ratio else "FAIL"
+        print(f"  cp / curl = {ratio.fmt(1, 2)}, cp at close / curl = "
+              f"{bk.median_ratio(speed['cp0'].values, speed['curl'].values).fmt(1, 2)}, "
+              f"ceiling / curl = "
+              f"{bk.median_ratio(speed['ceiling'].values, speed['curl'].values).fmt(1, 2)} "
+              f"(target cp / curl >= {args.min_ratio}): {verdict}")
         return 0 if verdict == "PASS" else 1
     finally:
-        for m in mounts:
-            teardown_mount(m)
+        for m_ in mounts:
+            bk.teardown_mount(m_)
         emu.stop()
         shutil.rmtree(work, ignore_errors=True)
 
