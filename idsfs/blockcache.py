@@ -33,10 +33,11 @@ Releasing delivered blocks
 --------------------------
 :meth:`BlockCache.release` drops the blocks lying entirely inside a range that
 a reader has been given and will not ask for again (the FUSE layer: the kernel
-keeps what it read in its page cache). A sequential read of a large file then
-recycles a few block buffers, which stay in the CPU caches, instead of
-cycling through ``capacity`` bytes of memory (measured: about a quarter less
-CPU per GB read, see docs/benchmarks.md).
+keeps what it read in its page cache). The FUSE layer does this only for
+files larger than the whole cache, which could not stay cached anyway: their
+read then recycles a few block buffers, which stay in the CPU caches, instead
+of cycling through ``capacity`` bytes of memory and evicting every other file
+(measured: about a quarter less CPU per GB read, see docs/benchmarks.md).
 
 Memory
 ------

@@ -710,9 +710,11 @@ class Operations(pyfuse3.Operations):
         if self._transfer is None:
             raise pyfuse3.FUSEError(errno.ENOSYS)
         reader = await self._transfer.open(node.datafile)
-        if not flags & os.O_DIRECT and hasattr(reader, "release_delivered"):
-            # What the kernel reads stays in its page cache: blocks delivered to it
-            # need not stay in the block cache too (their buffers are reused at once).
+        if not flags & os.O_DIRECT and reader.size > self._transfer.cache.capacity:
+            # A file larger than the whole cache would only push every other file
+            # out of it on its way through, and what the kernel read stays in its
+            # page cache: its blocks leave the cache once delivered (their buffers
+            # are reused at once). Files that fit stay cached for the next open.
             reader.release_delivered = True
         entry = self._inodes.get(inode) or entry
         entry.node = node

@@ -71,6 +71,20 @@ def test_status_shows_cache_session_pid_and_uptime(mount) -> None:
     assert "sessionId" not in done.stdout
 
 
+def test_a_file_larger_than_the_cache_passes_through_without_evicting(mount) -> None:
+    m = mount(None, "--cache-size", "3M", "--block-size", "256K", "-o", "ro")
+    small = (m.path / RAW / "block.bin").read_bytes()
+    assert len(small) == 1 << 20
+    before = json.loads(run_idsfs("status", "--json", str(m.path)).stdout)["cache"]
+    assert before["bytes"] >= len(small) and before["released"] == 0
+    large = (m.path / RAW / "large.bin").read_bytes()
+    assert len(large) > 3 << 20
+    after = json.loads(run_idsfs("status", "--json", str(m.path)).stdout)["cache"]
+    assert after["released"] >= 1
+    assert after["bytes"] >= len(small)  # the small file stayed cached
+    assert after["evictions"] == 0
+
+
 def test_status_shows_restores_waiting(mount, emulator_process) -> None:
     emu = emulator_process(storage="dataset", restore_delay=1.5)
     m = mount(emu, "--restore-wait", "30s")
