@@ -76,7 +76,13 @@ MAX_CONNECTIONS = 16
 
 
 class ControlError(Exception):
-    """The control channel cannot be used (no socket, refused, timed out, bad reply)."""
+    """The control channel cannot be used (no socket, refused, timed out, bad reply).
+
+    ``timed_out`` is True when the daemon did not answer in time (it may still
+    be working on the request).
+    """
+
+    timed_out: bool = False
 
 
 # ----------------------------------------------------------------------------- locations
@@ -375,7 +381,7 @@ class ControlClient:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     err = ControlError(f"no answer from {self.path} within {timeout:g} s")
-                    err.timed_out = True  # type: ignore[attr-defined]
+                    err.timed_out = True
                     raise err
                 self._sock.settimeout(left)
             try:

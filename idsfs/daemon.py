@@ -1013,7 +1013,9 @@ class Daemon:
         stopping = {"ok": True, "event": "stopping", "pid": os.getpid(),
                     "pending": self.pending_work()}
         if self._stop_requested or lazy:
-            waiter.send(stopping)
+            # a blocking socket send (up to its 1 s timeout): through the bridge
+            await self.bridge.run(waiter.send, stopping, abandon_on_cancel=False,
+                                  name="control reply")
             with self._lock:
                 self._waiters.append(waiter)
             self._stop_with_grace("idsfs umount")

@@ -239,7 +239,7 @@ class ICATClient:
         result = self._decode(response)
         if not isinstance(result, dict) or not isinstance(result.get("sessionId"), str):
             raise ICATResponseError("login: response has no sessionId")
-        log.info("logged in to %s with authenticator %s", self.url, auth)
+        log.debug("logged in to %s with authenticator %s", self.url, auth)
         return str(result["sessionId"])
 
     def _note_lifetime(self) -> None:

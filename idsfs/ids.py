@@ -361,6 +361,7 @@ class DataStream(io.RawIOBase):
 
     # -- reading
     def readable(self) -> bool:
+        """True: the stream can be read (``io.RawIOBase`` protocol). Never raises."""
         return True
 
     def readinto(self, b: Any) -> int:
@@ -1148,7 +1149,7 @@ class IDSClient:
         if mismatch is not None:
             # The server registered a datafile that differs from what was sent:
             # its id lets the caller remove it (``datafile_id``).
-            mismatch.datafile_id = new_id  # type: ignore[attr-defined]
+            mismatch.datafile_id = new_id
             raise mismatch
         return new_id
 

@@ -803,6 +803,8 @@ def _run_demo(args: argparse.Namespace) -> int:
             "password_file": (str(emulator.demo_password), "demo"),
             "foreground": (True, "demo"),
             "fsname": ("idsfs-demo", "demo"),
+            # the demo's uploads die with its emulator: spool inside its workdir
+            "spool_dir": (workdir / "spool", "demo"),
         }
         if args.debug:
             layer["debug"] = (True, "--debug")

@@ -447,6 +447,12 @@ def test_secrets_never_in_argv_or_logs(mount, emulator_process, tmp_path: Path) 
 def test_demo_starts_shows_data_and_stops_on_ctrl_c(tmp_path: Path) -> None:
     demo_dir = tmp_path / "ids-demo"
     env = {k: v for k, v in os.environ.items() if not k.startswith("IDSFS_")}
+    spools = Path("/var/cache/idsfs/spool")  # root's default spool base
+
+    def demo_spools() -> set[str]:
+        return {p.name for p in spools.glob("*_demo-*")} if spools.is_dir() else set()
+
+    spools_before = demo_spools()
     proc = subprocess.Popen([*idsfs_command(), "demo", "--large-size", "1M", str(demo_dir)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             stdin=subprocess.DEVNULL, env=env)
@@ -469,6 +475,8 @@ def test_demo_starts_shows_data_and_stops_on_ctrl_c(tmp_path: Path) -> None:
         done = subprocess.run(["ls", "-l", str(demo_dir / RAW)], capture_output=True,
                               text=True, timeout=60, check=True)
         assert "large.bin" in done.stdout
+        (demo_dir / RAW / "written by the demo test.txt").write_text("uploaded\n")
+        assert (demo_dir / RAW / "written by the demo test.txt").read_text() == "uploaded\n"
         proc.send_signal(signal.SIGINT)
         assert proc.wait(30) == 0
     finally:
@@ -479,6 +487,7 @@ def test_demo_starts_shows_data_and_stops_on_ctrl_c(tmp_path: Path) -> None:
                            capture_output=True)
     assert not is_mounted(demo_dir)
     assert not demo_dir.exists()  # it created the directory, so it removed it
+    assert demo_spools() == spools_before  # its spool lived and died in its workdir
     with pytest.raises(requests.ConnectionError):
         requests.get(icat_url + "/version", timeout=5)
 
