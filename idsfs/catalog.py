@@ -35,6 +35,13 @@ its parent's listing; a directory's link count (2 + subdirectories) needs its
 own listing, so :meth:`Catalog.cached_nlink` tells whether it is known without
 a query. :meth:`Catalog.invalidate` drops listings (for the write path).
 
+Expired listings are dropped (at most once per ``metadata_ttl``, when a fetch
+starts), and with them what only they backed: the parent links of the
+directories they listed and their share of :meth:`Catalog.usage`. So memory
+follows what was listed recently, not everything a long-running mount ever
+listed; ``..`` of a directory whose parent's listing expired is found again
+(:meth:`Catalog.resolve`).
+
 The datafile record
 -------------------
 :class:`DatafileRecord` is what the read path gets for a datafile
@@ -553,21 +560,62 @@ class Catalog:
         return None if listing is None else listing.find(node.key)
 
     async def resolve(self, key: NodeKey) -> Node | None:
-        """Return the node of a directory key seen in an earlier listing, or ``None``.
+        """Return the node of directory ``key`` as its parent's listing shows it, or ``None``.
 
-        Used for ``..``: only directories whose parent the catalogue has seen
-        can be resolved. Raises what :meth:`listing` raises.
+        Used for ``..``. The parent is the one a cached listing recorded;
+        when that listing has expired it is found again: from the key itself
+        (facility, investigation name, folder) or with one ICAT query
+        (investigation, dataset). ``None`` when the directory is gone or not
+        readable. Raises what :meth:`listing` raises, and
+        :class:`~idsfs.errors.ICATResponseError` when ICAT answers that
+        query with an unusable row.
         """
         if key == ROOT_KEY:
             return self._root
-        parent = self._parents.get(key)
+        parent = await self._parent_key(key)
         if parent is None:
             return None
         listing = await self.listing(parent)
         return None if listing is None else listing.find(key)
 
+    async def _parent_key(self, key: NodeKey) -> NodeKey | None:
+        """The key of the directory listing directory ``key`` (None: unknown or gone)."""
+        known = self._parents.get(key)
+        if known is not None:
+            return known
+        kind = key.kind
+        if kind is Kind.FACILITY:
+            return ROOT_KEY
+        if kind is Kind.NAME:
+            return NodeKey(Kind.FACILITY, key.id)
+        if kind is Kind.FOLDER:
+            return _folder_parent(key)
+        if kind is Kind.INVESTIGATION:
+            rows = await self._search(
+                f"SELECT inv.facility.id, inv.name FROM Investigation inv WHERE inv.id = {key.id}")
+            if not rows:
+                return None
+            row = rows[0]
+            if not isinstance(row, tuple) or len(row) != 2 or not _is_id(row[0]):
+                raise ICATResponseError(f"unexpected row for an investigation: {str(row)[:80]}")
+            return NodeKey(Kind.NAME, row[0], (_text(row[1]),))
+        if kind is Kind.DATASET:
+            rows = await self._search(
+                f"SELECT ds.investigation.id FROM Dataset ds WHERE ds.id = {key.id}")
+            if not rows:
+                return None
+            if not _is_id(rows[0]):
+                raise ICATResponseError(f"unexpected row for a dataset: {str(rows[0])[:80]}")
+            return NodeKey(Kind.INVESTIGATION, rows[0])
+        return None
+
     def parent_of(self, key: NodeKey) -> NodeKey | None:
-        """The key of the directory that last listed directory ``key`` (root: itself)."""
+        """The key of the directory whose cached listing holds directory ``key``, else None.
+
+        The root is its own parent. Known only while that listing is cached
+        (or ``key`` is a local directory); :meth:`resolve` also finds the
+        others. Raises nothing.
+        """
         if key == ROOT_KEY:
             return ROOT_KEY
         return self._parents.get(key)
@@ -797,8 +845,7 @@ class Catalog:
             gone_dirs = 0
             current = listing
             while current.key.kind is Kind.FOLDER and not current.entries:
-                parent_key = self._parents.get(current.key)
-                parent = self._listings.get(parent_key) if parent_key is not None else None
+                parent = self._listings.get(_folder_parent(current.key))
                 if parent is None:
                     break
                 folder = parent._remove(current.key)
@@ -931,7 +978,11 @@ class Catalog:
         self.invalidate(dataset.parent)
 
     def usage(self) -> Usage:
-        """Sizes and counts of everything listed so far (latest listing of each directory)."""
+        """Sizes and counts of what the cached listings hold (for ``statfs``).
+
+        A directory counts with its latest listing until that listing expires
+        and is dropped (see the module docstring). Raises nothing.
+        """
         size, files, dirs = self._totals
         return Usage(bytes=size, files=files, directories=dirs + 1)
 
@@ -981,6 +1032,22 @@ class Catalog:
         stale = [k for k, v in self._listings.items() if now - v.fetched >= self._ttl]
         for k in stale:
             del self._listings[k]
+        self._forget_unlisted()
+
+    def _forget_unlisted(self) -> None:
+        """Drop the parent links and usage that no cached listing backs any more.
+
+        A parent link stays while the listing that recorded it is cached, or
+        while its directory is a local entry; :meth:`resolve` finds a dropped
+        one again. A directory's usage stays while its own listing is cached.
+        """
+        listings = self._listings
+        local = self._local_keys
+        self._parents = {k: p for k, p in self._parents.items() if p in listings or k in local}
+        for unit in [u for u in self._usage if u not in listings]:
+            old = self._usage.pop(unit)
+            for i in range(3):
+                self._totals[i] -= old[i]
 
     # ------------------------------------------------------------------ queries
 
@@ -1217,6 +1284,18 @@ class Catalog:
         # folders that vanished since the last fetch must not linger
         self._drop_folders(dataset_id, keys.values())
         self._account(dataset_key, size, files, dirs)
+
+
+def _folder_parent(key: NodeKey) -> NodeKey:
+    """The directory holding folder ``key``: the folder one level up, or its dataset."""
+    if len(key.path) > 1:
+        return NodeKey(Kind.FOLDER, key.id, key.path[:-1])
+    return NodeKey(Kind.DATASET, key.id)
+
+
+def _is_id(value: Any) -> bool:
+    """Whether ``value`` is an ICAT id (an int, not a bool)."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _text(value: Any) -> str:

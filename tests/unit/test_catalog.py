@@ -1,0 +1,158 @@
+"""idsfs.catalog on its own: memory of long-running mounts, keyset paging.
+
+The catalogue talks HTTP to the emulator of the ``emulator`` fixture
+(tests/conftest.py) through a real :class:`~idsfs.icat.ICATClient`; a fake
+clock moves time past the listing TTL.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import trio
+
+from idsfs.aio import ThreadBridge
+from idsfs.catalog import ROOT_KEY, Catalog, Kind, Node, NodeKey
+from idsfs.icat import ICATClient
+
+TTL = 10.0
+
+
+class FakeClock:
+    """A monotonic clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@dataclass
+class Site:
+    """Facility ``F`` with investigations ``A`` (visit 1) and ``B`` (visit 2).
+
+    ``A`` holds :data:`DATASETS` datasets ``d00``, ``d01``, ... of three
+    datafiles each: ``top.dat``, ``sub/one.dat``, ``sub/deeper/two.dat``.
+    """
+
+    icat: ICATClient
+    facility: int
+    investigations: dict[str, int]
+    datasets: list[int]
+
+
+DATASETS = 12
+
+
+@pytest.fixture
+def site(emulator: Any) -> Any:
+    icat = ICATClient(emulator.icat_url, backoff=0.01)
+    icat.login("simple", {"username": "root", "password": "root-secret"})
+    fac = icat.create({"Facility": {"name": "F"}})
+    itype = icat.create({"InvestigationType": {"name": "exp", "facility": {"id": fac}}})
+    dtype = icat.create({"DatasetType": {"name": "raw", "facility": {"id": fac}}})
+    invs = {name: icat.create({"Investigation": {
+        "name": name, "visitId": visit, "title": name, "facility": {"id": fac},
+        "type": {"id": itype}}}) for name, visit in (("A", "1"), ("B", "2"))}
+    datasets = icat.create([{"Dataset": {"name": f"d{i:02d}", "investigation": {"id": invs["A"]},
+                                         "type": {"id": dtype}, "complete": False}}
+                            for i in range(DATASETS)])
+    icat.create([{"Datafile": {"name": name, "dataset": {"id": ds}, "location": f"{ds}/{n}",
+                               "fileSize": 10 + n}}
+                 for ds in datasets
+                 for n, name in enumerate(("top.dat", "sub/one.dat", "sub/deeper/two.dat"))])
+    try:
+        yield Site(icat, fac, invs, list(datasets))
+    finally:
+        icat.close()
+
+
+def run(icat: Any, body: Callable[[Catalog, FakeClock], Awaitable[Any]], **options: Any) -> Any:
+    """Run ``body(catalog, clock)`` under trio with a fresh catalogue on ``icat``."""
+    clock = FakeClock()
+
+    async def main() -> Any:
+        catalog = Catalog(icat, ThreadBridge(), clock=clock, **options)
+        return await body(catalog, clock)
+
+    return trio.run(main)
+
+
+async def list_down(catalog: Catalog, key: NodeKey) -> int:
+    """List ``key`` and every directory below it; return how many were listed."""
+    listing = await catalog.listing(key)
+    assert listing is not None
+    return 1 + sum([await list_down(catalog, node.key) for node in listing.entries
+                    if node.is_dir])
+
+
+# ------------------------------------------------------------------ memory
+
+
+def test_expired_listings_take_their_parents_and_usage_along(site: Site) -> None:
+    async def body(catalog: Catalog, clock: FakeClock) -> None:
+        fac = NodeKey(Kind.FACILITY, site.facility)
+        name_a = NodeKey(Kind.NAME, site.facility, ("A",))
+        inv_a = NodeKey(Kind.INVESTIGATION, site.investigations["A"])
+        assert await list_down(catalog, ROOT_KEY) == 1 + 1 + 2 + 2 + DATASETS * 3
+        everything = catalog.usage()
+        assert everything.files == DATASETS * 3
+        # a long-running mount: time passes, one dataset is looked at now and then
+        high_parents = high_usage = 0
+        for ds in site.datasets:
+            clock.advance(TTL + 1)
+            assert await list_down(catalog, NodeKey(Kind.DATASET, ds)) == 3
+            high_parents = max(high_parents, len(catalog._parents))
+            high_usage = max(high_usage, len(catalog._usage))
+        # only what the cached listings hold is remembered
+        assert set(catalog._listings) == {NodeKey(Kind.DATASET, site.datasets[-1]),
+                                          NodeKey(Kind.FOLDER, site.datasets[-1], ("sub",)),
+                                          NodeKey(Kind.FOLDER, site.datasets[-1],
+                                                  ("sub", "deeper"))}
+        assert set(catalog._usage) <= set(catalog._listings)
+        assert len(catalog._parents) == 2  # sub and sub/deeper of the last dataset
+        assert high_parents <= 2 and high_usage <= 2
+        usage = catalog.usage()
+        assert (usage.files, usage.bytes) == (3, 10 + 11 + 12)
+        # what was forgotten is still found: '..' of a directory whose parents expired
+        first = NodeKey(Kind.DATASET, site.datasets[0])
+        assert catalog.parent_of(first) is None
+        assert catalog.parent_of(inv_a) is None
+        node = await catalog.resolve(first)
+        assert node is not None and node.name == "d00" and node.parent == inv_a
+        node = await catalog.resolve(inv_a)
+        assert node is not None and node.name == "1" and node.parent == name_a
+        node = await catalog.resolve(name_a)
+        assert node is not None and node.name == "A" and node.parent == fac
+        node = await catalog.resolve(fac)
+        assert node is not None and node.name == "F" and node.parent == ROOT_KEY
+        deeper = NodeKey(Kind.FOLDER, site.datasets[1], ("sub", "deeper"))
+        node = await catalog.resolve(deeper)
+        assert node is not None and node.name == "deeper"
+        assert node.parent == NodeKey(Kind.FOLDER, site.datasets[1], ("sub",))
+
+    run(site.icat, body, metadata_ttl=TTL)
+
+
+def test_local_directories_keep_their_parent_through_pruning(site: Site) -> None:
+    async def body(catalog: Catalog, clock: FakeClock) -> None:
+        ds = NodeKey(Kind.DATASET, site.datasets[0])
+        await list_down(catalog, ds)
+        made = NodeKey(Kind.FOLDER, site.datasets[0], ("made here",))
+        catalog.add_local(Node(made, ds, "made here"))
+        for other in site.datasets[1:4]:
+            clock.advance(TTL + 1)
+            await list_down(catalog, NodeKey(Kind.DATASET, other))
+        assert ds not in catalog._listings
+        assert catalog.parent_of(made) == ds
+        listing = await catalog.listing(ds)
+        assert listing is not None and listing.get("made here") is not None
+
+    run(site.icat, body, metadata_ttl=TTL)
