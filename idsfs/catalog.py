@@ -1074,6 +1074,9 @@ class Catalog:
         """All rows of ``template`` (with ``{after}`` and ``{count}``), keyset-paged on id.
 
         Every row must be a tuple of ``width`` values starting with the id.
+        Raises ICATResponseError for another row, and for a full page whose
+        ids do not go beyond the previous page's (the cursor would not move:
+        paging would never end).
         """
         size = await self._page()
         rows: list[tuple[Any, ...]] = []
@@ -1087,7 +1090,12 @@ class Catalog:
             rows.extend(page)
             if len(page) < size:
                 return rows
-            after = max(row[0] for row in page)
+            last = max(row[0] for row in page)
+            if last <= after:
+                raise ICATResponseError(
+                    f"ICAT answered a query for ids above {after} with a full page of ids up to "
+                    f"{last}: paging would not end (query: {template[:60]}...)")
+            after = last
 
     async def _fetch(self, unit: NodeKey) -> None:
         self._fetches += 1

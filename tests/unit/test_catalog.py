@@ -2,7 +2,8 @@
 
 The catalogue talks HTTP to the emulator of the ``emulator`` fixture
 (tests/conftest.py) through a real :class:`~idsfs.icat.ICATClient`; a fake
-clock moves time past the listing TTL.
+clock moves time past the listing TTL. The tests of the paging cursor against a
+misbehaving server use a tiny ICAT stand-in instead (see there why).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import trio
 
 from idsfs.aio import ThreadBridge
 from idsfs.catalog import ROOT_KEY, Catalog, Kind, Node, NodeKey
+from idsfs.errors import ICATResponseError
 from idsfs.icat import ICATClient
 
 TTL = 10.0
@@ -156,3 +158,69 @@ def test_local_directories_keep_their_parent_through_pruning(site: Site) -> None
         assert listing is not None and listing.get("made here") is not None
 
     run(site.icat, body, metadata_ttl=TTL)
+
+
+# ------------------------------------------------------------------ keyset paging
+
+
+class PagingICAT:
+    """An ICAT stand-in that answers every facility search with ``pages`` in turn.
+
+    The emulator pages correctly and cannot be made to send ids that do not
+    grow; Catalog takes its ICAT client as a parameter, so this object tests
+    the cursor logic alone (``properties`` and ``search`` are all it uses).
+    A catalogue that keeps asking past ``limit`` searches fails the test
+    instead of hanging it.
+    """
+
+    def __init__(self, pages: list[list[tuple[Any, ...]]], limit: int = 50) -> None:
+        self.pages = pages
+        self.queries: list[str] = []
+        self.limit = limit
+
+    def properties(self) -> dict[str, Any]:
+        return {"maxEntities": 1000}
+
+    def search(self, query: str) -> list[Any]:
+        self.queries.append(query)
+        if len(self.queries) > self.limit:
+            raise AssertionError(f"paging did not end after {self.limit} searches")
+        index = min(len(self.queries), len(self.pages)) - 1
+        return list(self.pages[index])
+
+
+def facility(fid: int) -> tuple[Any, ...]:
+    return (fid, f"F{fid}", None, None, "2024-01-02T03:04:05+00:00")
+
+
+@pytest.mark.parametrize("pages", [
+    [[facility(1), facility(2), facility(3)]],  # the same full page again and again
+    [[facility(1), facility(2), facility(3)], [facility(3), facility(2), facility(1)]],
+    [[facility(5), facility(6), facility(7)], [facility(4), facility(7), facility(1)]],
+], ids=["same-page", "repeated-ids", "smaller-ids"])
+def test_a_full_page_that_does_not_move_the_cursor_is_an_error(pages) -> None:
+    icat = PagingICAT(pages)
+
+    async def body(catalog: Catalog, clock: FakeClock) -> None:
+        with pytest.raises(ICATResponseError, match="paging would not end"):
+            await catalog.listing(ROOT_KEY)
+
+    run(icat, body, page_size=3)
+    assert len(icat.queries) == 2
+    assert " f.id > 0 " in icat.queries[0]
+    after = max(row[0] for row in pages[0])
+    assert f" f.id > {after} " in icat.queries[1]
+
+
+def test_pages_whose_ids_grow_are_all_read() -> None:
+    icat = PagingICAT([[facility(1), facility(2), facility(3)],
+                       [facility(9), facility(4), facility(8)],
+                       [facility(10)]])
+
+    async def body(catalog: Catalog, clock: FakeClock) -> None:
+        listing = await catalog.listing(ROOT_KEY)
+        assert listing is not None
+        assert [n.name for n in listing] == ["F1", "F10", "F2", "F3", "F4", "F8", "F9"]
+
+    run(icat, body, page_size=3)
+    assert [q.split(" f.id > ")[1].split()[0] for q in icat.queries] == ["0", "3", "9"]
