@@ -23,6 +23,7 @@ any time (a call uses the value it read when it started).
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import http.client
 import io
@@ -30,8 +31,10 @@ import json
 import logging
 import os
 import re
+import socket
 import ssl
 import stat
+import threading
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, BinaryIO
 from urllib.parse import urlencode
@@ -43,6 +46,7 @@ from idsfs import _http
 from idsfs._crc import crc32
 from idsfs._http import DEFAULT_BACKOFF, DEFAULT_RETRIES, DEFAULT_TIMEOUT, Timeout
 from idsfs.errors import (
+    ConnectionLostError,
     IDSError,
     IDSResponseError,
     ServerError,
@@ -327,7 +331,10 @@ class DataStream(io.RawIOBase):
             self.content_length: int | None = int(cl) if cl is not None else None
         except ValueError:
             self.content_length = None
-        self._eof = False
+        self._eof = False  # the body ended, broke or was closed: the connection is not ours
+        self._aborted = False
+        self._lock = threading.Lock()  # orders abort() against the end of the body
+        self._sock = _socket_of(self._fp, raw)
 
     # -- python-icat / http.client compatibility
     @property
@@ -368,19 +375,29 @@ class DataStream(io.RawIOBase):
         """Read into the writable buffer ``b``; return the number of bytes.
 
         Fills ``b`` completely unless the stream ends first; 0 means end of
-        stream. Raises a TransportError subclass (see the class docstring).
+        stream.
+
+        Raises:
+            ValueError: the stream is closed.
+            TransportError: a subclass as the class docstring says;
+                :class:`~idsfs.errors.ConnectionLostError` once :meth:`abort`
+                broke the download off (also in a read blocked at that time).
         """
         if self.closed:
             raise ValueError("I/O operation on closed DataStream")
         view = memoryview(b)
         if view.format != "B" or view.ndim != 1:
             view = view.cast("B")
+        if self._aborted:
+            raise self._aborted_error()
         if self._eof or not len(view):
             return 0
         try:
             n = self._fp.readinto(view) if self._fp is not None else self._readinto_urllib3(view)
         except http.client.IncompleteRead as exc:
             self._fail()
+            if self._aborted:
+                raise self._aborted_error() from exc
             raise TruncatedStreamError(
                 f"download ended after {self.bytes_read} bytes: broken stream ({self._url})",
                 self.bytes_read,
@@ -389,6 +406,8 @@ class DataStream(io.RawIOBase):
         except (OSError, http.client.HTTPException, urllib3.exceptions.HTTPError,
                 requests.RequestException) as exc:
             self._fail()
+            if self._aborted:
+                raise self._aborted_error() from exc
             if isinstance(exc, urllib3.exceptions.ProtocolError) and "IncompleteRead" in str(exc):
                 raise TruncatedStreamError(
                     f"download ended after {self.bytes_read} bytes: broken stream ({self._url})",
@@ -401,7 +420,9 @@ class DataStream(io.RawIOBase):
             if self.content_length is not None and self.bytes_read >= self.content_length:
                 self._finish()
             return n
-        self._finish()
+        if self._aborted:
+            self._fail()
+            raise self._aborted_error()
         if self.content_length is not None and self.bytes_read < self.content_length:
             self._fail()
             raise TruncatedStreamError(
@@ -410,7 +431,13 @@ class DataStream(io.RawIOBase):
                 self.bytes_read,
                 self.content_length,
             )
+        self._finish()
         return 0
+
+    def _aborted_error(self) -> ConnectionLostError:
+        return ConnectionLostError(
+            f"download aborted after {self.bytes_read} bytes ({self._url})", self._url
+        )
 
     def _readinto_urllib3(self, view: memoryview) -> int:
         total = 0
@@ -473,12 +500,37 @@ class DataStream(io.RawIOBase):
                 progress(n)
 
     # -- closing
+    def abort(self) -> None:
+        """Break the download off now; safe to call from any thread.
+
+        Shuts the connection's socket down (``SHUT_RDWR``), so that a
+        :meth:`readinto` blocked in another thread returns at once, with
+        :class:`~idsfs.errors.ConnectionLostError`, as does every later read.
+        The connection is never given back to the pool. Does nothing once the
+        body ended (its connection may already serve another request) or the
+        stream was closed. :meth:`close` is still to be called. Never raises.
+        """
+        with self._lock:
+            if self._eof or self._aborted:
+                return
+            self._aborted = True
+            sock = self._sock
+            if sock is None:
+                return
+            # socket.socket's own shutdown, also for an SSLSocket (whose override
+            # would drop its SSL object under a reading thread); OSError: the
+            # socket is already closed or not connected any more.
+            with contextlib.suppress(OSError):
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
     def _finish(self) -> None:
         """End of body reached: give the connection back to the pool."""
-        if self._eof:
-            return
-        self._eof = True
-        if self._fp is not None and not self._fp.isclosed():
+        with self._lock:
+            if self._eof:
+                return
+            self._eof = True
+            aborted = self._aborted
+        if aborted or (self._fp is not None and not self._fp.isclosed()):
             self._response.close()
             return
         try:
@@ -487,17 +539,28 @@ class DataStream(io.RawIOBase):
             self._response.close()
 
     def _fail(self) -> None:
-        self._eof = True
+        with self._lock:
+            self._eof = True
         self._response.close()
 
     def close(self) -> None:
-        """Close the stream; an unfinished body closes the connection."""
+        """Close the stream; an unfinished body closes the connection. Never raises."""
         if self.closed:
             return
-        if not self._eof:
+        with self._lock:
+            unfinished = not self._eof
             self._eof = True
+        if unfinished:
             self._response.close()
         super().close()
+
+
+def _socket_of(fp: http.client.HTTPResponse | None, raw: Any) -> socket.socket | None:
+    """The socket a response body is read from (for :meth:`DataStream.abort`), if found."""
+    sock = getattr(getattr(getattr(fp, "fp", None), "raw", None), "_sock", None)
+    if not isinstance(sock, socket.socket):
+        sock = getattr(getattr(raw, "connection", None), "sock", None)
+    return sock if isinstance(sock, socket.socket) else None
 
 
 # ----------------------------------------------------------------------------

@@ -29,6 +29,10 @@ How a block is fetched
   (oldest first) or more than :data:`MAX_STREAMS_PER_FILE` of one file, and when
   the last reader of the file closes it: an open ``getData`` holds a SHARED lock
   on the dataset in the IDS, which makes ``delete`` fail with "Data is busy".
+  A stream still reading blocks that nobody waits for any more is then broken
+  off at once (:meth:`DataStream.abort <idsfs.ids.DataStream.abort>` shuts its
+  socket down), as it is by :meth:`Transfer.close_streams` and at shutdown:
+  its pump thread never waits for the read timeout of a stalled server.
 * **Readahead.** Each :class:`Reader` watches its reads: a read starting where
   the previous one ended is sequential and doubles the readahead window (from
   one block up to ``max_readahead`` bytes, and at most a quarter of the cache);
@@ -773,9 +777,11 @@ class Transfer:
     async def close_streams(self, datafile_id: int | None = None) -> int:
         """Close the streams of one datafile (or all), releasing their IDS locks.
 
-        Idle streams are closed now; streams reading blocks are closed as soon
-        as the blocks queued on them are read, and take no new ones. Returns
-        the number of streams closed or marked.
+        Idle streams are closed now, and so are streams reading only blocks
+        nobody waits for (read ahead; their threads are broken off); streams
+        reading blocks a read waits for are closed as soon as those blocks are
+        read, and take no new ones. Returns the number of streams closed or
+        marked. Never raises.
         """
         chosen = [
             s
@@ -784,6 +790,7 @@ class Transfer:
             for s in opened.streams
             if not s.doomed
         ]
+        self._abort_unwanted(chosen)
         idle = []
         for stream in chosen:
             stream.doomed = True
@@ -1016,7 +1023,7 @@ class Transfer:
                 with stream.lock:
                     if stream.ds is None or opened.readers == 0:
                         self._skip_cancelled(stream)
-                    done = not stream.claims or stream.closed
+                    done = not stream.claims or stream.closed or stream.broken
                     if done:
                         stream.pumping = False
                     else:
@@ -1041,8 +1048,10 @@ class Transfer:
                         on_abandon=functools.partial(self._break, stream),
                     )
                     stream.active_time += time.monotonic() - t0
-                if result.error is None and not result.short:
-                    continue  # all queued claims served, or the stream must move
+                if stream.broken or (result.error is None and not result.short):
+                    # all queued claims served, the stream must move, or it was
+                    # broken off (aborted: not a failure to resume)
+                    continue
                 # The body ended early or broke: resume where it stopped.
                 await self._close_streams([stream])
                 if result.progress:
@@ -1081,8 +1090,8 @@ class Transfer:
         if stream.claims:  # the stream was closed under its claims
             ident = stream.file.key.datafile_id
             self._fail_claims(stream, TransferError(f"datafile {ident}: stream closed", ident))
-        if (stream.closed or stream.eof or stream.doomed or stream.file.readers == 0
-                or stream.ds is None):
+        if (stream.closed or stream.eof or stream.doomed or stream.broken
+                or stream.file.readers == 0 or stream.ds is None):
             self._drop_stream(stream)
             return [stream]
         stream.idle_since = time.monotonic()
@@ -1490,21 +1499,47 @@ class Transfer:
         self._forget_if_unused(opened)
 
     @staticmethod
-    def _break(stream: _Stream) -> None:
-        """Mark ``stream`` broken: its pump thread stops (and closes the body) at once."""
-        with stream.lock:
-            stream.broken = True
-            stream.lock.notify_all()
+    def _break(stream: _Stream) -> bool:
+        """Mark ``stream`` broken; its pump thread, if any, stops at once and closes the body.
 
-    def _abort(self, stream: _Stream) -> None:
-        """Drop ``stream`` and close its body now, or let its running thread close it."""
+        A thread blocked reading the body is woken by :meth:`DataStream.abort`
+        (the socket is shut down), so neither the thread nor the connection
+        (and the IDS lock it holds) waits for the read timeout. Returns whether
+        a thread is in the stream. Never raises.
+        """
         with stream.lock:
             stream.broken = True
             stream.lock.notify_all()
             in_thread = stream.in_thread
+            if in_thread and stream.ds is not None:
+                stream.ds.abort()
+        return in_thread
+
+    def _abort(self, stream: _Stream) -> None:
+        """Drop ``stream`` and close its body now, or break off its running thread,
+        which closes it. Never raises."""
+        in_thread = self._break(stream)
         self._drop_stream(stream)
         if not in_thread:
             self._close_ds(stream)
+
+    def _abort_unwanted(self, streams: list[_Stream]) -> None:
+        """Break off the streams among ``streams`` that read only blocks nobody waits for.
+
+        Their pump threads end now instead of when the blocks are read (or the
+        read timeout expires on a stalled server), and their connections close.
+        Streams still sending ``getData`` finish opening as before.
+        """
+        for stream in streams:
+            if stream.closed or stream.opening or not stream.pumping:
+                continue
+            with stream.lock:
+                unwanted = all(c.cancelled for c in stream.claims)
+            if unwanted:
+                ident = stream.file.key.datafile_id
+                self._fail_claims(stream, TransferError(
+                    f"datafile {ident}: not needed any more", ident))
+                self._abort(stream)
 
     def _forget_if_unused(self, opened: _Open) -> None:
         if (opened.readers == 0 and not opened.streams and not opened.claims
@@ -1576,6 +1611,7 @@ class Transfer:
         opened.readers -= 1
         if opened.readers > 0:
             return
+        self._abort_unwanted(list(opened.streams))
         idle = [s for s in opened.streams if self._is_idle(s)]
         for s in idle:
             self._drop_stream(s)

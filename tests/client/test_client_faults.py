@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import itertools
 import os
+import threading
+import time
 import zipfile
 
 import pytest
@@ -156,6 +158,50 @@ def test_stalled_stream_times_out(world, big) -> None:
             stream.read()
     finally:
         world.emu.faults.release_stalls()
+
+
+def test_abort_breaks_off_a_stalled_read_in_another_thread(world, big) -> None:
+    client = world.ids_client(world.root, timeout=(5.0, 30.0), retries=0)
+    world.emu.faults.stall(after_bytes=4096, seconds=None, endpoint="ids/getData", count=1)
+    outcome: list[BaseException | bytes] = []
+    try:
+        with client.getData(sel(datafile=[big])) as stream:
+            assert stream.read(4096) == BIG[:4096]  # the next read blocks: the server stalls
+
+            def reader() -> None:
+                try:
+                    outcome.append(stream.read(1 << 20))
+                except BaseException as exc:  # handed to the test
+                    outcome.append(exc)
+
+            thread = threading.Thread(target=reader)
+            thread.start()
+            time.sleep(0.1)  # (an abort before the read starts fails it the same way)
+            start = time.monotonic()
+            stream.abort()
+            thread.join(5.0)
+            assert not thread.is_alive() and time.monotonic() - start < 1.0
+            assert len(outcome) == 1 and isinstance(outcome[0], ConnectionLostError)
+            assert "aborted" in str(outcome[0])
+            with pytest.raises(ConnectionLostError):
+                stream.read(10)
+            stream.abort()  # again: nothing happens
+    finally:
+        world.emu.faults.release_stalls()
+    # the broken connection was not given back to the pool
+    with client.getData(sel(datafile=[big])) as stream:
+        assert stream.read() == BIG
+
+
+def test_abort_after_the_end_leaves_the_pooled_connection_alone(world, big) -> None:
+    client = world.ids_client(world.root, retries=0)
+    with client.getData(sel(datafile=[big])) as stream:
+        assert stream.read() == BIG
+        stream.abort()  # the connection is back in the pool: must not be shut down
+        assert stream.read(10) == b""
+    for _ in range(3):
+        with client.getData(sel(datafile=[big]), offset=10) as stream:
+            assert stream.read() == BIG[10:]
 
 
 def test_stalled_call_is_retried_after_timeout(world) -> None:

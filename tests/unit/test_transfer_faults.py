@@ -115,6 +115,78 @@ def test_stalled_stream_is_resumed_after_the_read_timeout(world: World) -> None:
     assert transfer.stats().resumes == 1
 
 
+async def _stall_a_read(world: World, transfer, df) -> object:
+    """Open ``df`` and start a read that stalls inside the pump thread; cancel it there."""
+    world.emu.faults.stall(after_bytes=100_000, endpoint="ids/getData", count=1)
+    reader = await transfer.open(df)
+    with trio.CancelScope() as scope:
+        async def cancel_when_stalled() -> None:
+            # block 0 (64 KiB) arrives, block 1 stalls at 100 000 bytes
+            while not any(s.bytes >= BS for s in transfer.stats().streams):
+                await trio.sleep(0.005)
+            await trio.sleep(0.05)
+            scope.cancel()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(cancel_when_stalled)
+            await reader.read(0, 2 * BS)
+    assert scope.cancelled_caught
+    return reader
+
+
+async def _threads_end_within(transfer, seconds: float) -> float:
+    start = trio.current_time()
+    while transfer._bridge.stats().threads_busy or transfer.stats().streams:
+        assert trio.current_time() - start < seconds, "the pump thread is still reading"
+        await trio.sleep(0.005)
+    return trio.current_time() - start
+
+
+def test_stalled_stream_of_a_closed_file_is_broken_off_at_once(world: World) -> None:
+    data = random_bytes(1 * MiB)
+    df = world.put("stall-close.bin", data)
+    # a read timeout far longer than the test may wait
+    transfer = make_transfer(world.client(timeout=(5.0, 30.0)), block_size=BS)
+
+    async def body() -> None:
+        async with running_transfer(transfer):
+            try:
+                reader = await _stall_a_read(world, transfer, df)
+                await reader.close()  # the last reader: nobody wants the stalled blocks
+                assert await _threads_end_within(transfer, 1.0) < 1.0
+            finally:
+                world.emu.faults.release_stalls()
+            reader = await transfer.open(df)
+            assert await read_all(reader, 128 * KiB) == data
+            await reader.close()
+
+    run(body)
+    stats = transfer.stats()
+    assert stats.resumes == 0 and stats.failures == 0
+
+
+def test_close_streams_breaks_off_a_stalled_readahead(world: World) -> None:
+    data = random_bytes(1 * MiB)
+    df = world.put("stall-delete.bin", data)
+    transfer = make_transfer(world.client(timeout=(5.0, 30.0)), block_size=BS)
+
+    async def body() -> None:
+        async with running_transfer(transfer):
+            try:
+                reader = await _stall_a_read(world, transfer, df)
+                # the file is still open, but nobody waits for the stalled blocks
+                # (as before a delete, which the stream's IDS lock would make busy)
+                assert await transfer.close_streams(df.id) == 1
+                assert await _threads_end_within(transfer, 1.0) < 1.0
+            finally:
+                world.emu.faults.release_stalls()
+            assert bytes(await reader.read(0, len(data))) == data
+            await reader.close()
+
+    run(body)
+    assert transfer.stats().resumes == 0
+
+
 def test_internal_error_on_open_is_retried_within_the_bound(world: World) -> None:
     data = random_bytes(200 * KiB)
     df = world.put("e500.bin", data)
