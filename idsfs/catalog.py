@@ -159,7 +159,7 @@ class NodeKey:
 
     @property
     def is_dir(self) -> bool:
-        """Whether nodes of this key are directories."""
+        """Whether nodes of this key are directories. Raises nothing."""
         return self.kind not in (Kind.DATAFILE, Kind.SPOOL)
 
     def __str__(self) -> str:
@@ -214,22 +214,34 @@ class DatafileRecord:
 
     @property
     def size(self) -> int:
-        """The size in bytes (``fileSize``)."""
+        """The size in bytes (``fileSize``). Raises nothing."""
         return self.fileSize
 
     @property
     def version(self) -> tuple[int, int]:
-        """A token that changes when the datafile changes: (modTime in ns, fileSize)."""
+        """A token that changes when the datafile changes: (modTime in ns, fileSize).
+
+        Raises TypeError when ``modTime`` is a naive datetime (the catalogue
+        makes only aware ones).
+        """
         return (_ns(self.modTime), self.fileSize)
 
     @property
     def mtime_ns(self) -> int:
-        """Modification time shown: ``datafileModTime``, else ``modTime`` (ns)."""
+        """Modification time shown: ``datafileModTime``, else ``modTime`` (ns).
+
+        Raises TypeError when that time is a naive datetime (the catalogue
+        makes only aware ones).
+        """
         return _ns(self.datafileModTime or self.modTime)
 
     @property
     def ctime_ns(self) -> int:
-        """Change time shown: ICAT's ``modTime`` (ns)."""
+        """Change time shown: ICAT's ``modTime`` (ns).
+
+        Raises TypeError when ``modTime`` is a naive datetime (the catalogue
+        makes only aware ones).
+        """
         return _ns(self.modTime)
 
 
@@ -262,14 +274,14 @@ class Node:
 
     @property
     def is_dir(self) -> bool:
-        """Whether the node is a directory."""
+        """Whether the node is a directory. Raises nothing."""
         return self.key.is_dir
 
     def xattrs(self) -> dict[str, str]:
         """The node's static extended attributes (``user.ids.*``), name -> value.
 
         Attributes whose ICAT value is null are left out. ``user.ids.status``
-        is dynamic and not included here.
+        is dynamic and not included here. Raises nothing.
         """
         df = self.datafile
         if df is None:
@@ -318,7 +330,7 @@ class Listing:
         self.total_size = sum(node.size for node in self.entries)
 
     def get(self, name: str) -> Node | None:
-        """Return the entry shown as ``name``, or ``None``."""
+        """Return the entry shown as ``name``, or ``None``. Raises nothing."""
         return self._by_name.get(name)
 
     def _insert(self, node: Node) -> None:
@@ -345,7 +357,7 @@ class Listing:
         return node
 
     def find(self, key: NodeKey) -> Node | None:
-        """Return the entry with key ``key``, or ``None``."""
+        """Return the entry with key ``key``, or ``None``. Raises nothing."""
         return self._by_key.get(key)
 
     def __len__(self) -> int:
@@ -456,12 +468,12 @@ class Catalog:
 
     @property
     def metadata_ttl(self) -> float:
-        """Seconds a listing is kept."""
+        """Seconds a listing is kept. Raises nothing."""
         return self._ttl
 
     @property
     def root(self) -> Node:
-        """The root node (its times are the catalogue's creation time)."""
+        """The root node (its times are the catalogue's creation time). Raises nothing."""
         return self._root
 
     async def listing(self, key: NodeKey) -> Listing | None:
@@ -470,8 +482,17 @@ class Catalog:
         Local entries (see the module docstring) are merged in. Returns
         ``None`` when the directory no longer exists (a datafile path prefix
         whose datafiles are gone). An ICAT object that was deleted lists as
-        empty. Raises ``ValueError`` for a datafile key, and the ICAT and
-        transport errors of :mod:`idsfs.errors`.
+        empty.
+
+        Raises:
+            ValueError: ``key`` is not a directory's key.
+            ICATError: what ICAT answered (e.g. ``ICATSessionError`` when the
+                session expired and could not be renewed), or
+                :class:`~idsfs.errors.ICATResponseError` for an answer the
+                listing cannot use (a bad row or date, paging that would not end).
+            TransportError: the ICAT server could not be reached or stopped answering.
+
+        A task that waits for a fetch another task started gets that fetch's exception.
         """
         base = await self._base_listing(key)
         return self._merge(key, base)
@@ -529,7 +550,8 @@ class Catalog:
         """Return the entry ``name`` of directory ``parent``, or ``None`` if there is none.
 
         Answered from the parent's listing (fetched if needed); a name that is
-        not valid UTF-8 is never found. Raises what :meth:`listing` raises.
+        not valid UTF-8 is never found. Raises what :meth:`listing` raises
+        (``ValueError`` when ``parent`` is not a directory's key).
         """
         if isinstance(name, bytes):
             try:
@@ -631,7 +653,10 @@ class Catalog:
         return 2 + (listing.subdirs if listing is not None else 0)
 
     def local_subdirs(self, key: NodeKey) -> int:
-        """How many local directories ``key`` holds that its cached ICAT listing does not."""
+        """How many local directories ``key`` holds that its cached ICAT listing does not.
+
+        Raises nothing.
+        """
         local = self._local.get(key)
         if not local:
             return 0
@@ -640,7 +665,10 @@ class Catalog:
                    if node.is_dir and (base is None or base.get(name) is None))
 
     def cached_nlink(self, key: NodeKey) -> int | None:
-        """The link count if known without a query (fresh listing cached), else ``None``."""
+        """The link count if known without a query (fresh listing cached), else ``None``.
+
+        Raises nothing.
+        """
         if not key.is_dir:
             return 1
         listing = self._fresh(key)
@@ -656,6 +684,7 @@ class Catalog:
         A dataset or one of its folders drops the whole dataset (all its
         folders); a facility drops its investigation-name directories too.
         The next request fetches again. Call after writes (put, delete, mkdir).
+        Raises nothing.
         """
         for key in keys:
             unit = self._unit(key)
@@ -671,7 +700,7 @@ class Catalog:
                 self._listings.pop(k, None)
 
     def invalidate_all(self) -> None:
-        """Forget every cached listing."""
+        """Forget every cached listing. Raises nothing."""
         self._listings.clear()
 
     # ------------------------------------------------------------------ local entries
@@ -680,7 +709,8 @@ class Catalog:
         """Show ``node`` (a ``SPOOL`` file or a local ``FOLDER``) in its parent directory.
 
         It hides an entry of the same name in the ICAT listing. Replaces an
-        earlier local entry with the same key (e.g. after a rename).
+        earlier local entry with the same key (e.g. after a rename). Raises
+        nothing.
         """
         self.remove_local(node.key)
         self._local.setdefault(node.parent, {})[node.name] = node
@@ -689,7 +719,10 @@ class Catalog:
             self._parents[node.key] = node.parent
 
     def remove_local(self, key: NodeKey) -> Node | None:
-        """Take the local entry ``key`` out of the tree; return it (None if there was none)."""
+        """Take the local entry ``key`` out of the tree; return it (None if there was none).
+
+        Raises nothing.
+        """
         node = self._local_keys.pop(key, None)
         if node is None:
             return None
@@ -703,21 +736,30 @@ class Catalog:
         return node
 
     def local_node(self, key: NodeKey) -> Node | None:
-        """The local entry with key ``key``, or None."""
+        """The local entry with key ``key``, or None. Raises nothing."""
         return self._local_keys.get(key)
 
     def local_children(self, key: NodeKey) -> dict[str, Node]:
-        """The local entries of directory ``key`` (file name -> node; a copy)."""
+        """The local entries of directory ``key`` (file name -> node; a copy).
+
+        Raises nothing.
+        """
         return dict(self._local.get(key, {}))
 
     def is_local(self, key: NodeKey) -> bool:
-        """True for a local entry (a file being written, a directory made here)."""
+        """True for a local entry (a file being written, a directory made here).
+
+        Raises nothing.
+        """
         return key in self._local_keys
 
     # ------------------------------------------------------------------ tree facts
 
     def facility_of(self, key: NodeKey) -> int | None:
-        """The facility id above directory ``key`` as far as listings showed it, else None."""
+        """The facility id above directory ``key`` as far as cached listings show it, else None.
+
+        Raises nothing (callers that get None ask ICAT themselves).
+        """
         k = key
         if k.kind in (Kind.FOLDER, Kind.SPOOL):
             k = NodeKey(Kind.DATASET, k.id)
@@ -766,7 +808,9 @@ class Catalog:
     async def datafile_added(self, dataset_id: int, datafile_id: int) -> Node | None:
         """A datafile was created here: put it into the cached listings (one query).
 
-        Returns its node (None if ICAT does not show it). Raises ICAT errors.
+        Returns its node (None if ICAT does not show it). Raises what
+        :meth:`fetch_datafile` raises: the ICAT and transport errors of
+        :mod:`idsfs.errors` (:class:`~idsfs.errors.ICATResponseError` for a bad date).
         """
         record = await self.fetch_datafile(dataset_id, datafile_id)
         if record is None:
@@ -779,7 +823,7 @@ class Catalog:
         Missing directories of its name are added. When its file name is taken
         (a clash that needs the naming rules' suffixes) the dataset's listings
         are dropped instead and fetched again when next needed. Returns the
-        node, or None when nothing was cached.
+        node, or None when nothing was cached. Raises nothing (no ICAT call).
         """
         dataset_id = record.dataset_id
         top_key = NodeKey(Kind.DATASET, dataset_id)
@@ -832,7 +876,7 @@ class Catalog:
 
         With ``keep_dirs`` the directories of its name that are left empty
         become local directories (they stay until ``rmdir``). Returns the
-        removed node (None when it was not cached).
+        removed node (None when it was not cached). Raises nothing (no ICAT call).
         """
         key = NodeKey(Kind.DATAFILE, datafile_id)
         for listing_key, listing in list(self._listings.items()):
@@ -868,8 +912,12 @@ class Catalog:
     async def rename_datafile(self, record: DatafileRecord, new_name: str) -> Node | None:
         """Rename a datafile in ICAT and in the cached listings; return its new node.
 
-        Raises what ICAT raises (``ICATObjectExistsError`` when the name is
-        taken in the dataset).
+        Raises the ICAT and transport errors of :mod:`idsfs.errors`
+        (``ICATObjectExistsError`` when the name is taken in the dataset,
+        ``ICATPrivilegesError`` without UPDATE permission, ``ICATResponseError``
+        when the renamed datafile's row has a bad date). When the update
+        succeeded but the datafile cannot be fetched again, the cached listings
+        already no longer show it under the old name.
         """
         await self._bridge.run(self._icat.update,
                                {"Datafile": {"id": record.id, "name": new_name}},
@@ -880,7 +928,9 @@ class Catalog:
     async def set_datafile_mod_time(self, dataset_id: int, datafile_id: int, ms: int) -> None:
         """Set a datafile's ``datafileModTime`` (epoch ms) in ICAT and in the cached listings.
 
-        Raises what ICAT raises (``ICATPrivilegesError`` without UPDATE permission).
+        Raises the ICAT and transport errors of :mod:`idsfs.errors`
+        (``ICATPrivilegesError`` without UPDATE permission, ``ICATResponseError``
+        when the datafile's row has a bad date).
         """
         seconds, millis = divmod(int(ms), 1000)
         date = _dt.datetime.fromtimestamp(seconds, _dt.UTC).strftime("%Y-%m-%dT%H:%M:%S")
@@ -897,7 +947,8 @@ class Catalog:
         """The id of the facility's DatasetType ``name`` (cached).
 
         Raises :class:`~idsfs.errors.MissingTypeError` (listing the types the
-        facility has) when there is none, and ICAT errors.
+        facility has) when there is none, and the ICAT and transport errors of
+        :mod:`idsfs.errors`.
         """
         known = self._types.get((facility_id, name))
         if known is not None:
@@ -921,8 +972,13 @@ class Catalog:
     async def create_dataset(self, investigation: Node, name: str, type_name: str) -> Node:
         """Create Dataset ``name`` in the investigation (visit) ``investigation``.
 
-        Returns the new dataset's node. Raises MissingTypeError, ICAT errors
-        (``ICATObjectExistsError`` for a taken name, ``ICATPrivilegesError``).
+        Returns the new dataset's node. Raises
+        :class:`~idsfs.errors.MissingTypeError` when the facility has no
+        dataset type ``type_name``; :class:`~idsfs.errors.ICATResponseError`
+        when the investigation's facility cannot be found or the new dataset
+        does not show in the visit's listing; the other ICAT and transport
+        errors of :mod:`idsfs.errors` (``ICATObjectExistsError`` for a taken
+        name, ``ICATPrivilegesError`` without CREATE permission).
         """
         inv_id = investigation.key.id
         facility_id = self.facility_of(investigation.key)
@@ -957,7 +1013,9 @@ class Catalog:
     async def delete_dataset(self, dataset: Node) -> None:
         """Delete the (empty) Dataset ``dataset`` in ICAT and forget its listings.
 
-        Raises what ICAT raises (``ICATPrivilegesError`` without DELETE permission).
+        Raises the ICAT and transport errors of :mod:`idsfs.errors`
+        (``ICATPrivilegesError`` without DELETE permission); the listings are
+        kept then.
         """
         await self._bridge.run(self._icat.delete, {"Dataset": {"id": dataset.key.id}},
                                abandon_on_cancel=False, name="ICAT delete dataset")
@@ -970,7 +1028,9 @@ class Catalog:
     async def rename_dataset(self, dataset: Node, new_name: str) -> None:
         """Rename a Dataset in ICAT; its visit's listing is fetched again.
 
-        Raises what ICAT raises (``ICATObjectExistsError`` when the name is taken).
+        Raises the ICAT and transport errors of :mod:`idsfs.errors`
+        (``ICATObjectExistsError`` when the name is taken, ``ICATPrivilegesError``
+        without UPDATE permission).
         """
         await self._bridge.run(self._icat.update,
                                {"Dataset": {"id": dataset.key.id, "name": new_name}},
@@ -987,7 +1047,7 @@ class Catalog:
         return Usage(bytes=size, files=files, directories=dirs + 1)
 
     def stats(self) -> CatalogStats:
-        """Return the counters."""
+        """Return the counters. Raises nothing."""
         return CatalogStats(
             queries=self._queries,
             fetches=self._fetches,
