@@ -247,27 +247,44 @@ class ControlServer:
         self.path = path
         self.handler = handler
         self._inode: tuple[int, int] | None = None
+        self._listening: socket.socket | None = None
 
-    async def serve(self, task_status: Any = None) -> None:
-        """Bind, report started (``task_status``), then accept until cancelled.
+    def bind(self) -> None:
+        """Create the directory and the listening socket (blocking: file system calls).
 
-        Raises OSError when the socket cannot be created (before started).
+        The daemon runs it through its thread bridge before :meth:`serve`.
+        Raises OSError when the socket cannot be created.
         """
-        import trio
-
+        if self._listening is not None:
+            return
         _prepare_dir(self.path.parent)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)  # a socket left by an earlier daemon of this device
-        listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
-            await listener.bind(str(self.path))
+            sock.bind(str(self.path))
             os.chmod(self.path, 0o600)
             st = os.stat(self.path)
             self._inode = (st.st_dev, st.st_ino)
-            listener.listen(MAX_CONNECTIONS)
+            sock.listen(MAX_CONNECTIONS)
         except BaseException:
-            listener.close()
+            sock.close()
             raise
+        self._listening = sock
+
+    async def serve(self, task_status: Any = None) -> None:
+        """Report started (``task_status``), then accept until cancelled.
+
+        Binds first when :meth:`bind` was not called (then blocking for a
+        moment). Raises OSError when the socket cannot be created (before
+        started).
+        """
+        import trio
+
+        self.bind()
+        sock, self._listening = self._listening, None
+        assert sock is not None
+        listener = trio.socket.from_stdlib_socket(sock)
         if task_status is not None:
             task_status.started()
         limit = trio.CapacityLimiter(MAX_CONNECTIONS)
@@ -316,11 +333,16 @@ class ControlServer:
                     await conn.send({"ok": False, "error": "internal error",
                                      "message": str(exc)})
         finally:
-            with contextlib.suppress(Exception):
+            try:
                 await stream.aclose()
+            except Exception as exc:  # noqa: BLE001 - the client went away first
+                log.debug("control socket: closing a connection: %s", exc)
 
     def close(self) -> None:
         """Remove the socket file if it is still the one this server bound (never raises)."""
+        if self._listening is not None:  # bound, never served
+            self._listening.close()
+            self._listening = None
         if self._inode is None:
             return
         with contextlib.suppress(OSError):

@@ -72,9 +72,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import logging
 import logging.handlers
 import os
+import queue
 import signal
 import socket
 import stat
@@ -95,7 +97,7 @@ from idsfs.errors import (
     TransportError,
     redact,
 )
-from idsfs.icat import ICATClient
+from idsfs.icat import ICATClient, SessionInfo
 from idsfs.ids import IDSClient
 
 __all__ = [
@@ -282,6 +284,7 @@ def sd_notify(*lines: str, environ: dict[str, str] | None = None) -> bool:
         address = "\0" + address[1:]
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.setblocking(False)  # called on the trio thread: a full queue drops it
             sock.connect(address)
             sock.sendall("\n".join(lines).encode("utf-8"))
         return True
@@ -335,7 +338,14 @@ def _journal_attached() -> bool:
 
 
 class _LogSetup:
-    """The handlers of one daemon run; the background child switches to syslog when ready."""
+    """The handlers of one daemon run; the background child switches to syslog when ready.
+
+    The loggers get a :class:`logging.handlers.QueueHandler`: a record is only
+    queued by the thread that logs it (the trio thread included, which must
+    never wait for a disk or a socket), and one listener thread formats it
+    (redacting secrets) and writes it to the real handler (stderr, the log
+    file or syslog).
+    """
 
     def __init__(self, config: Config, secrets: Callable[[], Iterable[str | None]],
                  background: bool) -> None:
@@ -343,12 +353,17 @@ class _LogSetup:
         self.secrets = secrets
         self.background = background
         self.handler: logging.Handler | None = None
+        self._listener: logging.handlers.QueueListener | None = None
+        self._queue: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+        self._queue_handler: logging.Handler | None = logging.handlers.QueueHandler(self._queue)
         self.logger = logging.getLogger("idsfs")
         self.logger.setLevel(config.effective_log_level)
         self.logger.propagate = False
         logging.getLogger("pyfuse3").setLevel(
             logging.DEBUG if config.debug else logging.WARNING)
         logging.getLogger("pyfuse3").propagate = False
+        for name in ("idsfs", "pyfuse3"):
+            logging.getLogger(name).addHandler(self._queue_handler)
         if config.log_file is not None:
             handler: logging.Handler = logging.FileHandler(config.log_file, encoding="utf-8")
             handler.setFormatter(RedactingFormatter(secrets))
@@ -362,11 +377,12 @@ class _LogSetup:
         self._install(handler)
 
     def _install(self, handler: logging.Handler) -> None:
-        for name in ("idsfs", "pyfuse3"):
-            lg = logging.getLogger(name)
-            if self.handler is not None:
-                lg.removeHandler(self.handler)
-            lg.addHandler(handler)
+        """Make ``handler`` the one records go to (what was queued before goes to the old one)."""
+        if self._listener is not None:
+            self._listener.stop()  # writes out what is queued, then ends its thread
+        self._listener = logging.handlers.QueueListener(self._queue, handler,
+                                                        respect_handler_level=True)
+        self._listener.start()
         old, self.handler = self.handler, handler
         if old is not None:
             old.close()
@@ -390,10 +406,15 @@ class _LogSetup:
         self._install(handler)
 
     def close(self) -> None:
-        """Remove and close the handler."""
-        if self.handler is not None:
+        """Write out what is queued, remove the handlers and close them."""
+        if self._queue_handler is not None:
             for name in ("idsfs", "pyfuse3"):
-                logging.getLogger(name).removeHandler(self.handler)
+                logging.getLogger(name).removeHandler(self._queue_handler)
+            self._queue_handler = None
+        if self._listener is not None:
+            self._listener.stop()
+            self._listener = None
+        if self.handler is not None:
             self.handler.close()
             self.handler = None
 
@@ -543,8 +564,8 @@ class _Reporter:
             return
         try:
             os.write(self.ready_fd, text.encode("utf-8", "replace"))
-        except OSError:
-            pass
+        except OSError as exc:  # the parent is gone: nobody left to tell
+            log.debug("cannot report %r to the parent: %s", text.split()[0], exc)
         finally:
             with contextlib.suppress(OSError):
                 os.close(self.ready_fd)
@@ -881,15 +902,21 @@ class Daemon:
         waiting = self.uploader.pending_lines()
         wait = self.config.upload_wait
         if waiting:
-            self.announce("waiting", f"waiting up to {wait:g} s for {len(waiting)} upload(s)",
-                          pending=waiting)
+            await self._announce("waiting",
+                                 f"waiting up to {wait:g} s for {len(waiting)} upload(s)",
+                                 pending=waiting)
         remaining = await self.uploader.aclose(wait)
         if remaining:
-            self.announce("waiting", f"{len(remaining)} upload(s) not finished; they stay in "
-                          f"{self.uploader.spool_dir} for the next mount",
-                          pending=[up.line() for up in remaining])
+            await self._announce("waiting", f"{len(remaining)} upload(s) not finished; they "
+                                 f"stay in {self.uploader.spool_dir} for the next mount",
+                                 pending=[up.line() for up in remaining])
         elif waiting:
-            self.announce("waiting", "all uploads finished")
+            await self._announce("waiting", "all uploads finished")
+
+    async def _announce(self, event: str, message: str, **fields: Any) -> None:
+        """:meth:`announce` from the trio thread: the socket sends run in a worker thread."""
+        await self.bridge.run(functools.partial(self.announce, event, message, **fields),
+                              abandon_on_cancel=False, name="announce")
 
     def _request_stop(self, why: str) -> None:
         import pyfuse3
@@ -899,8 +926,10 @@ class Daemon:
         self._stop_requested = True
         log.info("%s: unmounting %s", why, self.config.mountpoint)
         sd_notify("STOPPING=1", "STATUS=unmounting")
-        with contextlib.suppress(Exception):
+        try:
             pyfuse3.terminate()
+        except Exception as exc:  # noqa: BLE001 - no FUSE loop (yet): nothing to end
+            log.debug("pyfuse3.terminate: %s", exc)
 
     def _stop_with_grace(self, why: str) -> None:
         """Stop like SIGTERM does: requests in progress get :data:`STOP_GRACE` seconds."""
@@ -957,13 +986,15 @@ class Daemon:
         except trio.TooSlowError:
             msg = f"the mount on {mp} did not answer within {READY_TIMEOUT:g} s"
             log.error("%s", msg)
-            reporter.failed(msg)
+            await self.bridge.run(reporter.failed, msg, abandon_on_cancel=False,
+                                  name="report failure")
             self._request_stop("not ready")
             return
         except OSError as exc:
             msg = f"the mount on {mp} does not answer: {exc.strerror or exc}"
             log.error("%s", msg)
-            reporter.failed(msg)
+            await self.bridge.run(reporter.failed, msg, abandon_on_cancel=False,
+                                  name="report failure")
             self._request_stop("not ready")
             return
         self.st_dev = st.st_dev
@@ -972,7 +1003,8 @@ class Daemon:
                                   name="set readahead")
         await self._start_control(st.st_dev)
         log.info("ready: %s answers", mp)
-        reporter.ready()
+        # writes to the parent's pipe, the caller's hook (prints, chdir, log handlers)
+        await self.bridge.run(reporter.ready, abandon_on_cancel=False, name="report ready")
 
     # -------------------------------------------------------------- control channel
 
@@ -983,6 +1015,7 @@ class Daemon:
         path = control.runtime_dir() / control.socket_name(st_dev)
         server = control.ControlServer(path, self._control_request)
         try:
+            await self.bridge.run(server.bind, abandon_on_cancel=False, name="control socket")
             await self._nursery.start(server.serve)
         except OSError as exc:
             log.warning("no control socket at %s (%s): idsfs status cannot reach this daemon",
@@ -1150,7 +1183,7 @@ class Daemon:
                               "session")
                     continue
                 try:
-                    await self.bridge.run(self._login_again, name="ICAT login")
+                    await self._login_again()
                     failures = 0
                     log.info("the ICAT session had expired: logged in again")
                 except IdsfsError as exc:
@@ -1176,17 +1209,27 @@ class Daemon:
             log.debug("session check failed: %s", exc)
             if self.owns_session:
                 try:
-                    await self.bridge.run(self._login_again, name="ICAT login")
+                    await self._login_again()
                 except IdsfsError as exc2:
                     log.error("logging in to ICAT again failed: %s", _describe_error(exc2))
         return self.ids.sessionId != before
 
-    def _login_again(self) -> None:
-        """Blocking: log in with the configured credentials; note the new lifetime."""
+    async def _login_again(self) -> None:
+        """Log in with the configured credentials (in a worker thread); note the new lifetime.
+
+        Raises the client's :class:`~idsfs.errors.IdsfsError` when the login fails.
+        """
         cfg = self.config
-        assert self.icat is not None and cfg.user is not None and cfg.password is not None
-        self.icat.login(cfg.auth, {"username": cfg.user, "password": cfg.password.reveal()})
-        info = self.icat.session_info()
+        icat = self.icat
+        assert icat is not None and cfg.user is not None and cfg.password is not None
+        password = cfg.password
+
+        def login() -> SessionInfo:
+            icat.login(cfg.auth, {"username": cfg.user, "password": password.reveal()})
+            return icat.session_info()
+
+        info = await self.bridge.run(login, name="ICAT login")
+        # the daemon's own state changes here, on the trio thread
         self.lifetime = info.remainingMinutes * 60.0
         self._note_session(info.userName, self.lifetime)
 
@@ -1227,8 +1270,10 @@ class Daemon:
                          LOGOUT_TIMEOUT)
         for client in (ids, icat):
             if client is not None:
-                with contextlib.suppress(Exception):
+                try:
                     client.close()
+                except Exception as exc:  # noqa: BLE001 - closing pools; the process ends
+                    log.debug("closing %s: %s", type(client).__name__, exc)
 
     def finish(self, status: int) -> None:
         """Last words: remove the control socket, tell waiting clients the exit status.
@@ -1385,8 +1430,9 @@ def _run(config: Config, ready_fd: int | None, background: bool,
 def mount(config: Config, *, when_ready: Callable[[], None] | None = None) -> int:
     """Mount as ``config`` says; see the module docstring. Returns the exit status.
 
-    Foreground: returns after the unmount; ``when_ready()`` is called (on the
-    trio thread, keep it short) once the mount answers. Background: returns in the parent
+    Foreground: returns after the unmount; ``when_ready()`` is called (in a
+    worker thread, while the mount already serves) once the mount answers.
+    Background: returns in the parent
     once the child's mount answers (0) or failed (1, the reason printed on
     stderr); the child never returns (it ends with ``os._exit``).
     """
