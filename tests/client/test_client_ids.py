@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import getpass
 import io
+import os
 import threading
 import zipfile
 import zlib
+from pathlib import Path
 
 import pytest
 import requests
@@ -334,8 +336,21 @@ def test_read_only_server(emulator_factory) -> None:
 
 def test_getlink_enabled(world_factory) -> None:
     w = world_factory(link_lifetime_seconds=60)
-    try:
-        path = w.ids.getLink(w.df[1], username=getpass.getuser())
-    except IDSNotImplementedError:
-        pytest.skip("emulator does not implement getLink")
-    assert isinstance(path, str) and path
+    path = w.ids.getLink(w.df[1], username=getpass.getuser())
+    assert isinstance(path, str) and os.path.isabs(path)
+    link = Path(path)
+    # a hard link to the stored file, under the server's data directory, named as the datafile
+    assert link.name == "df1"
+    assert link.resolve().is_relative_to(Path(w.emu.settings.data_dir).resolve())
+    assert link.read_bytes() == w.content(1)
+    assert link.stat().st_nlink >= 2
+    again = w.ids.getLink(w.df[1])  # username defaults to the local login name
+    assert again != path and Path(again).read_bytes() == w.content(1)
+    with pytest.raises(IDSNotFoundError):
+        w.ids.getLink(999999, username="someone")
+
+
+def test_getlink_disabled(world) -> None:
+    with pytest.raises(IDSNotImplementedError) as info:
+        world.ids.getLink(world.df[1], username=getpass.getuser())
+    assert info.value.status == 501
