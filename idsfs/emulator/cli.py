@@ -12,8 +12,10 @@ same DIR; without --data a temporary directory is used and removed at exit.
 Accounts use the ICAT authenticator mnemonic "simple": log in with
 {"plugin": "simple", "credentials": [{"username": NAME}, {"password": PW}]}.
 Give passwords as --user NAME:@FILE (first line of FILE) to keep them out of
-the process list. Test hooks (faults, counters, session expiry, storage
-archive/restore) are under /admin; see docs/emulator.md.
+the process list; NAME:PASSWORD works too (handy in tests) but other users
+can read it there, so the emulator warns about it on standard error. Test
+hooks (faults, counters, session expiry, storage archive/restore) are under
+/admin; see docs/emulator.md.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
+from typing import NamedTuple
 
 from idsfs.emulator.settings import DEFAULT_DEMO_LARGE_SIZE, STORAGE_KINDS, EmulatorSettings
 
@@ -61,8 +64,27 @@ def _nonneg_float(text: str) -> float:
     return value
 
 
-def _user(text: str) -> tuple[str, str]:
-    """Parse ``NAME:PASSWORD`` or ``NAME:@FILE``; never puts the password in messages."""
+class Account(NamedTuple):
+    """One ``--user`` option.
+
+    Attributes:
+        name: the user name.
+        password: the password.
+        inline: True when the password was given in the argument itself
+            (``NAME:PASSWORD``, visible in the process list) rather than
+            read from a file (``NAME:@FILE``).
+    """
+
+    name: str
+    password: str
+    inline: bool
+
+
+def _user(text: str) -> Account:
+    """Parse ``NAME:PASSWORD`` or ``NAME:@FILE``; never puts the password in messages.
+
+    Raises argparse.ArgumentTypeError for a malformed value or an unreadable file.
+    """
     name, sep, secret = text.partition(":")
     if not sep or not name:
         raise argparse.ArgumentTypeError(
@@ -77,8 +99,19 @@ def _user(text: str) -> tuple[str, str]:
             raise argparse.ArgumentTypeError(
                 f"cannot read the password file of user {name!r}: {exc.strerror}"
             ) from None
-        secret = lines[0] if lines else ""
-    return name, secret
+        return Account(name, lines[0] if lines else "", inline=False)
+    return Account(name, secret, inline=True)
+
+
+def argv_password_warnings(accounts: Sequence[Account]) -> list[str]:
+    """One warning per account whose password was given in argv (no passwords in them)."""
+    return [
+        f"idsfs emulator: warning: the password of user {a.name!r} is on the command line, "
+        f"where other users of this machine can read it (ps, /proc/PID/cmdline); "
+        f"give it as --user {a.name}:@FILE (the password on the first line of FILE)"
+        for a in accounts
+        if a.inline
+    ]
 
 
 def _fault(text: str) -> object:
@@ -112,7 +145,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         help="an account of the 'simple' authenticator (repeatable); "
-        "NAME:@FILE reads the password from the first line of FILE",
+        "NAME:@FILE reads the password from the first line of FILE (a password in "
+        "the argument itself can be read by other users: a warning says so)",
     )
     state.add_argument(
         "--root",
@@ -232,7 +266,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def settings_from_args(args: argparse.Namespace) -> EmulatorSettings:
     """Build :class:`EmulatorSettings` from parsed arguments; ValueError if inconsistent."""
     users: dict[str, str] = {}
-    for name, password in args.user:
+    for name, password, _inline in args.user:
         if name in users:
             raise ValueError(f"user {name!r} given twice")
         users[name] = password
@@ -284,6 +318,8 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"idsfs emulator: error: {exc}", file=sys.stderr)
         return 2
+    for warning in argv_password_warnings(args.user):
+        print(warning, file=sys.stderr)
     if not settings.users:
         log.warning("no --user given: nobody can log in")
 

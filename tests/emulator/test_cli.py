@@ -251,3 +251,15 @@ def test_log_lines_hide_session_ids_also_in_tracebacks():
     text = RedactingFormatter("%(levelname)s %(message)s").format(record)
     assert sid not in text
     assert "sessionId=***" in text and "ValueError: no session ***" in text
+
+
+def test_a_password_in_argv_is_warned_about(running):
+    # the fixture gives alice's password in argv and root's as @FILE
+    assert login(running.icat, "alice", "alice-pw")
+    code, out, err = running.stop()
+    assert code == 0
+    warnings = [line for line in err.splitlines() if "warning: the password of user" in line]
+    assert len(warnings) == 1, err
+    assert "'alice'" in warnings[0] and "other users" in warnings[0]
+    assert "--user alice:@FILE" in warnings[0]
+    assert "alice-pw" not in err + out and SECRET not in err + out
