@@ -47,8 +47,9 @@ How a block is fetched
   short only at the end of the file (ICAT ``fileSize``). A stream that ends
   before ``fileSize`` or breaks (dropped connection, read timeout of the
   IDSClient) is resumed by a new ``getData`` at the offset reached; when
-  ``resume_retries`` attempts in a row bring no new byte, the read fails with
-  :class:`~idsfs.errors.IncompleteDownloadError` (``EIO``). With
+  ``resume_retries`` streams in a row (the first one included) bring no new
+  byte, the read fails with :class:`~idsfs.errors.IncompleteDownloadError`
+  (``EIO``). With
   ``verify_checksum`` (off by default: the CRC32 costs about 0.15 CPU-seconds
   per GB on the 2-core test machine with ISA-L's, 0.5 with zlib's; see
   :mod:`idsfs._crc`), a stream read
@@ -528,8 +529,11 @@ class Transfer:
         max_idle_streams: idle streams kept open at most (all files together).
         busy_wait: seconds "Data is busy" is retried before
             :class:`~idsfs.errors.DataBusyError`.
-        resume_retries: attempts in a row without a new byte before a broken
-            or short stream fails the read.
+        resume_retries: ``getData`` streams in a row that may bring no new
+            byte: the read fails when that many ended early or broke without
+            one (0: a stream that ends early or breaks is not resumed). Also
+            the number of times a ``getData`` answering 500 or not answering
+            is tried again.
         resume_backoff: first pause before such an attempt (doubled each time).
         poll_interval: first pause between ``isPrepared`` polls (doubled).
         max_poll_interval: the longest pause between polls.
@@ -1048,22 +1052,23 @@ class Transfer:
                         on_abandon=functools.partial(self._break, stream),
                     )
                     stream.active_time += time.monotonic() - t0
+                if result.progress:
+                    no_progress, pause = 0, self.resume_backoff
                 if stream.broken or (result.error is None and not result.short):
                     # all queued claims served, the stream must move, or it was
                     # broken off (aborted: not a failure to resume)
                     continue
                 # The body ended early or broke: resume where it stopped.
                 await self._close_streams([stream])
-                if result.progress:
-                    no_progress, pause = 0, self.resume_backoff
-                else:
+                if not result.progress:
                     no_progress += 1
                 why = result.error or "the body ended early"
-                if no_progress > self.resume_retries:
+                if self.resume_retries == 0 or no_progress >= self.resume_retries:
+                    tried = (f"{no_progress} attempts in a row brought no new byte"
+                             if self.resume_retries else "resuming is off")
                     raise IncompleteDownloadError(
                         f"datafile {ident}: download stopped at offset {stream.pos} of "
-                        f"{opened.key.size} bytes ({why}); {self.resume_retries} "
-                        f"attempts to resume brought no data",
+                        f"{opened.key.size} bytes ({why}); {tried}",
                         ident, stream.pos,
                     ) from result.error
                 self._resumes += 1

@@ -451,7 +451,8 @@ def test_file_shorter_than_filesize_fails_instead_of_short_read(world: World) ->
             await reader.close()
 
     run(body)
-    assert transfer.stats().resumes == 3  # one after progress, then two without
+    # the first stream ends short after its bytes; two resumes in a row bring nothing
+    assert transfer.stats().resumes == 2
 
 
 def test_aclose_closes_streams_and_refuses_reads(world: World) -> None:

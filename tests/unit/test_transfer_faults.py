@@ -87,6 +87,9 @@ def test_stream_without_progress_fails_with_eio(world: World) -> None:
             with pytest.raises(IncompleteDownloadError) as info:
                 await reader.read(2 * BS, 10)
             assert info.value.errno == 5
+            assert "3 attempts in a row brought no new byte" in str(info.value)
+            # three streams in a row without a byte: the first and two resumes
+            assert count(world, "ids/getData") == 3
             world.emu.faults.clear()
             # nothing wrong was cached: the next read works
             assert bytes(await reader.read(2 * BS, 10)) == data[2 * BS:2 * BS + 10]
@@ -94,6 +97,40 @@ def test_stream_without_progress_fails_with_eio(world: World) -> None:
 
     run(body)
     assert transfer.stats().failures >= 1
+
+
+def test_resumes_without_progress_after_progress_are_bounded(world: World) -> None:
+    data = random_bytes(1 * MiB)
+    df = world.put("stall-drop.bin", data)
+    transfer = make_transfer(world.client(timeout=(5.0, 0.5)), block_size=BS,
+                             resume_retries=3)
+
+    async def body() -> None:
+        async with running_transfer(transfer):
+            world.emu.counters.reset()
+            # the first stream brings block 0 and a part of block 1, then stalls
+            world.emu.faults.stall(after_bytes=100_000, endpoint="ids/getData", count=1)
+            reader = await transfer.open(df)
+            try:
+                async with trio.open_nursery() as nursery:
+                    async def drop_the_resumes() -> None:
+                        while not any(s.bytes >= BS for s in transfer.stats().streams):
+                            await trio.sleep(0.005)
+                        # before the read timeout: every resume is dropped at once
+                        world.emu.faults.drop(after_bytes=0, endpoint="ids/getData")
+
+                    nursery.start_soon(drop_the_resumes)
+                    with pytest.raises(IncompleteDownloadError) as info:
+                        await reader.read(0, 2 * BS)
+                    assert info.value.offset == BS  # (the part of block 1 is not kept)
+            finally:
+                world.emu.faults.clear()
+            await reader.close()
+
+    run(body)
+    # the stalled stream, then three resumes in a row that bring nothing
+    assert count(world, "ids/getData") == 4
+    assert transfer.stats().resumes == 3
 
 
 def test_stalled_stream_is_resumed_after_the_read_timeout(world: World) -> None:
