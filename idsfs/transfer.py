@@ -618,6 +618,10 @@ class Transfer:
         self._renew_lock = trio.Lock()
 
         self._remotes: cachetools.LRUCache[int, _Remote] = cachetools.LRUCache(PREPARED_IDS)
+        # The remotes of open files (datafile id -> remote, number of _Opens): never
+        # evicted, whatever the LRU drops, so a file has one preparedId and one
+        # restore state while it is in use.
+        self._in_use: dict[int, tuple[_Remote, int]] = {}
         self._opens: dict[FileKey, _Open] = {}
         self._to_store: deque[tuple[_Open, _Claim]] = deque()
         self._versions: cachetools.LRUCache[int, tuple[int, Hashable]] = cachetools.LRUCache(
@@ -731,9 +735,12 @@ class Transfer:
         self._versions[ident] = (size, version)
         opened = self._opens.get(key)
         if opened is None:
-            opened = _Open(key, self._remote(ident), checksum if self.verify_checksum else None)
+            remote = self._remote(ident)
+            opened = _Open(key, remote, checksum if self.verify_checksum else None)
             opened.fetch = functools.partial(self._fetch, opened)
             self._opens[key] = opened
+            pins = self._in_use.get(ident, (remote, 0))[1]
+            self._in_use[ident] = (remote, pins + 1)
         opened.readers += 1
         return Reader(self, opened, keep_cache)
 
@@ -814,9 +821,11 @@ class Transfer:
                 streams.append(StreamInfo(opened.key.datafile_id, s.pos, s.bytes,
                                           s.active_time, rate, state, len(s.claims)))
         now = time.monotonic()
+        remotes = {r.id: r for r in list(self._remotes.values())}
+        remotes.update((ident, r) for ident, (r, _) in self._in_use.items())
         restores = tuple(
             RestoreInfo(r.id, r.waiting, now - (r.wait_since or now))
-            for r in list(self._remotes.values())
+            for r in remotes.values()
             if r.waiting
         )
         return TransferStats(
@@ -846,10 +855,12 @@ class Transfer:
     # -- helpers -------------------------------------------------------------------------
 
     def _remote(self, ident: int) -> _Remote:
-        remote = self._remotes.get(ident)
+        """The one :class:`_Remote` of a datafile: an open file's, else the LRU's (or new)."""
+        used = self._in_use.get(ident)
+        remote = used[0] if used is not None else self._remotes.get(ident)
         if remote is None:
             remote = _Remote(ident, self.poll_interval)
-            self._remotes[ident] = remote
+        self._remotes[ident] = remote  # (again: the most recently used)
         return remote
 
     async def _is_two_level(self) -> bool:
@@ -1550,6 +1561,12 @@ class Transfer:
         if (opened.readers == 0 and not opened.streams and not opened.claims
                 and self._opens.get(opened.key) is opened):
             del self._opens[opened.key]
+            ident = opened.key.datafile_id
+            remote, pins = self._in_use.get(ident, (opened.remote, 1))
+            if pins > 1:
+                self._in_use[ident] = (remote, pins - 1)
+            else:
+                self._in_use.pop(ident, None)
 
     @staticmethod
     def _close_ds(stream: _Stream) -> None:

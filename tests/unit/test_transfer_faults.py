@@ -445,6 +445,43 @@ def test_status_is_cached(two_level: World) -> None:
     run(body)
 
 
+def test_a_file_in_use_keeps_its_restore_state_when_the_lru_is_full(
+        two_level: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    world = two_level
+    monkeypatch.setattr(transfer_mod, "PREPARED_IDS", 2)
+    data = random_bytes(200 * KiB)
+    df = world.put("lru.bin", data)
+    others = [world.put(f"other{i}.bin", b"x") for i in range(3)]
+    world.archive(df)
+    transfer = make_transfer(world.client(), block_size=BS)
+    results: list[bytes] = []
+
+    async def one() -> None:
+        reader = await transfer.open(df)
+        results.append(await read_all(reader))
+        await reader.close()
+
+    async def body() -> None:
+        async with running_transfer(transfer):
+            world.emu.counters.reset()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(one)
+                while not transfer.stats().restores:
+                    await trio.sleep(0.005)
+                for other in others:  # more datafiles than the LRU holds
+                    assert await transfer.status(other) == ONLINE
+                assert count(world, "ids/getStatus") == len(others)
+                # the waiting file's state was not evicted: no second getStatus
+                assert await transfer.status(df) == RESTORING
+                assert count(world, "ids/getStatus") == len(others)
+                assert [r.datafile_id for r in transfer.stats().restores] == [df.id]
+                nursery.start_soon(one)  # a second reader joins the same restore
+
+    run(body)
+    assert results == [data, data]
+    assert count(world, "ids/prepareData") == 1
+
+
 def test_expired_prepared_id_is_replaced(emulator_factory) -> None:
     world = make_world(emulator_factory(storage="datafile", prepared_count=1))
     a = world.put("a.bin", random_bytes(150 * KiB))
