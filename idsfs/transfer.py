@@ -547,7 +547,9 @@ class Transfer:
             served by reading through the gap (the blocks in between go into
             the cache) instead of opening a new stream.
         malloc_tuning: call :func:`tune_malloc` (process-wide glibc settings)
-            so that block buffers are recycled from the heap.
+            so that block buffers are recycled from the heap. Off by default:
+            a library must not change its host process's allocator; the
+            daemon, which owns its process, turns it on.
         renew_session: optional coroutine called when a call with the session
             answers 403; it returns ``True`` if it renewed ``ids.sessionId``
             (the call is then repeated once).
@@ -576,7 +578,7 @@ class Transfer:
         verify_checksum: bool = False,
         max_pumps: int | None = None,
         max_gap: int = 4 << 20,
-        malloc_tuning: bool = True,
+        malloc_tuning: bool = False,
         renew_session: Callable[[], Awaitable[bool]] | None = None,
     ) -> None:
         for name, value in (

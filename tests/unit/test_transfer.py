@@ -13,6 +13,7 @@ import trio
 from transferkit import KiB, MiB, World, make_transfer, make_world, random_bytes, read_all, run
 from transferkit import running as running_transfer
 
+import idsfs.transfer as transfer_mod
 from idsfs.errors import (
     ChecksumMismatchError,
     IDSDataNotOnlineError,
@@ -603,3 +604,12 @@ def test_a_sequential_reader_keeps_its_pump_thread(world: World) -> None:
             await reader.close()
 
     run(body)
+
+
+def test_malloc_is_tuned_only_when_asked(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+    monkeypatch.setattr(transfer_mod, "tune_malloc", calls.append)
+    make_transfer(world.client(), capacity=8 * MiB)
+    assert calls == []  # a library leaves its host process's allocator alone
+    make_transfer(world.client(), capacity=8 * MiB, malloc_tuning=True)
+    assert calls == [4 * MiB]
