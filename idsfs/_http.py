@@ -64,6 +64,9 @@ POOL_MAXSIZE = 32
 MAX_ERROR_BODY = 64 * 1024
 
 RETRY_STATUSES = frozenset({502, 503, 504})
+#: Request parameters whose values are secrets: error messages that quote them
+#: (IDS: "The preparedId <id> is not known") show ``***`` instead.
+SECRET_PARAMS = ("sessionId", "preparedId")
 
 
 class _RedactingFilter(logging.Filter):
@@ -200,7 +203,9 @@ class Transport:
     """Send requests for one client; thread-safe.
 
     ``secrets`` is a callable returning the strings to redact (the current
-    session id), evaluated per request so a swapped session id is covered.
+    session id), evaluated per request so a swapped session id is covered;
+    the values of :data:`SECRET_PARAMS` a request sends are redacted from
+    its error too.
     ``error_factory(status, body, reason, secrets)`` builds the ServerError
     for an error answer.
     """
@@ -323,7 +328,7 @@ class Transport:
                 )
                 return response
 
-            error = self._error_from(response, shown)
+            error = self._error_from(response, shown, _sent_secrets(params, data))
             retry = (
                 attempt < attempts
                 and status in RETRY_STATUSES
@@ -344,8 +349,12 @@ class Transport:
             raise error
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _error_from(self, response: requests.Response, shown: str) -> ServerError:
-        """Read a (bounded) error body and build the ServerError; closes it."""
+    def _error_from(self, response: requests.Response, shown: str,
+                    sent: tuple[str, ...] = ()) -> ServerError:
+        """Read a (bounded) error body and build the ServerError; closes it.
+
+        ``sent``: secrets the request carried (redacted from the message too).
+        """
         try:
             body = response.raw.read(MAX_ERROR_BODY, decode_content=True) or b""
         except (requests.RequestException, urllib3.exceptions.HTTPError, OSError,
@@ -354,8 +363,20 @@ class Transport:
         finally:
             response.close()
         return self.error_factory(
-            response.status_code, body, response.reason or "", tuple(self.secrets())
+            response.status_code, body, response.reason or "", (*self.secrets(), *sent)
         )
+
+
+def _sent_secrets(*parts: Any) -> tuple[str, ...]:
+    """The values of :data:`SECRET_PARAMS` in the query or form mappings of a request."""
+    found: list[str] = []
+    for part in parts:
+        if isinstance(part, Mapping):
+            for name in SECRET_PARAMS:
+                value = part.get(name)
+                if isinstance(value, str) and value:
+                    found.append(value)
+    return tuple(found)
 
 
 def _retry_after(response: requests.Response, default: float) -> float:

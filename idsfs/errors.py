@@ -64,7 +64,8 @@ code gives a plain :class:`IDSError`/:class:`ICATError` with the HTTP status
 instead of ``urllib.error.HTTPError``.
 
 No message, ``str()`` or ``repr()`` of these exceptions contains a session
-id: callers build messages through :func:`redact`.
+id or a preparedId (whoever holds a preparedId can download its data without
+a session): callers build messages through :func:`redact`.
 """
 
 from __future__ import annotations
@@ -130,7 +131,12 @@ class IdsfsError(Exception):
 
 _SECRET_PARAM = re.compile(r"((?:sessionId|preparedId|password)=)[^&\s#\"']*", re.IGNORECASE)
 _SESSION_PATH = re.compile(r"(/session/)[^/?\s#\"']+")
-_JSON_SECRET = re.compile(r'("(?:sessionId|password)"\s*:\s*")[^"]*(")', re.IGNORECASE)
+_JSON_SECRET = re.compile(r'("(?:sessionId|preparedId|password)"\s*:\s*")[^"]*(")',
+                          re.IGNORECASE)
+# IDS messages quote the preparedId they were given ("The preparedId <id> is not known")
+# (a word with a digit: an id, not "preparedId is" or "preparedId parameter")
+_PREPARED_IN_TEXT = re.compile(r"(\bpreparedId\s+)(?=[^\s,;\"']*\d)[^\s,;\"']+",
+                               re.IGNORECASE)
 REDACTED = "***"
 
 
@@ -139,13 +145,16 @@ def redact(text: str, secrets: Iterable[str | None] = ()) -> str:
 
     Removes the values of ``sessionId=``, ``preparedId=`` and ``password=``
     parameters in URLs and form bodies, the id in ICAT ``/session/<id>``
-    paths, ``"sessionId"``/``"password"`` values in JSON text, and every
-    occurrence of each string in ``secrets`` (e.g. the current session id,
-    which ICAT quotes in its SESSION error messages). Never raises.
+    paths, ``"sessionId"``/``"preparedId"``/``"password"`` values in JSON
+    text, an id after the word "preparedId" in prose (IDS: "The preparedId
+    <id> is not known"), and every occurrence of each string in ``secrets`` (e.g. the
+    current session id, which ICAT quotes in its SESSION error messages, or
+    the preparedId a request sent). Never raises.
     """
     out = _SECRET_PARAM.sub(r"\1" + REDACTED, text)
     out = _SESSION_PATH.sub(r"\1" + REDACTED, out)
     out = _JSON_SECRET.sub(r"\1" + REDACTED + r"\2", out)
+    out = _PREPARED_IN_TEXT.sub(r"\1" + REDACTED, out)
     for secret in secrets:
         if secret and len(secret) >= 4:
             out = out.replace(secret, REDACTED)
@@ -594,8 +603,9 @@ def ids_error_from_response(
 
     ``body`` is decoded as UTF-8 and parsed as JSON whatever the content type;
     a known ``code`` selects the class, anything else gives a plain
-    :class:`IDSError` carrying ``status``. Occurrences of ``secrets`` and
-    session ids in the message are redacted. Never raises.
+    :class:`IDSError` carrying ``status``. Occurrences of ``secrets`` (the
+    client passes the session id and the preparedId of the request), session
+    ids and preparedIds in the message are redacted. Never raises.
     """
     exc = _from_response(status, body, reason, IDS_ERROR_TYPES, IDSError, secrets)
     assert isinstance(exc, IDSError)

@@ -119,6 +119,28 @@ def test_m6_python_icat_exception_cases(world) -> None:
     assert (info2.value.status, info2.value.type) == (404, "NotFoundException")
 
 
+def test_prepared_ids_are_not_in_errors_or_logs(world, caplog: pytest.LogCaptureFixture) -> None:
+    # a preparedId is a download token: IDS quotes it ("The preparedId ... is not known")
+    known = world.ids.prepareData(sel(datafile=[world.df[1]]))
+    unknown = "0d9a3706-80d4-4d29-9ff3-4d65d4308a24"
+    caplog.set_level("DEBUG")
+    raised: list[Exception] = []
+    for call in (world.ids.isPrepared, world.ids.getData, world.ids.getStatus):
+        with pytest.raises(IDSNotFoundError) as info:
+            call(unknown)
+        raised.append(info.value)
+    with pytest.raises(IDSBadRequestError) as bad:
+        world.ids.isPrepared("not a uuid at all")
+    raised.append(bad.value)
+    assert "***" in raised[0].message
+    for exc in raised:
+        for text in (str(exc), repr(exc), exc.message):
+            assert unknown not in text and "not a uuid at all" not in text
+    assert unknown not in caplog.text and "not a uuid at all" not in caplog.text
+    assert world.ids.isPrepared(known) in (True, False)
+    assert known not in caplog.text
+
+
 def test_each_status_code(world) -> None:
     ids = world.ids
     with pytest.raises(IDSInsufficientPrivilegesError):

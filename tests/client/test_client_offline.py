@@ -224,6 +224,21 @@ def test_error_messages_redact_sessions() -> None:
     assert sid not in str(plain)
 
 
+def test_error_messages_redact_prepared_ids() -> None:
+    pid = "0d9a3706-80d4-4d29-9ff3-4d65d4308a24"
+    body = b'{"code":"NotFoundException","message":"The preparedId %s is not known"}'
+    exc = ids_error_from_response(404, body % pid.encode())  # without knowing it
+    assert isinstance(exc, IDSNotFoundError)
+    assert pid not in str(exc) and pid not in repr(exc)
+    assert exc.message == "The preparedId *** is not known"
+    odd = ids_error_from_response(400, b'{"code":"BadRequestException","message":'
+                                       b'"The preparedId parameter \'p-1x\' is bad"}',
+                                  secrets=["p-1x"])
+    assert "p-1x" not in str(odd)  # the value the client sent is a secret too
+    assert redact(f'{{"preparedId": "{pid}"}}') == '{"preparedId": "***"}'
+    assert redact("a preparedId is a token") == "a preparedId is a token"
+
+
 def test_server_error_python_icat_constructor_and_pickle() -> None:
     exc = ICATObjectExistsError({"code": "OBJECT_ALREADY_EXISTS", "message": "m", "offset": 2},
                                 412)
