@@ -268,7 +268,8 @@ class DataSelection:
         """Add ``investigationIds``/``datasetIds``/``datafileIds`` to ``params``.
 
         Each non-empty set becomes a comma-joined string of ids (ascending);
-        empty sets add nothing.
+        empty sets add nothing. Never raises for a dict (only what
+        ``params.__setitem__`` may raise for another mapping).
         """
         if self.invIds:
             params["investigationIds"] = ",".join(str(i) for i in sorted(self.invIds))
@@ -307,7 +308,9 @@ class DataStream(io.RawIOBase):
     the body ends before ``Content-Length`` or the chunked framing breaks,
     :class:`~idsfs.errors.TransportTimeoutError` when the server stalls
     longer than the read timeout, :class:`~idsfs.errors.ConnectionLostError`
-    on a reset. The stream is closed after an error.
+    on a reset or after :meth:`abort` (which another thread may call to break
+    a blocked read off). The connection is closed after an error. Made by
+    :meth:`IDSClient.getData`; the constructor never raises.
     """
 
     def __init__(self, response: requests.Response, offset: int = 0, url: str = "") -> None:
@@ -339,25 +342,25 @@ class DataStream(io.RawIOBase):
     # -- python-icat / http.client compatibility
     @property
     def length(self) -> int | None:
-        """Bytes still to come according to ``Content-Length`` (else ``None``)."""
+        """Bytes still to come according to ``Content-Length`` (else ``None``). Never raises."""
         if self.content_length is None:
             return None
         return max(0, self.content_length - self.bytes_read)
 
     def getheader(self, name: str, default: str | None = None) -> str | None:
-        """Return the value of header ``name`` (case-insensitive)."""
+        """Return the value of header ``name`` (case-insensitive). Never raises."""
         return self.headers.get(name, default)
 
     def getheaders(self) -> list[tuple[str, str]]:
-        """Return all headers as (name, value) pairs."""
+        """Return all headers as (name, value) pairs. Never raises."""
         return list(self.headers.items())
 
     def info(self) -> Any:
-        """Return the headers (as ``urllib`` responses do)."""
+        """Return the headers (as ``urllib`` responses do). Never raises."""
         return self.headers
 
     def geturl(self) -> str:
-        """Return the request URL with session ids redacted."""
+        """Return the request URL with session and prepared ids redacted. Never raises."""
         return self._url
 
     def __repr__(self) -> str:
@@ -375,13 +378,10 @@ class DataStream(io.RawIOBase):
         """Read into the writable buffer ``b``; return the number of bytes.
 
         Fills ``b`` completely unless the stream ends first; 0 means end of
-        stream.
-
-        Raises:
-            ValueError: the stream is closed.
-            TransportError: a subclass as the class docstring says;
-                :class:`~idsfs.errors.ConnectionLostError` once :meth:`abort`
-                broke the download off (also in a read blocked at that time).
+        stream. Raises ``ValueError`` on a closed stream and a
+        :class:`~idsfs.errors.TransportError` subclass as the class docstring
+        says: :class:`~idsfs.errors.ConnectionLostError` once :meth:`abort`
+        broke the download off (also in a read blocked at that time).
         """
         if self.closed:
             raise ValueError("I/O operation on closed DataStream")
@@ -450,7 +450,13 @@ class DataStream(io.RawIOBase):
         return total
 
     def read(self, size: int | None = -1) -> bytes:
-        """Read up to ``size`` bytes (all remaining bytes if negative/None)."""
+        """Read up to ``size`` bytes (all remaining bytes if negative/None).
+
+        Fewer bytes only at the end of the stream (``b""`` there). Raises what
+        :meth:`readinto` raises: ``ValueError`` on a closed stream, a
+        :class:`~idsfs.errors.TransportError` subclass when the body breaks,
+        stalls or was aborted.
+        """
         if size is None or size < 0:
             return self.readall()
         buf = bytearray(size)
@@ -459,7 +465,10 @@ class DataStream(io.RawIOBase):
         return bytes(buf)
 
     def readall(self) -> bytes:
-        """Read everything that is left (this does hold it in memory)."""
+        """Read everything that is left (this does hold it in memory).
+
+        Raises what :meth:`readinto` raises (the bytes read before are lost).
+        """
         parts = []
         while True:
             block = self.read(BLOCK_SIZE)
@@ -486,6 +495,10 @@ class DataStream(io.RawIOBase):
 
         Uses one reused buffer of ``blocksize`` bytes. ``progress(n)`` is
         called with the size of each block written.
+
+        Raises what :meth:`readinto` raises (the blocks before it are
+        written), and whatever ``fileobj.write`` or ``progress`` raise,
+        unchanged.
         """
         buf = bytearray(blocksize)
         view = memoryview(buf)
@@ -832,7 +845,7 @@ class IDSClient:
         """Check that the server is alive and is an IDS.
 
         Raises :class:`~idsfs.errors.IDSResponseError` if the answer is not
-        ``IdsOK``.
+        ``IdsOK``, and the errors of every call (see :class:`IDSClient`).
         """
         result = self._text("ping")
         if result != "IdsOK":
@@ -928,7 +941,10 @@ class IDSClient:
 
         ``selection`` is a DataSelection or a preparedId (IDS >= 1.11.0,
         else :class:`~idsfs.errors.VersionMethodError`). Raises
-        ``RuntimeError`` for a DataSelection when no sessionId is set.
+        ``RuntimeError`` for a DataSelection when no sessionId is set,
+        ``TypeError`` for a selection of another type,
+        :class:`~idsfs.errors.IDSResponseError` when the answer is not a
+        number, and the errors of every call.
         """
         params = self._selectionParams(selection)
         if "preparedId" in params and self.apiversion < "1.11.0":
@@ -960,7 +976,8 @@ class IDSClient:
 
         Raises :class:`~idsfs.errors.VersionMethodError` on an older server,
         :class:`~idsfs.errors.IDSResponseError` when the answer has no list of integer ids,
-        ``RuntimeError`` for a DataSelection without a sessionId, and the errors of every call.
+        ``RuntimeError`` for a DataSelection without a sessionId, ``TypeError`` for a selection
+        of another type, and the errors of every call.
         """
         params = self._selectionParams(selection)
         try:
@@ -1016,7 +1033,8 @@ class IDSClient:
         """Clear a recorded restore failure of the selection (IDS >= 1.6.0).
 
         Raises :class:`~idsfs.errors.VersionMethodError` on an older server, ``RuntimeError``
-        for a DataSelection without a sessionId, and the errors of every call.
+        for a DataSelection without a sessionId, ``TypeError`` for a selection of another
+        type, and the errors of every call.
         """
         params = self._selectionParams(selection)
         try:
@@ -1087,8 +1105,9 @@ class IDSClient:
         while reading the body are the stream's (see :class:`DataStream`).
 
         Raises ``ValueError`` for a negative offset, ``RuntimeError`` for a DataSelection
-        without a sessionId, :class:`~idsfs.errors.IDSDataNotOnlineError` for archived data, and
-        the errors of every call.
+        without a sessionId, ``TypeError`` for a selection of another type,
+        :class:`~idsfs.errors.IDSDataNotOnlineError` for archived data, and the errors of every
+        call.
         """
         if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
             raise ValueError(f"offset must be a non-negative integer, not {offset!r}")
@@ -1124,7 +1143,8 @@ class IDSClient:
 
         ``username`` defaults to the local login name.
 
-        Raises ``RuntimeError`` without a sessionId,
+        Raises ``RuntimeError`` without a sessionId, ``ValueError``/``TypeError`` for a
+        ``datafileId`` that is not an integer id,
         :class:`~idsfs.errors.IDSNotImplementedError` where the server has links disabled, and
         the errors of every call.
         """
@@ -1159,8 +1179,15 @@ class IDSClient:
         :class:`~idsfs.errors.IDSResponseError` whose ``datafile_id`` attribute
         is the id of the (wrong) datafile the server registered. The times are epoch
         milliseconds. Never retried (a retry could create a second datafile).
-        Raises ``ValueError`` when ``inputStream`` is None, ``RuntimeError``
-        without a sessionId.
+
+        Raises ``ValueError`` when ``inputStream`` is None or a regular file
+        shrinks while it is sent, ``TypeError`` for text (``str``) input,
+        ``ValueError``/``TypeError`` for ids that are not integer ids,
+        ``RuntimeError`` without a sessionId,
+        :class:`~idsfs.errors.IDSResponseError` for a mismatch (above) or an
+        unusable answer, and the errors of every call; an ``OSError`` while
+        reading ``inputStream`` reaches the caller as a
+        :class:`~idsfs.errors.TransportError` (the HTTP stack wraps it).
         """
         params: dict[str, Any] = {
             "sessionId": self._require_session(),
