@@ -230,7 +230,8 @@ def tune_malloc(heap_keep: int) -> bool:
     0.3 CPU-seconds per GB read, measured. This sets ``M_MMAP_THRESHOLD`` to
     32 MiB (blocks come from the heap, where freed blocks are reused) and
     ``M_TRIM_THRESHOLD`` to ``heap_keep`` bytes (free heap kept before it is
-    given back). Process-wide; returns False where it is not glibc.
+    given back). Process-wide; returns False where it is not glibc. Never
+    raises.
     """
     try:
         import ctypes
@@ -367,16 +368,19 @@ class TransferStats:
 
     @property
     def in_flight(self) -> int:
-        """Streams opening or reading now."""
+        """Streams opening or reading now. Never raises."""
         return sum(1 for s in self.streams if s.state != "idle")
 
     @property
     def rate(self) -> float:
-        """Summed rate of the streams reading now, in bytes per second."""
+        """Summed rate of the streams reading now, in bytes per second. Never raises."""
         return sum(s.rate for s in self.streams if s.state == "reading")
 
     def as_dict(self) -> dict[str, Any]:
-        """The snapshot as plain JSON-able data (``in_flight`` and ``rate`` included)."""
+        """The snapshot as plain JSON-able data (``in_flight`` and ``rate`` included).
+
+        Never raises.
+        """
         data = dataclasses.asdict(self)
         data["in_flight"] = self.in_flight
         data["rate"] = self.rate
@@ -676,7 +680,12 @@ class Transfer:
             self._close_everything()
 
     async def aclose(self) -> None:
-        """Stop the background tasks and close every stream. Reads fail afterwards."""
+        """Stop the background tasks and close every stream. Reads fail afterwards.
+
+        Streams a thread is reading are broken off (their threads end at once).
+        Raises only ``trio.Cancelled`` (at its last checkpoint, when the
+        caller is cancelled; everything is closed by then).
+        """
         self._stopped = True
         if self._service_scope is not None:
             self._service_scope.cancel()
@@ -754,8 +763,11 @@ class Transfer:
         seconds.
 
         Raises:
+            ValueError: the record has no integer id.
             IDSError, TransportError: ``getStatus`` (or ``isTwoLevel``) failed,
-                e.g. :class:`~idsfs.errors.IDSInsufficientPrivilegesError`.
+                e.g. :class:`~idsfs.errors.IDSInsufficientPrivilegesError`
+                (a "Restore failed" answer is not raised: it gives
+                ``RESTORE_FAILED``).
         """
         ident = _describe(datafile)[0]
         if not await self._is_two_level():
@@ -814,7 +826,10 @@ class Transfer:
         return len(chosen)
 
     def stats(self) -> TransferStats:
-        """Return a snapshot of the counters, streams and waits (trio thread only)."""
+        """Return a snapshot of the counters, streams and waits (trio thread only).
+
+        Never raises.
+        """
         streams = []
         for opened in self._opens.values():
             for s in opened.streams:
@@ -851,7 +866,7 @@ class Transfer:
 
     @property
     def cache(self) -> BlockCache:
-        """The block cache reads go through."""
+        """The block cache reads go through (``fs.py`` reads its ``capacity``). Never raises."""
         return self._cache
 
     # -- helpers -------------------------------------------------------------------------
@@ -1660,16 +1675,29 @@ class _SetOnStart:
 class Reader:
     """An open datafile: reads through the block cache, with readahead.
 
-    Made by :meth:`Transfer.open`. Attributes: ``datafile_id``, ``size``
-    (ICAT ``fileSize``: reads stop there), ``key`` (the cache's
-    :class:`~idsfs.blockcache.FileKey`), ``keep_cache`` (whether the kernel
-    may keep the pages cached at an earlier open) and ``release_delivered``
-    (default ``False``): set it when whoever reads keeps what it was given
-    (the kernel's page cache behind a FUSE read), and blocks that a read
-    returned completely leave the block cache at once while this is the only
-    reader of the file (:meth:`BlockCache.release
-    <idsfs.blockcache.BlockCache.release>`).
+    Made by :meth:`Transfer.open` (its constructor is not public API).
+
+    Attributes:
+        datafile_id: the datafile's ICAT id.
+        size: its ICAT ``fileSize``; reads stop there (``fs.py`` compares it
+            with ``transfer.cache.capacity``).
+        key: the cache's :class:`~idsfs.blockcache.FileKey` of this version.
+        keep_cache: whether the kernel may keep the pages it cached at an
+            earlier open: ``False`` when the datafile's size or version differs
+            from the one seen at its previous open in this mount (``fs.py``
+            passes it on as FUSE ``keep_cache``).
+        release_delivered: ``False`` by default; set it when whoever reads
+            keeps what it was given (the kernel's page cache behind a FUSE
+            read): blocks a read returned completely then leave the block cache
+            at once while this is the only reader of the file
+            (:meth:`BlockCache.release <idsfs.blockcache.BlockCache.release>`).
     """
+
+    datafile_id: int
+    size: int
+    key: FileKey
+    keep_cache: bool
+    release_delivered: bool
 
     def __init__(self, transfer: Transfer, opened: _Open, keep_cache: bool) -> None:
         self._transfer = transfer
