@@ -260,11 +260,12 @@ class _SpoolReader:
 
     keep_cache = False
 
-    def __init__(self, upload: Upload) -> None:
+    def __init__(self, upload: Upload, uploader: Uploader) -> None:
         self.upload = upload
+        self.uploader = uploader
 
     async def read(self, offset: int, size: int) -> bytes:
-        return self.upload.read(offset, size)
+        return await self.uploader.read(self.upload, offset, size)
 
     async def close(self) -> None:
         return None
@@ -728,13 +729,13 @@ class Operations(pyfuse3.Operations):
         self._files[fh] = _FileHandle(inode, reader)
         return pyfuse3.FileInfo(fh=fh, keep_cache=keep_cache)
 
-    def _handle(self, entry: _Inode, up: Upload, write: bool) -> int:
+    async def _handle(self, entry: _Inode, up: Upload, write: bool) -> int:
         assert self._uploader is not None
-        self._uploader.adopt_handle(up, write=write)
+        await self._uploader.adopt_handle(up, write=write)
         entry.opens += 1
         entry.version = None
         fh = next(self._next_fh)
-        self._files[fh] = _FileHandle(entry.ino, _SpoolReader(up), up, write)
+        self._files[fh] = _FileHandle(entry.ino, _SpoolReader(up, self._uploader), up, write)
         return fh
 
     async def _open_spool(self, entry: _Inode, node: Node, flags: int) -> pyfuse3.FileInfo:
@@ -751,12 +752,11 @@ class Operations(pyfuse3.Operations):
                 if fresh is None or fresh.datafile is None:
                     raise pyfuse3.FUSEError(errno.ENOENT)
                 return await self._open_replace(entry, fresh, flags)
-            async with up.lock:
-                if flags & os.O_TRUNC and up.size:
-                    up.truncate(0)
-            fh = self._handle(entry, up, write=True)
+            if flags & os.O_TRUNC:
+                await self._uploader.truncate(up, 0, unless_empty=True)
+            fh = await self._handle(entry, up, write=True)
         else:
-            fh = self._handle(entry, up, write=False)
+            fh = await self._handle(entry, up, write=False)
         entry.node = node
         return pyfuse3.FileInfo(fh=fh, keep_cache=False)
 
@@ -777,7 +777,7 @@ class Operations(pyfuse3.Operations):
         spool = self._catalog.local_node(self._spool_key(up))
         assert spool is not None
         entry.node = spool
-        fh = self._handle(entry, up, write=True)
+        fh = await self._handle(entry, up, write=True)
         self._invalidate_entry(node.parent, node.name)
         return pyfuse3.FileInfo(fh=fh, keep_cache=False)
 
@@ -797,6 +797,7 @@ class Operations(pyfuse3.Operations):
         """Fill a replacing upload's spool with the datafile's bytes (open without O_TRUNC)."""
         if self._transfer is None:
             raise pyfuse3.FUSEError(errno.ENOSYS)
+        assert self._uploader is not None
         reader = await self._transfer.open(record)
         try:
             offset = 0
@@ -804,7 +805,7 @@ class Operations(pyfuse3.Operations):
                 data = await reader.read(offset, min(self._block_size, record.fileSize - offset))
                 if not data:
                     raise errors.UploadError(f"the datafile {record.id} ended at {offset} bytes")
-                up.write(offset, data)
+                await self._uploader.write(up, offset, data)
                 offset += len(data)
         finally:
             await reader.close()
@@ -829,14 +830,14 @@ class Operations(pyfuse3.Operations):
         up = handle.upload
         if up is None or not handle.write:
             raise pyfuse3.FUSEError(errno.EBADF)
-        if up.in_progress or up.lock.locked():
-            async with up.lock:  # an upload reads the spool: wait for it
-                pass
+        uploader = self._uploader
+        assert uploader is not None
         if self._copy_from:
             await self._before_change(up)
-        n = up.write(off, buf)
-        if up.live is None and up.live_possible and self._uploader is not None:
-            self._uploader.maybe_start_live(up)
+        # waits while an upload reads the spool (it holds the upload's lock)
+        n = await uploader.write(up, off, buf)
+        if up.live is None and up.live_possible:
+            uploader.maybe_start_live(up)
         return n
 
     @_handler
@@ -896,9 +897,10 @@ class Operations(pyfuse3.Operations):
                 self._copy_from.pop(up.uid, None)
                 up.cancelled = True
             self._truncated.discard(up.uid)
-            self._uploader.released(up)
-            if up.cancelled or up.uid not in self._uploader.uploads:
+            io = self._uploader.released(up)  # the state changes now, the spool I/O below
+            if up.cancelled or up.removed or up.uid not in self._uploader.uploads:
                 self._finish_local(up)
+            await io
 
     # ------------------------------------------------------------------ written files in the tree
 
@@ -963,20 +965,21 @@ class Operations(pyfuse3.Operations):
         dataset_id = parent.id
         format_id = await self._uploader.format_id(dataset_id,
                                                    self._catalog.facility_of(parent))
-        up = self._uploader.create(dataset_id=dataset_id, name=icat_name,
-                                   display=self._path_of(parent, name), format_id=format_id,
-                                   replace_id=replace_id)
+        up = await self._uploader.create(dataset_id=dataset_id, name=icat_name,
+                                         display=self._path_of(parent, name),
+                                         format_id=format_id, replace_id=replace_id)
         key = self._spool_key(up)
         if ino is not None:
             self._allocated[key] = ino  # the replacing file keeps the datafile's inode
         self._catalog.add_local(self._spool_node(up, parent, name))
         return up
 
-    def _drop_new_upload(self, up: Upload) -> None:
+    async def _drop_new_upload(self, up: Upload) -> None:
         assert self._uploader is not None
         up.cancelled = True
+        io = self._uploader.forget(up)
         self._catalog.remove_local(self._spool_key(up))
-        self._uploader.forget(up)
+        await io
 
     def _finish_local(self, up: Upload) -> None:
         """The upload is done or gone: its local entry leaves the tree."""
@@ -1050,7 +1053,7 @@ class Operations(pyfuse3.Operations):
         node = self._catalog.local_node(self._spool_key(up))
         assert node is not None
         inode = self._remember(node)
-        fh = self._handle(inode, up, write=True)
+        fh = await self._handle(inode, up, write=True)
         return pyfuse3.FileInfo(fh=fh, keep_cache=False), self._attributes(node, 1)
 
     @_handler
@@ -1062,11 +1065,11 @@ class Operations(pyfuse3.Operations):
         entry = self._inode(inode)
         node = await self._current(entry)
         up: Upload | None = node.local
+        uploader = self._uploader
         if fields.update_size:
-            if up is not None and not (up.landed and up.handles == 0):
+            if up is not None and uploader is not None and not (up.landed and up.handles == 0):
                 await self._before_change(up, attr.st_size)
-                async with up.lock:
-                    up.truncate(attr.st_size)
+                await uploader.truncate(up, attr.st_size)
             elif node.is_dir:
                 raise pyfuse3.FUSEError(errno.EISDIR)
             elif attr.st_size != node.size:
@@ -1078,9 +1081,9 @@ class Operations(pyfuse3.Operations):
                 # a replacing open that changed nothing yet: the time is the datafile's
                 up.mod_ms = ms
                 await self._set_mod_time(up.dataset_id, up.replace_id, ms)
-            elif up is not None:
+            elif up is not None and uploader is not None:
                 up.mod_ms = ms
-                up.try_save()
+                await uploader.try_save(up)
                 if up.landed and up.datafile_id is not None:
                     await self._set_mod_time(up.dataset_id, up.datafile_id, ms)
             elif node.datafile is not None:
@@ -1264,7 +1267,7 @@ class Operations(pyfuse3.Operations):
         """Rename a file written here: its upload's name, and its datafile if stored."""
         await uploader.rename(up, new_name, self._path_of(new_parent, text))
         self._catalog.remove_local(node.key)
-        if up.cancelled or up.uid not in uploader.uploads:
+        if up.cancelled or up.removed or up.uid not in uploader.uploads:
             return
         self._catalog.add_local(self._spool_node(up, new_parent, text))
         if up.datafile_id is not None and up.temp_name is None:

@@ -22,8 +22,10 @@ Each upload is two files named by a random id:
   written to a temporary file and renamed over the old one, so a crash leaves
   the old or the new version, never a torn one. Before each step whose outcome
   a crash must not lose (a ``put``, a deletion, a rename of the replace steps)
-  the record is also ``fsync``-ed, in a worker thread; other changes (the state
-  shown to users) are not, which keeps ``fsync`` off the FUSE thread.
+  the record is also ``fsync``-ed; other changes (the state shown to users) are
+  not. Saves of one record are serialised (:meth:`Uploader.save`): each writes
+  the state as it is when its turn comes, so the newest state is the one that
+  stays on disk, and a save that finds a newer one already written is skipped.
 
 Both are deleted once the datafile is in IDS (and no file handle is open).
 
@@ -100,9 +102,20 @@ raises :class:`~idsfs.errors.SpoolError` (its errno); a missing datafile format
 raises :class:`~idsfs.errors.MissingTypeError` (``ENOTSUP``).
 
 Thread safety: an :class:`Uploader` belongs to one trio run and is used from
-the trio thread; blocking calls (``put``, ``delete``, ICAT queries, reading a
-whole spool file for its CRC32) go through the bridge. Spool writes and reads of
-single requests are local disk I/O done directly on the trio thread.
+the trio thread; every blocking call goes through the
+:class:`~idsfs.aio.ThreadBridge`: ``put``, ``delete`` and ICAT queries, and
+also every system call on spool files and records (``open``, ``pwrite``,
+``pread``, ``ftruncate``, ``fsync``, ``close``, ``unlink``, the record's
+write and rename, the CRC32 of a whole spool file), so that a full or slow disk
+(dirty-page throttling) stalls only the request that waits for it, never the
+FUSE thread. The state an upload keeps in memory (size, generation, CRC32,
+live upload, write error, state) is changed only on the trio thread, after the
+blocking part returned or failed. Writes and truncations of one upload are
+serialised by its ``lock`` (trio's locks are fair: first come, first served),
+so concurrent writes are applied in the order they arrived; the spool's file
+descriptor is closed only when no call is using it. The one exception is
+:meth:`Uploader.open_spool`, which reads the spool directory once at start-up,
+before the file system serves any request.
 """
 
 from __future__ import annotations
@@ -120,7 +133,7 @@ import secrets
 import threading
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -379,6 +392,78 @@ class _LiveStream:
             os.close(fd)
 
 
+# ----------------------------------------------------------------------------- blocking halves
+# Run in worker threads through the bridge; they touch no shared state.
+
+
+def _open_spool_file(path: Path, display: str, create: bool = False) -> int:
+    """Open (``create``: make, exclusively) a spool file for reading and writing."""
+    flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT | os.O_EXCL if create else 0)
+    try:
+        return os.open(path, flags, 0o600)
+    except OSError as exc:
+        what = "create a spool file for" if create else "open the spool file of"
+        raise SpoolError(f"cannot {what} {display}: {exc.strerror or exc}", exc.errno) from exc
+
+
+def _pwrite_all(fd: int, offset: int, data: bytes | memoryview) -> tuple[int, OSError | None]:
+    """Write all of ``data`` at ``offset``: (bytes written, the error that stopped it)."""
+    view = memoryview(data)
+    done = 0
+    try:
+        while done < len(view):
+            n = os.pwrite(fd, view[done:] if done else view, offset + done)
+            if n <= 0:
+                raise OSError(errno.EIO, "short write")
+            done += n
+    except OSError as exc:
+        return done, exc
+    return done, None
+
+
+async def _nothing() -> None:
+    return None
+
+
+def _save_now(up: Upload) -> None:
+    """Blocking save of a record at start-up, logging instead of raising."""
+    try:
+        up.save()
+    except SpoolError as exc:
+        log.warning("%s (the upload goes on from memory)", exc)
+
+
+def _close_fds(fds: list[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def _lock_spool_dir(spool: Path) -> int:
+    """Make (0700) and lock the spool directory; its lock file's descriptor.
+
+    Raises SpoolError (``EBUSY`` when another daemon holds it).
+    """
+    try:
+        spool.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with contextlib.suppress(OSError):
+            os.chmod(spool, 0o700)
+        fd = os.open(spool / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise SpoolError(f"cannot use the spool directory {spool}: {exc.strerror or exc}",
+                         exc.errno) from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        raise SpoolError(f"the spool directory {spool} is used by another idsfs daemon "
+                         f"(give this mount its own --spool-dir)", errno.EBUSY) from exc
+    with contextlib.suppress(OSError):
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
 # ----------------------------------------------------------------------------- one upload
 
 
@@ -397,7 +482,8 @@ class Upload:
     In memory only: ``handles`` (open FUSE file handles), ``writers`` (of them,
     opened for writing), ``generation`` (counts writes and truncations),
     ``uploaded_generation`` (the generation the stored datafile has),
-    ``cancelled`` (unlinked), ``lock`` (held during an attempt and by writes).
+    ``cancelled`` (unlinked), ``lock`` (held during an attempt and by writes
+    and truncations), ``record_lock`` (held while the record is written).
     """
 
     def __init__(self, spool: Path, uid: str, *, dataset_id: int, name: str, display: str,
@@ -442,6 +528,15 @@ class Upload:
         self.replaced_ids: list[int] = []
         self.in_progress = False
         self.started_at: float | None = None
+        #: serialises the saves of the record (see Uploader.save)
+        self.record_lock = trio.Lock()
+        self.saves_asked = 0
+        self.saves_done = 0
+        #: the files were deleted: no save may write the record again
+        self.removed = False
+        #: calls using ``fd`` right now (it is closed only when none is)
+        self.fd_users = 0
+        self._stale_fds: list[int] = []
 
     # ------------------------------------------------------------------ paths
 
@@ -530,14 +625,13 @@ class Upload:
         return json.dumps(self.to_json(), ensure_ascii=False, indent=1)
 
     def save(self, durable: bool = False) -> None:
-        """Write the record atomically (temporary file, rename; ``fsync`` when ``durable``).
-
-        Raises :class:`~idsfs.errors.SpoolError` when it cannot be written.
-        """
+        """Write the record atomically, blocking (start-up and tests; the daemon uses
+        :meth:`Uploader.save`). Raises :class:`~idsfs.errors.SpoolError`."""
         self.write_record(self.record_text(), durable)
 
     def write_record(self, text: str, durable: bool) -> None:
-        """Blocking part of :meth:`save`: write ``text`` as the record. Raises SpoolError."""
+        """Blocking: write ``text`` as the record (temporary file, rename; ``fsync``
+        when ``durable``). Raises :class:`~idsfs.errors.SpoolError`."""
         tmp = self.spool / f".{self.uid}.json.tmp"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
@@ -554,57 +648,33 @@ class Upload:
             raise SpoolError(f"cannot save the upload record of {self.display}: "
                              f"{exc.strerror or exc}", exc.errno) from exc
 
-    def try_save(self) -> bool:
-        """:meth:`save`, logging instead of raising; True when saved."""
-        try:
-            self.save()
-            return True
-        except SpoolError as exc:
-            log.warning("%s (the upload goes on from memory)", exc)
-            return False
-
     # ------------------------------------------------------------------ the bytes
-
-    def _open_fd(self) -> int:
-        if self.fd is None:
-            try:
-                self.fd = os.open(self.data_path, os.O_RDWR | os.O_CLOEXEC)
-            except OSError as exc:
-                raise SpoolError(f"cannot open the spool file of {self.display}: "
-                                 f"{exc.strerror or exc}", exc.errno) from exc
-        return self.fd
+    # The blocking halves run in worker threads (Uploader.write/read/truncate);
+    # the ``note_*`` halves change the state on the trio thread afterwards.
 
     def close_fd(self) -> None:
-        """Close the spool file descriptor (reopened when needed)."""
-        if self.fd is not None:
+        """Blocking: close the spool file descriptor now (start-up and shutdown only;
+        the daemon detaches it with :meth:`detach_fd` and closes it in a thread)."""
+        for fd in self.detach_fd():
             with contextlib.suppress(OSError):
-                os.close(self.fd)
-            self.fd = None
+                os.close(fd)
 
-    def write(self, offset: int, data: bytes | memoryview) -> int:
-        """Write ``data`` at ``offset`` into the spool; return the bytes written.
+    def detach_fd(self) -> list[int]:
+        """Take the spool file descriptors that nobody uses any more (to be closed).
 
-        Raises :class:`~idsfs.errors.SpoolError` (``ENOSPC`` for a full
-        spool disk); the upload is then marked as failed to write and will not
-        be uploaded until it is written again from the start.
+        A descriptor a running call still uses is closed by the last user
+        (see :meth:`Uploader._spool_fd`).
         """
-        fd = self._open_fd()
-        view = memoryview(data)
-        done = 0
-        try:
-            while done < len(view):
-                n = os.pwrite(fd, view[done:], offset + done)
-                if n <= 0:
-                    raise OSError(errno.EIO, "short write")
-                done += n
-        except OSError as exc:
-            self.generation += 1
-            self.size = max(self.size, offset + done)
-            self.write_error = f"writing the spool failed: {exc.strerror or exc}"
-            if self.live is not None:
-                self.live.abort(self.write_error)
-            raise SpoolError(f"cannot write the spool file of {self.display}: "
-                             f"{exc.strerror or exc}", exc.errno) from exc
+        if self.fd is not None:
+            self._stale_fds.append(self.fd)
+            self.fd = None
+        if self.fd_users:
+            return []
+        fds, self._stale_fds = self._stale_fds, []
+        return fds
+
+    def note_written(self, offset: int, done: int, data: bytes | memoryview) -> None:
+        """Trio side of a spool write of ``done`` bytes at ``offset`` that succeeded."""
         end = offset + done
         appended = offset == self.size
         if not appended:
@@ -621,28 +691,21 @@ class Upload:
         if end > self.size:
             self.size = end
         self.mod_ms = _now_ms()
-        if self.state == DONE:  # written again after it was stored
-            self.state = WRITING
-            self.try_save()
-        return done
 
-    def read(self, offset: int, size: int) -> bytes:
-        """Read up to ``size`` bytes at ``offset`` from the spool (short at its end)."""
-        fd = self._open_fd()
-        try:
-            return os.pread(fd, max(0, min(size, self.size - offset)), offset)
-        except OSError as exc:
-            raise SpoolError(f"cannot read the spool file of {self.display}: "
-                             f"{exc.strerror or exc}", exc.errno) from exc
+    def note_write_failed(self, offset: int, done: int, exc: OSError) -> SpoolError:
+        """Trio side of a failed spool write: the upload is marked as failed to write
+        (not uploaded until written again from the start). Returns the error to raise."""
+        self.generation += 1
+        self.crc = None
+        self.size = max(self.size, offset + done)
+        self.write_error = f"writing the spool failed: {exc.strerror or exc}"
+        if self.live is not None:
+            self.live.abort(self.write_error)
+        return SpoolError(f"cannot write the spool file of {self.display}: "
+                          f"{exc.strerror or exc}", exc.errno)
 
-    def truncate(self, size: int) -> None:
-        """Set the spool's size (``truncate``/``O_TRUNC``). Raises SpoolError."""
-        fd = self._open_fd()
-        try:
-            os.ftruncate(fd, size)
-        except OSError as exc:
-            raise SpoolError(f"cannot truncate the spool file of {self.display}: "
-                             f"{exc.strerror or exc}", exc.errno) from exc
+    def note_truncated(self, size: int) -> None:
+        """Trio side of a successful truncation to ``size``."""
         if size != self.size:
             if self.live is not None:
                 self.live.abort("the file was truncated")
@@ -653,15 +716,6 @@ class Upload:
         self.generation += 1
         self.crc = None
         self.mod_ms = _now_ms()
-        if self.state == DONE:
-            self.state = WRITING
-            self.try_save()
-
-    def fsync(self) -> None:
-        """``fsync`` the spool file (blocking; run it in a thread)."""
-        fd = self.fd
-        if fd is not None:
-            os.fsync(fd)
 
     def compute_crc(self) -> int:
         """Read the whole spool and return its CRC32 (blocking; run it in a thread)."""
@@ -677,8 +731,12 @@ class Upload:
         return crc & 0xFFFFFFFF
 
     def remove_files(self) -> None:
-        """Delete the spool file and the record (never raises)."""
+        """Blocking: close and delete the spool file and the record (never raises)."""
         self.close_fd()
+        self.unlink_files()
+
+    def unlink_files(self) -> None:
+        """Blocking: delete the spool file and the record (never raises)."""
         for path in (self.data_path, self.meta_path):
             with contextlib.suppress(FileNotFoundError):
                 try:
@@ -807,6 +865,7 @@ class Uploader:
         self._formats: dict[int, int] = {}
         self._facility_of: dict[int, int] = {}
         self._lock_fd: int | None = None
+        self._spool_lock = trio.Lock()
         self._nursery: trio.Nursery | None = None
         self._wakeup = trio.Event()
         self._closing = False
@@ -831,6 +890,9 @@ class Uploader:
         content is whatever had been written); those of an attempt in progress
         become ``pending`` with ``maybe_landed``. Unreadable records are renamed
         ``<name>.bad`` and reported. Returns the uploads loaded (none ``done``).
+
+        Blocking: called once at start-up, before the file system serves
+        requests (the only spool I/O not run through the bridge).
 
         Raises:
             SpoolError: the directory cannot be used or is locked by another
@@ -875,39 +937,30 @@ class Uploader:
                 up.state = FAILED
                 up.reason = ("the daemon stopped while the file was open for writing; its "
                              "content may be incomplete")
-                up.try_save()
+                _save_now(up)
             elif up.state == UPLOADING:
                 up.state = PENDING
                 up.maybe_landed = True
-                up.try_save()
+                _save_now(up)
             self.uploads[up.uid] = up
             loaded.append(up)
             log.info("found upload %s in the spool: %s", up.display, up.describe_state())
         return loaded
 
     def _ensure_spool(self) -> None:
-        """Make (0700) and lock the spool directory; raises SpoolError."""
+        """Blocking: make (0700) and lock the spool directory; raises SpoolError."""
+        if self._lock_fd is None:
+            self._lock_fd = _lock_spool_dir(self.spool_dir)
+
+    async def _ensure_spool_async(self) -> None:
+        """:meth:`_ensure_spool` in a worker thread (the first file written)."""
         if self._lock_fd is not None:
             return
-        spool = self.spool_dir
-        try:
-            spool.mkdir(mode=0o700, parents=True, exist_ok=True)
-            with contextlib.suppress(OSError):
-                os.chmod(spool, 0o700)
-            fd = os.open(spool / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        except OSError as exc:
-            raise SpoolError(f"cannot use the spool directory {spool}: {exc.strerror or exc}",
-                             exc.errno) from exc
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            os.close(fd)
-            raise SpoolError(f"the spool directory {spool} is used by another idsfs daemon "
-                             f"(give this mount its own --spool-dir)", errno.EBUSY) from exc
-        with contextlib.suppress(OSError):
-            os.ftruncate(fd, 0)
-            os.write(fd, f"{os.getpid()}\n".encode())
-        self._lock_fd = fd
+        async with self._spool_lock:
+            if self._lock_fd is None:
+                self._lock_fd = await self._bridge.run(
+                    _lock_spool_dir, self.spool_dir, abandon_on_cancel=False,
+                    name="lock spool directory")
 
     def stop_live(self) -> None:
         """Abort every live upload now (before a shutdown cancels their tasks)."""
@@ -916,13 +969,18 @@ class Uploader:
             self._abort_live(up, "the mount is stopping")
 
     def close_spool(self) -> None:
-        """Close spool files and release the spool directory lock."""
+        """Blocking: close spool files and release the spool directory lock (tests,
+        start-up failures; :meth:`aclose` does it in a worker thread)."""
+        _close_fds(self._detach_spool_fds())
+
+    def _detach_spool_fds(self) -> list[int]:
+        fds: list[int] = []
         for up in self.uploads.values():
-            up.close_fd()
+            fds += up.detach_fd()
         if self._lock_fd is not None:
-            with contextlib.suppress(OSError):
-                os.close(self._lock_fd)
+            fds.append(self._lock_fd)
             self._lock_fd = None
+        return fds
 
     def spool_free(self) -> tuple[int, int]:
         """``(free bytes, total bytes)`` of the spool's file system ((0, 0) if unknown).
@@ -986,40 +1044,168 @@ class Uploader:
 
     # ------------------------------------------------------------------ creating
 
-    def create(self, *, dataset_id: int, name: str, display: str, format_id: int | None,
-               replace_id: int | None = None) -> Upload:
+    async def create(self, *, dataset_id: int, name: str, display: str, format_id: int | None,
+                     replace_id: int | None = None) -> Upload:
         """Start a new upload: an empty spool file and its record (state ``writing``).
 
         ``replace_id`` names the datafile the new one replaces once stored.
         Raises :class:`~idsfs.errors.SpoolError` when the spool cannot be written.
         """
-        self._ensure_spool()
+        await self._ensure_spool_async()
         uid = secrets.token_hex(16)
         up = Upload(self.spool_dir, uid, dataset_id=dataset_id, name=name, display=display,
                     format_id=format_id, owner=self.owner)
         up.replace_id = replace_id
+        up.fd = await self._bridge.run(_open_spool_file, up.data_path, display, True,
+                                       abandon_on_cancel=False, name="create spool file")
         try:
-            fd = os.open(up.data_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        except OSError as exc:
-            raise SpoolError(f"cannot create a spool file for {display}: {exc.strerror or exc}",
-                             exc.errno) from exc
-        up.fd = fd
-        try:
-            up.save()
+            with trio.CancelScope(shield=True):
+                await self.save(up)
         except SpoolError:
-            up.remove_files()
+            await self._remove_files(up)
             raise
         self.uploads[uid] = up
         return up
 
-    def adopt_handle(self, up: Upload, *, write: bool) -> None:
+    async def adopt_handle(self, up: Upload, *, write: bool) -> None:
         """Count a new file handle on ``up`` (a writer moves it back to ``writing``)."""
         up.handles += 1
         if write:
             up.writers += 1
             if up.state in (PENDING, FAILED, CONFLICT):
                 up.state = WRITING
-                up.try_save()
+                await self.try_save(up)
+
+    # ------------------------------------------------------------------ spool I/O
+
+    async def save(self, up: Upload, *, durable: bool = False) -> None:
+        """Write the record of ``up`` (in a worker thread; ``fsync`` when ``durable``).
+
+        Saves of one record run one at a time, in the order they were asked
+        for; each writes the state as it is when its turn comes, so a save
+        that finds a newer state already written (by a save asked for after
+        it) has nothing left to do. Nothing is written once the files were
+        removed. Raises :class:`~idsfs.errors.SpoolError`.
+        """
+        up.saves_asked += 1
+        mine = up.saves_asked
+        async with up.record_lock:
+            if up.removed or (up.saves_done >= mine and not durable):
+                return
+            covers = up.saves_asked
+            text = up.record_text()
+            await self._bridge.run(up.write_record, text, durable, abandon_on_cancel=False,
+                                   name="save upload record")
+            up.saves_done = max(up.saves_done, covers)
+
+    async def try_save(self, up: Upload) -> bool:
+        """:meth:`save`, logging instead of raising; True when saved."""
+        try:
+            await self.save(up)
+            return True
+        except SpoolError as exc:
+            log.warning("%s (the upload goes on from memory)", exc)
+            return False
+
+    async def _save_shielded(self, up: Upload) -> None:
+        """:meth:`try_save` that a cancellation does not stop (cleanup paths)."""
+        with trio.CancelScope(shield=True):
+            await self.try_save(up)
+
+    @contextlib.asynccontextmanager
+    async def _spool_fd(self, up: Upload) -> AsyncIterator[int]:
+        """The spool file's descriptor (opened in a worker thread if needed), kept open
+        until the block ends even if :meth:`_close_fd` is called meanwhile."""
+        if up.fd is None:
+            fd = await self._bridge.run(_open_spool_file, up.data_path, up.display,
+                                        abandon_on_cancel=False, name="open spool file")
+            if up.fd is None:
+                up.fd = fd
+            else:  # opened twice at once: the extra one goes with the next close
+                up._stale_fds.append(fd)
+        fd = up.fd
+        up.fd_users += 1
+        try:
+            yield fd
+        finally:
+            up.fd_users -= 1
+            if up.fd_users == 0 and up._stale_fds:
+                fds, up._stale_fds = up._stale_fds, []
+                with trio.CancelScope(shield=True):
+                    await self._bridge.run(_close_fds, fds, name="close spool file")
+
+    async def _close_fd(self, up: Upload) -> None:
+        """Close the spool file descriptor (reopened when needed), in a worker thread."""
+        fds = up.detach_fd()
+        if fds:
+            with trio.CancelScope(shield=True):
+                await self._bridge.run(_close_fds, fds, name="close spool file")
+
+    def _remove_files(self, up: Upload) -> Awaitable[None]:
+        """Close and delete the spool file and the record (never raises). No save
+        writes the record after this call; the returned awaitable does the I/O (in a
+        worker thread) and must be awaited."""
+        up.removed = True
+        return self._unlink(up, up.detach_fd())
+
+    async def _unlink(self, up: Upload, fds: list[int]) -> None:
+        with trio.CancelScope(shield=True):
+            async with up.record_lock:  # a save running now ends first
+                await self._bridge.run(_close_fds, fds, name="close spool file")
+                await self._bridge.run(up.unlink_files, name="remove spool files")
+
+    async def write(self, up: Upload, offset: int, data: bytes | memoryview) -> int:
+        """Write ``data`` at ``offset`` into the spool of ``up``; return the bytes written.
+
+        The ``pwrite`` runs in a worker thread; writes (and truncations) of one
+        upload are applied one at a time, in the order they arrived. Raises
+        :class:`~idsfs.errors.SpoolError` (``ENOSPC`` for a full spool disk);
+        the upload is then marked as failed to write and will not be uploaded
+        until it is written again from the start.
+        """
+        async with up.lock:
+            async with self._spool_fd(up) as fd:
+                done, exc = await self._bridge.run(_pwrite_all, fd, offset, data,
+                                                   abandon_on_cancel=False, name="spool write")
+            if exc is not None:
+                raise up.note_write_failed(offset, done, exc) from exc
+            up.note_written(offset, done, data)
+            if up.state == DONE:  # written again after it was stored
+                up.state = WRITING
+                await self.try_save(up)
+            return done
+
+    async def read(self, up: Upload, offset: int, size: int) -> bytes:
+        """Read up to ``size`` bytes at ``offset`` from the spool of ``up`` (short at its
+        end), in a worker thread. Raises :class:`~idsfs.errors.SpoolError`."""
+        want = max(0, min(size, up.size - offset))
+        async with self._spool_fd(up) as fd:
+            try:
+                return await self._bridge.run(os.pread, fd, want, offset, name="spool read")
+            except OSError as exc:
+                raise SpoolError(f"cannot read the spool file of {up.display}: "
+                                 f"{exc.strerror or exc}", exc.errno) from exc
+
+    async def truncate(self, up: Upload, size: int, *, unless_empty: bool = False) -> None:
+        """Set the spool's size (``truncate``/``O_TRUNC``), in a worker thread.
+
+        With ``unless_empty`` an empty file is left alone. Raises
+        :class:`~idsfs.errors.SpoolError`.
+        """
+        async with up.lock:
+            if unless_empty and not up.size:
+                return
+            async with self._spool_fd(up) as fd:
+                try:
+                    await self._bridge.run(os.ftruncate, fd, size, abandon_on_cancel=False,
+                                           name="spool truncate")
+                except OSError as exc:
+                    raise SpoolError(f"cannot truncate the spool file of {up.display}: "
+                                     f"{exc.strerror or exc}", exc.errno) from exc
+            up.note_truncated(size)
+            if up.state == DONE:
+                up.state = WRITING
+                await self.try_save(up)
 
     # ------------------------------------------------------------------ live uploads
 
@@ -1088,7 +1274,7 @@ class Uploader:
             return up.datafile_id  # type: ignore[return-value]
         if up.write_error:
             self._abort_live(up, "write error")
-            self._set(up, FAILED, up.write_error)
+            await self._set(up, FAILED, up.write_error)
             raise UploadFailedError(f"{up.display}: {up.write_error}", FAILED, up.write_error)
         if up.datafile_id is not None and up.uploaded_generation != up.generation \
                 and up.temp_name is None and up.replace_id is None:
@@ -1107,9 +1293,9 @@ class Uploader:
         except _Fail as fail:
             self._failures += 1
             up.in_progress = False
-            self._set(up, fail.state, fail.reason)
             if fail.state == PENDING:
                 up.next_attempt = self._clock() + self._backoff(up)
+            await self._set(up, fail.state, fail.reason)
             log.warning("upload of %s failed (%s, attempt %d): %s", up.display, fail.state,
                         up.attempts, fail.reason)
             self._wakeup.set()
@@ -1118,13 +1304,13 @@ class Uploader:
         except BaseException:
             up.in_progress = False
             up.state = PENDING
-            up.try_save()
+            await self._save_shielded(up)
             raise
         up.in_progress = False
         up.uploaded_generation = generation
         up.state = DONE
         up.reason = ""
-        up.try_save()
+        await self.try_save(up)
         if up.live_landed:
             up.live_landed = False
             await self.set_mod_time(datafile_id, up.mod_ms)
@@ -1169,43 +1355,42 @@ class Uploader:
                 found = await self._resolve(up, up.temp_name or up.name)
             except _Fail as fail:
                 if fail.state == CONFLICT:
-                    self._set(up, CONFLICT, fail.reason)
+                    await self._set(up, CONFLICT, fail.reason)
                     return
                 raise UploadFailedError(fail.reason, up.state, fail.reason) from None
             up.maybe_landed = False
             if found is None:
-                up.try_save()
+                await self.try_save(up)
                 return
             up.datafile_id = found
             if up.replace_id is None and up.temp_name is None:
                 up.uploaded_generation = up.generation
                 up.state = DONE
                 up.reason = ""
-            up.try_save()
+            await self.try_save(up)
             if up.landed and self.on_landed is not None:
                 await self.on_landed(up)
 
     async def _persist(self, up: Upload) -> bool:
         """Save the record durably (``fsync``, in a worker thread) before a step whose
         outcome a crash must not lose; False (logged) when it cannot be saved."""
-        text = up.record_text()
         try:
-            await self._bridge.run(up.write_record, text, True, abandon_on_cancel=False,
-                                   name="save upload record")
+            await self.save(up, durable=True)
             return True
         except SpoolError as exc:
             log.warning("%s (the upload goes on from memory)", exc)
             return False
 
-    def _set(self, up: Upload, state: str, reason: str) -> None:
+    def _set(self, up: Upload, state: str, reason: str) -> Awaitable[bool]:
+        """Change the state now; the returned awaitable saves the record."""
         up.state = state
         up.reason = reason
-        up.try_save()
         if self.on_changed is not None:
             try:
                 self.on_changed(up)
             except Exception:
                 log.exception("on_changed failed")
+        return self.try_save(up)
 
     def _backoff(self, up: Upload) -> float:
         n = max(0, up.attempts - 1)
@@ -1333,7 +1518,7 @@ class Uploader:
                     with contextlib.suppress(IdsfsError, OSError):
                         await self._delete_datafile(wrong)
                         up.cleanup_ids.remove(wrong)
-                        up.try_save()
+                        await self.try_save(up)
                     raise _Fail(PENDING, _describe(exc)) from exc
                 return await self._after_ambiguous(up, target, exc)
             except (TransportError, IDSError, OSError) as exc:
@@ -1351,7 +1536,7 @@ class Uploader:
                      "(id %d)", up.display, _describe(exc), found)
             return found
         up.maybe_landed = False
-        up.try_save()
+        await self.try_save(up)
         raise _Fail(PENDING, _describe(exc)) from exc
 
     async def _resolve(self, up: Upload, target: str) -> int | None:
@@ -1384,7 +1569,7 @@ class Uploader:
             except OSError as exc:
                 raise _Fail(FAILED, f"cannot read the spool file: {exc.strerror or exc}") \
                     from exc
-            up.try_save()
+            await self.try_save(up)
         ours = isinstance(size, int) and size == up.size and location is not None \
             and _same_crc(checksum, up.crc)
         if ours:
@@ -1446,8 +1631,15 @@ class Uploader:
         await delete_datafile(self._ids, self._bridge, datafile_id)
 
     async def fsync(self, up: Upload) -> None:
-        """``fsync`` the spool file of ``up`` (in a worker thread)."""
-        await self._bridge.run(up.fsync, name="spool fsync")
+        """``fsync`` the spool file of ``up`` (in a worker thread). Raises SpoolError."""
+        if up.removed:
+            return
+        async with self._spool_fd(up) as fd:
+            try:
+                await self._bridge.run(os.fsync, fd, name="spool fsync")
+            except OSError as exc:
+                raise SpoolError(f"cannot fsync the spool file of {up.display}: "
+                                 f"{exc.strerror or exc}", exc.errno) from exc
 
     async def rename(self, up: Upload, new_name: str, display: str) -> None:
         """Give a file written here another ICAT name (``rename`` within its dataset).
@@ -1466,46 +1658,67 @@ class Uploader:
             up.live_possible = False
             up.name = new_name
             up.display = display
-            up.try_save()
+            await self.try_save(up)
 
     # ------------------------------------------------------------------ handles closing
 
-    def released(self, up: Upload) -> None:
+    def released(self, up: Upload) -> Awaitable[None]:
         """The last file handle of ``up`` was closed.
 
         A deleted upload's spool goes; a stored one is finished (spool deleted,
         state ``done``); a file never uploaded or changed since its last upload
         is queued for an upload right away (the close could not report it).
+        Every decision and change of state is made in this call, before the
+        caller yields (an ``open`` may come in meanwhile); the returned
+        awaitable does the spool I/O that follows (in worker threads) and must
+        be awaited.
         """
         if up.handles > 0:
-            return
-        up.close_fd()
+            return _nothing()
         if up.cancelled:
-            self.forget(up)
-            return
+            return self.forget(up)
         if up.landed:
             up.state = DONE
-            self.forget(up)
-            return
+            return self.forget(up)
         if up.write_error:
             self._abort_live(up, "write error")
-            if up.state != FAILED:
-                self._set(up, FAILED, up.write_error)
-            return
+            saved = self._set(up, FAILED, up.write_error) if up.state != FAILED else _nothing()
+            return self._then_close_fd(up, saved)
         if up.state in (WRITING, UPLOADING):
             up.state = PENDING
             if not up.reason:
                 up.reason = "waiting for its upload"
-            up.try_save()
             up.next_attempt = self._clock()
-        if up.state == PENDING:
             self._wakeup.set()  # retryable now that no handle holds it
+            return self._then_close_fd(up, self.try_save(up))
+        if up.state == PENDING:
+            self._wakeup.set()
+        return self._then_close_fd(up, _nothing())
 
-    def forget(self, up: Upload) -> None:
-        """Drop ``up`` and its spool files (after it landed or was deleted)."""
+    async def _then_close_fd(self, up: Upload, first: Awaitable[object]) -> None:
+        """Await ``first``, then close the spool's descriptor unless a handle was
+        opened meanwhile."""
+        await first
+        if up.handles == 0:
+            await self._close_fd(up)
+
+    def forget(self, up: Upload) -> Awaitable[None]:
+        """Drop ``up`` and its spool files (after it landed or was deleted).
+
+        ``up.removed`` is set in this call; the returned awaitable deletes the
+        files (in a worker thread), then takes ``up`` out of :attr:`uploads`,
+        and must be awaited.
+        """
         self._abort_live(up, "forgotten")
-        self.uploads.pop(up.uid, None)
-        up.remove_files()
+        removal = self._remove_files(up)
+
+        async def remove() -> None:
+            try:
+                await removal
+            finally:
+                self.uploads.pop(up.uid, None)
+
+        return remove()
 
     async def discard(self, up: Upload) -> None:
         """``unlink`` of a file not yet (or just) stored: drop the spool.
@@ -1529,7 +1742,7 @@ class Uploader:
                     await self._delete_datafile(did)
             up.cancelled = True
             if up.handles <= 0:
-                self.forget(up)
+                await self.forget(up)
             # else: the open handles keep the spool until the last one is closed
 
     # ------------------------------------------------------------------ background
@@ -1575,9 +1788,10 @@ class Uploader:
                 return False
         if up.handles == 0 and up.landed:
             up.state = DONE
-            self.forget(up)
+            removal = self.forget(up)
             if self.on_changed is not None:
                 self.on_changed(up)
+            await removal
         return True
 
     def wake(self) -> None:
@@ -1597,10 +1811,10 @@ class Uploader:
                 # no FUSE request comes any more: nobody can close these files
                 up.handles = 0
                 if up.writers > 0 and up.dirty and up.state == WRITING:
-                    self._set(up, FAILED, "the mount stopped while the file was open for "
+                    await self._set(up, FAILED, "the mount stopped while the file was open for "
                                           "writing; its content may be incomplete")
                 up.writers = 0
-                self.released(up)
+                await self.released(up)
         deadline = self._clock() + wait
         with trio.move_on_after(max(0.0, wait)):
             while True:
@@ -1624,10 +1838,11 @@ class Uploader:
         for up in remaining:
             if up.state in (WRITING, UPLOADING):
                 up.state = PENDING
-                up.try_save()
+                await self._save_shielded(up)
             log.warning("upload not finished, kept in %s for the next mount: %s",
                         self.spool_dir, up.line())
-        self.close_spool()
+        fds = self._detach_spool_fds()
+        await self._bridge.run(_close_fds, fds, name="close spool files")
         return remaining
 
     # ------------------------------------------------------------------ status

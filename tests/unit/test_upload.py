@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import errno
+import functools
 import json
+import os
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+import trio
 
 from idsfs.aio import ThreadBridge
 from idsfs.errors import SpoolError
@@ -77,7 +82,8 @@ def test_spool_is_made_lazily_and_locked(tmp_path: Path) -> None:
     spool = tmp_path / "spool"
     first = uploader(spool)
     assert first.open_spool() == [] and not spool.exists()  # a mount that never writes
-    up = first.create(dataset_id=7, name="a/b.dat", display="x/a/b.dat", format_id=3)
+    up = trio.run(functools.partial(first.create, dataset_id=7, name="a/b.dat",
+                                    display="x/a/b.dat", format_id=3))
     assert spool.stat().st_mode & 0o777 == 0o700
     assert up.data_path.exists() and json.loads(up.meta_path.read_text())["state"] == "writing"
     second = uploader(spool)
@@ -124,4 +130,142 @@ def test_records_found_at_start_up(tmp_path: Path) -> None:
     assert (spool / f"{'0' * 32}.json.bad").exists()
     assert len(u.pending_lines()) == 3
     assert u.status()["spool_dir"] == str(spool)
+    u.close_spool()
+
+
+class SpoolSpy:
+    """Wraps the ``os`` calls spool I/O uses; records which thread made each call on a
+    spool file, and can hold a call until the test lets it go."""
+
+    NAMES = ("open", "pwrite", "pread", "ftruncate", "fsync", "write", "replace", "unlink",
+             "close")
+
+    def __init__(self, spool: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.spool = str(spool)
+        self.calls: list[tuple[str, int]] = []
+        self.fds: set[int] = set()
+        self.hold: dict[str, Callable[..., bool]] = {}  # name -> predicate on the args
+        self.held = threading.Event()
+        self.go_on = threading.Event()
+        self.real = {n: getattr(os, n) for n in self.NAMES}
+        for name in self.NAMES:
+            monkeypatch.setattr(os, name, self._spy(name))
+
+    def _ours(self, name: str, args: tuple[Any, ...]) -> bool:
+        if name in ("open", "replace", "unlink"):
+            return str(args[0]).startswith(self.spool)
+        return bool(args) and args[0] in self.fds
+
+    def _spy(self, name: str) -> Callable[..., Any]:
+        real = self.real[name]
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            ours = self._ours(name, args)
+            if ours:
+                self.calls.append((name, threading.get_ident()))
+                stop = self.hold.get(name)
+                if stop is not None and stop(*args):
+                    del self.hold[name]
+                    self.held.set()
+                    assert self.go_on.wait(5), "held call never let go"
+            result = real(*args, **kwargs)
+            if ours and name == "open":
+                self.fds.add(result)
+            elif ours and name == "close":
+                self.fds.discard(args[0])
+            return result
+
+        return call
+
+
+def test_spool_io_runs_in_worker_threads_and_a_stalled_disk_stalls_one_request(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spool = tmp_path / "spool"
+    u = uploader(spool)
+    spy = SpoolSpy(spool, monkeypatch)
+    spy.hold["pwrite"] = lambda fd, data, offset: bytes(data[:5]) == b"stall"
+
+    async def main() -> int:
+        trio_thread = threading.get_ident()
+        slow = await u.create(dataset_id=1, name="slow", display="ds/slow", format_id=1)
+        other = await u.create(dataset_id=1, name="other", display="ds/other", format_id=1)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(u.write, slow, 0, b"stall the disk")
+            await trio.to_thread.run_sync(spy.held.wait, 5)
+            # the disk holds one pwrite: the trio thread serves everything else meanwhile
+            assert await u.write(other, 0, b"hello world") == 11
+            await u.truncate(other, 5)
+            assert await u.read(other, 0, 100) == b"hello"
+            await u.fsync(other)
+            await u.save(other, durable=True)
+            assert slow.size == 0 and slow.generation == 0  # applied only once written
+            spy.go_on.set()
+        assert slow.size == 14 and slow.generation == 1 and slow.sequential
+        assert await u.read(slow, 0, 100) == b"stall the disk"
+        for up in (slow, other):
+            up.handles = 0
+            up.cancelled = True
+            await u.released(up)
+        assert not u.uploads and not list(spool.glob("*.data"))
+        return trio_thread
+
+    trio_thread = trio.run(main)
+    names = {name for name, _ in spy.calls}
+    assert {"open", "pwrite", "pread", "ftruncate", "fsync", "replace", "unlink",
+            "close"} <= names
+    on_trio = [name for name, thread in spy.calls if thread == trio_thread]
+    assert not on_trio, f"spool I/O on the trio thread: {on_trio}"
+    u.close_spool()
+
+
+def test_writes_of_one_file_apply_in_arrival_order(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    spool = tmp_path / "spool"
+    u = uploader(spool)
+    spy = SpoolSpy(spool, monkeypatch)
+    spy.hold["pwrite"] = lambda fd, data, offset: offset == 0
+
+    async def main() -> None:
+        up = await u.create(dataset_id=1, name="f", display="ds/f", format_id=1)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(u.write, up, 0, b"first")
+            await trio.to_thread.run_sync(spy.held.wait, 5)
+            nursery.start_soon(u.write, up, 5, b"second")
+            await trio.sleep(0.05)
+            assert up.size == 0  # the second waits for the first
+            spy.go_on.set()
+        # appended in order: still a sequential file (a live upload could follow it)
+        assert up.size == 11 and up.sequential and up.generation == 2
+        assert await u.read(up, 0, 20) == b"firstsecond"
+
+    trio.run(main)
+    u.close_spool()
+
+
+def test_the_newest_record_wins_over_a_slow_older_save(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    spool = tmp_path / "spool"
+    u = uploader(spool)
+
+    async def main() -> None:
+        up = await u.create(dataset_id=1, name="f", display="ds/f", format_id=1)
+        spy = SpoolSpy(spool, monkeypatch)
+        spy.hold["write"] = lambda fd, data: b'"reason": "older"' in bytes(data)
+        async with trio.open_nursery() as nursery:
+            up.reason = "older"
+            nursery.start_soon(u.save, up)
+            await trio.to_thread.run_sync(spy.held.wait, 5)
+            up.reason = "newer"
+            nursery.start_soon(u.save, up)
+            nursery.start_soon(u.save, up)  # nothing new: skipped or the same
+            await trio.sleep(0.05)
+            spy.go_on.set()
+        assert json.loads(up.meta_path.read_text())["reason"] == "newer"
+        assert not list(spool.glob(".*.tmp"))
+        await u.forget(up)
+        up.reason = "after removal"
+        await u.save(up)  # never brings a removed record back
+        assert not up.meta_path.exists()
+
+    trio.run(main)
     u.close_spool()
