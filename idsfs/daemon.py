@@ -802,7 +802,8 @@ class Daemon:
         self.catalog = catalog.Catalog(self.icat, self.bridge, metadata_ttl=cfg.metadata_ttl)
         self.transfer = transfer.Transfer(self.ids, self.bridge, self.cache,
                                           restore_wait=cfg.restore_wait,
-                                          renew_session=self.renew_session)
+                                          renew_session=self.renew_session,
+                                          malloc_tuning=True)
         self.uploader = None
         if not self.read_only:
             # the write path (issue 5): spool, uploads, pending ones from an earlier run

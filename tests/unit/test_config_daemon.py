@@ -9,7 +9,9 @@ import socket
 from pathlib import Path
 
 import pytest
+import trio
 
+from idsfs.aio import ThreadBridge
 from idsfs.config import Config, Secret
 from idsfs.daemon import (
     Daemon,
@@ -129,7 +131,8 @@ def test_connect_logs_in_and_derives_the_ids_url(emulator, tmp_path: Path) -> No
         assert daemon.icat.sessionId in daemon.secrets()
         # a re-login reaches the IDS client through the session listener
         old = daemon.ids.sessionId
-        daemon._login_again()
+        daemon.bridge = ThreadBridge(2)
+        trio.run(daemon._login_again)  # the login in a worker thread, the notes on trio
         assert daemon.ids.sessionId == daemon.icat.sessionId != old
         assert old in daemon.secrets()
         interval = daemon.refresh_interval()
