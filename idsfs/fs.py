@@ -201,7 +201,17 @@ _WRITABLE_DIRS = (Kind.INVESTIGATION, Kind.DATASET, Kind.FOLDER)
 
 
 class Reader(Protocol):
-    """An open datafile of the read path."""
+    """An open datafile of the read path.
+
+    ``size``: the bytes reads stop at; ``keep_cache``: whether the kernel may
+    keep the pages cached at an earlier open; ``release_delivered``: set by
+    :meth:`Operations.open` when blocks the kernel was given need not stay in
+    the block cache.
+    """
+
+    size: int
+    keep_cache: bool
+    release_delivered: bool
 
     async def read(self, offset: int, size: int) -> bytes | memoryview:
         """Read ``size`` bytes at ``offset`` (short only at end of file)."""
@@ -212,8 +222,22 @@ class Reader(Protocol):
         ...
 
 
+class CacheLike(Protocol):
+    """What :class:`Operations` needs of the block cache: its capacity in bytes."""
+
+    @property
+    def capacity(self) -> int:
+        """The most bytes the cache holds."""
+        ...
+
+
 class TransferLike(Protocol):
     """What :class:`Operations` needs of ``idsfs.transfer.Transfer``."""
+
+    @property
+    def cache(self) -> CacheLike:
+        """The block cache the reads go through."""
+        ...
 
     async def open(self, datafile: DatafileRecord) -> Reader:
         """Open a datafile for reading (no IDS call)."""
@@ -722,7 +746,7 @@ class Operations(pyfuse3.Operations):
         version = node.datafile.version
         # keep the kernel's pages only when this inode was last opened at the same
         # version (and the read path, which tracks the datafile, agrees)
-        keep_cache = entry.version == version and bool(getattr(reader, "keep_cache", True))
+        keep_cache = entry.version == version and reader.keep_cache
         entry.version = version
         entry.opens += 1
         fh = next(self._next_fh)
