@@ -4,9 +4,9 @@ The FUSE daemon runs on trio, while the IDS and ICAT clients (:mod:`idsfs.ids`,
 :mod:`idsfs.icat`) are blocking code on ``requests``. Every blocking call the
 daemon makes goes through a :class:`ThreadBridge`, which runs it in a worker
 thread with :func:`trio.to_thread.run_sync`, bounded by one
-:class:`trio.CapacityLimiter`. No other idsfs module starts threads, and the
-modules below this one (``ids``, ``icat``, ``errors``, ``model``) never import
-trio.
+:class:`trio.CapacityLimiter`. Besides these, the daemon starts only its log
+writer thread and a short-lived logout thread at exit, and the modules below
+this one (``ids``, ``icat``, ``errors``, ``model``) never import trio.
 
 Cancellation
 ------------
