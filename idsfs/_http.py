@@ -128,7 +128,7 @@ class _SSLContextAdapter(requests.adapters.HTTPAdapter):
 
 
 def make_session(ssl_context: ssl.SSLContext | None = None) -> requests.Session:
-    """Return a ``requests.Session`` with a connection pool sized for threads."""
+    """Return a ``requests.Session`` with a connection pool sized for threads. Never raises."""
     session = requests.Session()
     adapter = _SSLContextAdapter(
         ssl_context, pool_connections=4, pool_maxsize=POOL_MAXSIZE, max_retries=0
@@ -161,7 +161,7 @@ def translate_exception(exc: BaseException, url: str | None) -> TransportError:
     """Return the :class:`TransportError` for a transport-level exception.
 
     ``url`` must already be redacted. Handles ``requests``, ``urllib3``,
-    ``http.client``, ``ssl`` and socket exceptions.
+    ``http.client``, ``ssl`` and socket exceptions. Never raises.
     """
     root = _root_cause(exc)
     where = f" ({url})" if url else ""
@@ -208,6 +208,10 @@ class Transport:
     its error too.
     ``error_factory(status, body, reason, secrets)`` builds the ServerError
     for an error answer.
+
+    Constructing one raises ``ValueError`` when ``retries`` is negative or
+    ``timeout`` is not a positive number or a ``(connect, read)`` pair of
+    them.
     """
 
     def __init__(
@@ -239,17 +243,23 @@ class Transport:
         self._closed = threading.Event()
 
     def close(self) -> None:
-        """Close the pooled connections (only of a session created here)."""
+        """Close the pooled connections (only of a session created here). Never raises."""
         self._closed.set()
         if self._own_session:
             self.session.close()
 
     def redact(self, text: str) -> str:
-        """Redact the secrets of this transport from ``text``."""
+        """Redact the secrets of this transport from ``text``.
+
+        Raises only what the ``secrets`` callable raises (the clients' never do).
+        """
         return redact(text, self.secrets())
 
     def display_url(self, url: str, params: Mapping[str, Any] | None = None) -> str:
-        """Return ``url`` with ``params`` appended, secrets redacted (for logs)."""
+        """Return ``url`` with ``params`` appended, secrets redacted (for logs).
+
+        Raises what the ``secrets`` callable raises (the clients' never do).
+        """
         if params:
             url = f"{url}?{urlencode(params)}"
         return self.redact(url)

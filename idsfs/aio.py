@@ -75,7 +75,7 @@ class CallTimeoutError(TimeoutError):
 
     The call was abandoned (see the module documentation): its thread may still
     be running. ``name`` is the call's name and ``timeout`` the limit in seconds.
-    The message never contains the call's arguments.
+    The message never contains the call's arguments. Raised by :meth:`ThreadBridge.run`.
     """
 
     def __init__(self, name: str, timeout: float) -> None:
@@ -159,7 +159,7 @@ class ThreadBridge:
 
     @property
     def max_threads(self) -> int:
-        """The most blocking calls that run at once."""
+        """The most blocking calls that run at once. Never raises."""
         return int(self._limiter.total_tokens)
 
     def set_max_threads(self, max_threads: int) -> None:
@@ -297,7 +297,7 @@ class ThreadBridge:
                     log.warning("on_abandon of %s failed", state.name, exc_info=True)
 
     def stats(self) -> BridgeStats:
-        """Return a snapshot of the counters. Call from the trio thread."""
+        """Return a snapshot of the counters. Call from the trio thread. Never raises."""
         with self._lock:
             abandoned_running = self._abandoned_running
         return BridgeStats(

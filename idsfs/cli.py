@@ -29,7 +29,11 @@ SUBCOMMANDS: dict[str, str] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Return the parser for ``idsfs`` with every sub-command registered."""
+    """Return the parser for ``idsfs`` with every sub-command registered.
+
+    Raises ``ImportError`` only when a sub-command's module cannot be imported (a broken
+    installation).
+    """
     parser = argparse.ArgumentParser(
         prog="idsfs",
         description="Mount an ICAT Data Service archive as a directory tree.",
@@ -56,6 +60,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ``idsfs SPEC DIR [-o OPTIONS]`` (two words that are not a sub-command: how
     ``mount.fuse3`` runs ``idsfs`` for ``idsfs#SPEC`` and ``fuse.idsfs``
     fstab lines) is the mount helper, :func:`idsfs.mountcli.mount_helper`.
+
+    Raises :class:`SystemExit` (argparse) for bad arguments, ``--help`` and
+    ``--version``; otherwise what the sub-command's ``run`` raises (each says:
+    server and usage errors become exit statuses).
     """
     args_list = list(sys.argv[1:] if argv is None else argv)
     words = [a for a in args_list if not a.startswith("-")]
@@ -69,7 +77,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def mount_helper() -> int:
-    """Entry point of the ``mount.idsfs`` and ``mount.fuse.idsfs`` console scripts."""
+    """Entry point of the ``mount.idsfs`` and ``mount.fuse.idsfs`` console scripts.
+
+    Raises what :func:`idsfs.mountcli.mount_helper` raises.
+    """
     import os
 
     from idsfs.mountcli import mount_helper as helper

@@ -43,7 +43,8 @@ PART_SUFFIX = ".part"
 @dataclass(frozen=True)
 class DownloadResult:
     """Outcome of :func:`download`: final path, byte count, number of resumes,
-    and the file name the server suggested (``Content-Disposition``)."""
+    and the file name the server suggested (``Content-Disposition``). Never raises.
+    """
 
     path: Path | None
     size: int
@@ -52,7 +53,7 @@ class DownloadResult:
 
 
 def filename_from_headers(stream: DataStream) -> str | None:
-    """Return the file name of ``Content-Disposition`` (verbatim), or None."""
+    """Return the file name of ``Content-Disposition`` (verbatim), or None. Never raises."""
     value = stream.getheader("Content-Disposition")
     if not value:
         return None
@@ -75,6 +76,8 @@ def is_zipped(
     A DataSelection is unzipped only when it holds exactly one datafile id
     and ``zipFlag`` is false. For a preparedId the server's record is asked
     (``getDatafileIds``); if it cannot tell, the answer is True (safe side).
+
+    Never raises: when the server cannot tell, the answer is True.
     """
     if isinstance(selection, DataSelection):
         return zipFlag or not (len(selection) == 1 and len(selection.dfIds) == 1)
@@ -290,6 +293,8 @@ def upload(
     modification time (both in epoch milliseconds, as python-icat does).
     ``progress(bytes_sent, total)`` is called per block. Errors are those of
     :meth:`IDSClient.put` plus ``OSError`` for an unreadable file.
+
+    Raises ``ValueError`` when ``name`` is missing for an open file.
     """
     if isinstance(source, str | os.PathLike):
         path = Path(source)

@@ -176,6 +176,9 @@ class ServerError(IdsfsError):
 
     Construct with a message string, or - as python-icat does - with a
     mapping holding ``code``, ``message`` and optionally ``offset``.
+
+    Constructing one raises ``TypeError`` when ``error`` is neither a string
+    nor a mapping.
     """
 
     def __init__(
@@ -204,7 +207,7 @@ class ServerError(IdsfsError):
 
     @property
     def code(self) -> str | None:
-        """The wire error code (same as :attr:`type`)."""
+        """The wire error code (same as :attr:`type`). Never raises."""
         return self.type
 
     def __str__(self) -> str:
@@ -232,7 +235,7 @@ def _rebuild_server_error(
 
 
 def type_name(obj: object) -> str:
-    """Return the name of ``obj``'s type, for error messages."""
+    """Return the name of ``obj``'s type, for error messages. Never raises."""
     return type(obj).__name__
 
 
@@ -256,34 +259,51 @@ class IDSError(ServerError):
 
 
 class IDSBadRequestError(IDSError):
-    """``BadRequestException`` (HTTP 400): a malformed or missing parameter."""
+    """``BadRequestException`` (HTTP 400): a malformed or missing parameter.
+
+    Raised by :class:`~idsfs.ids.IDSClient` calls.
+    """
 
 
 class IDSDataNotOnlineError(IDSError):
     """``DataNotOnlineException`` (HTTP 503): data archived (a restore was
-    queued) or locked by another operation ("Data is busy")."""
+    queued) or locked by another operation ("Data is busy").
+
+    Raised by :class:`~idsfs.ids.IDSClient` calls.
+    """
 
 
 class IDSInsufficientPrivilegesError(IDSError):
     """``InsufficientPrivilegesException`` (HTTP 403): access denied or the
-    session is unknown/expired."""
+    session is unknown/expired. Raised by :class:`~idsfs.ids.IDSClient` calls.
+    """
 
 
 class IDSInsufficientStorageError(IDSError):
-    """``InsufficientStorageException``: storage full or quota exceeded."""
+    """``InsufficientStorageException``: storage full or quota exceeded.
+
+    Raised by :class:`~idsfs.ids.IDSClient` calls.
+    """
 
 
 class IDSInternalError(IDSError):
-    """``InternalException`` (HTTP 500): server failure, also "Restore failed"."""
+    """``InternalException`` (HTTP 500): server failure, also "Restore failed".
+
+    Raised by :class:`~idsfs.ids.IDSClient` calls.
+    """
 
 
 class IDSNotFoundError(IDSError):
-    """``NotFoundException`` (HTTP 404): unknown datafile, dataset or preparedId."""
+    """``NotFoundException`` (HTTP 404): unknown datafile, dataset or preparedId.
+
+    Raised by :class:`~idsfs.ids.IDSClient` calls.
+    """
 
 
 class IDSNotImplementedError(IDSError):
     """``NotImplementedException`` (HTTP 501): feature disabled on this server
-    (read-only, single-level storage, links)."""
+    (read-only, single-level storage, links). Raised by :class:`~idsfs.ids.IDSClient` calls.
+    """
 
 
 class IDSResponseError(IDSError):
@@ -293,7 +313,11 @@ class IDSResponseError(IDSError):
 
     ``datafile_id``: after a ``put`` mismatch, the id of the datafile the
     server registered with the wrong content (so the caller can delete it);
-    else ``None``."""
+    else ``None``.
+
+    Raised by :class:`~idsfs.ids.IDSClient` calls and the tools built on them
+    (:mod:`idsfs.getput`, :mod:`idsfs.download`).
+    """
 
     datafile_id: int | None = None
 
@@ -307,39 +331,66 @@ class ICATError(ServerError):
 
 
 class ICATParameterError(ICATError):
-    """``BAD_PARAMETER`` (HTTP 400): bad query, unknown field, malformed JSON."""
+    """``BAD_PARAMETER`` (HTTP 400): bad query, unknown field, malformed JSON.
+
+    Raised by :class:`~idsfs.icat.ICATClient` calls.
+    """
 
 
 class ICATSessionError(ICATError):
-    """``SESSION`` (HTTP 403): unknown or expired session, failed login."""
+    """``SESSION`` (HTTP 403): unknown or expired session, failed login.
+
+    Raised by :class:`~idsfs.icat.ICATClient` calls.
+    """
 
 
 class ICATPrivilegesError(ICATError):
-    """``INSUFFICIENT_PRIVILEGES`` (HTTP 403): authorisation rules deny it."""
+    """``INSUFFICIENT_PRIVILEGES`` (HTTP 403): authorisation rules deny it.
+
+    Raised by :class:`~idsfs.icat.ICATClient` calls.
+    """
 
 
 class ICATNoObjectError(ICATError):
-    """``NO_SUCH_OBJECT_FOUND`` (HTTP 404): the object does not exist."""
+    """``NO_SUCH_OBJECT_FOUND`` (HTTP 404): the object does not exist.
+
+    Raised by :class:`~idsfs.icat.ICATClient` calls.
+    """
 
 
 class ICATObjectExistsError(ICATError):
-    """``OBJECT_ALREADY_EXISTS`` (HTTP 412): uniqueness constraint violated."""
+    """``OBJECT_ALREADY_EXISTS`` (HTTP 412): uniqueness constraint violated.
+
+    Raised by :class:`~idsfs.icat.ICATClient` calls.
+    """
 
 
 class ICATValidationError(ICATError):
-    """``VALIDATION`` (HTTP 412): missing field, too long, too many results."""
+    """``VALIDATION`` (HTTP 412): missing field, too long, too many results.
+
+    Raised by :class:`~idsfs.icat.ICATClient` calls.
+    """
 
 
 class ICATInternalError(ICATError):
-    """``INTERNAL`` (HTTP 500): unexpected server or database failure."""
+    """``INTERNAL`` (HTTP 500): unexpected server or database failure.
+
+    Raised by :class:`~idsfs.icat.ICATClient` calls.
+    """
 
 
 class ICATNotImplementedError(ICATError):
-    """``NOT_IMPLEMENTED`` (HTTP 501): no such operation on this ICAT server."""
+    """``NOT_IMPLEMENTED`` (HTTP 501): no such operation on this ICAT server.
+
+    Raised by :class:`~idsfs.icat.ICATClient` calls.
+    """
 
 
 class ICATResponseError(ICATError):
-    """The ICAT answered, but the answer cannot be used (not JSON, wrong shape)."""
+    """The ICAT answered, but the answer cannot be used (not JSON, wrong shape).
+
+    Raised by :class:`~idsfs.icat.ICATClient` and :mod:`idsfs.catalog`.
+    """
 
 
 # ----------------------------------------------------------------------------
@@ -352,6 +403,8 @@ class TransportError(IdsfsError):
     ``url`` is the request URL with secrets redacted (or ``None``).
     Whether the call may be repeated is the caller's decision; the clients
     already retried idempotent calls before raising this (see docs/client.md).
+
+    Raised (as one of its subclasses) by the ICAT and IDS clients.
     """
 
     def __init__(self, message: str, url: str | None = None) -> None:
@@ -361,20 +414,25 @@ class TransportError(IdsfsError):
 
 class ConnectError(TransportError):
     """The connection could not be opened: refused, unreachable, DNS or proxy
-    failure. Nothing reached the server."""
+    failure. Nothing reached the server. Raised by the ICAT and IDS clients.
+    """
 
 
 class TransportTimeoutError(TransportError, TimeoutError):
-    """A connect or read timeout expired (the server stalled)."""
+    """A connect or read timeout expired (the server stalled).
+
+    Raised by the ICAT and IDS clients.
+    """
 
 
 class TLSError(TransportError):
-    """TLS handshake or certificate verification failed."""
+    """TLS handshake or certificate verification failed. Raised by the ICAT and IDS clients."""
 
 
 class ConnectionLostError(TransportError):
     """The connection broke while the request or the answer was in transit
-    (reset, closed early, malformed framing)."""
+    (reset, closed early, malformed framing). Raised by the ICAT and IDS clients.
+    """
 
 
 class TruncatedStreamError(IDSResponseError, ConnectionLostError):
@@ -383,7 +441,7 @@ class TruncatedStreamError(IDSResponseError, ConnectionLostError):
     Both an :class:`IDSResponseError` (short stream) and a
     :class:`ConnectionLostError` (the cause is a broken connection, so a
     resumed download may succeed). ``received`` and ``expected`` count
-    bytes of this response.
+    bytes of this response. Raised by the reads of a :class:`~idsfs.ids.DataStream`.
     """
 
     def __init__(self, message: str, received: int, expected: int | None) -> None:
@@ -418,7 +476,8 @@ class RestoreTimeoutError(TransferError):
     (``--restore-wait``); the restore goes on in the IDS, so trying again
     later may succeed (``ENODATA``, "No data available"; not ``EAGAIN``, which
     Python's buffered files mistake for "would block" and turn into a short
-    read). ``waited`` is the time waited in seconds."""
+    read). ``waited`` is the time waited in seconds. Raised by :mod:`idsfs.transfer`.
+    """
 
     errno = _errno.ENODATA
 
@@ -430,14 +489,16 @@ class RestoreTimeoutError(TransferError):
 class RestoreFailedError(TransferError):
     """The IDS recorded that restoring the datafile from archive storage
     failed (IDS 500 ``Restore failed``); ``EIO``. The next read prepares the
-    file again, which makes the IDS retry the restore."""
+    file again, which makes the IDS retry the restore. Raised by :mod:`idsfs.transfer`.
+    """
 
     errno = _errno.EIO
 
 
 class DataBusyError(TransferError):
     """The IDS kept answering ``Data is busy`` (another operation holds a lock
-    on the dataset) beyond the retry bound (``EBUSY``)."""
+    on the dataset) beyond the retry bound (``EBUSY``). Raised by :mod:`idsfs.transfer`.
+    """
 
     errno = _errno.EBUSY
 
@@ -445,7 +506,8 @@ class DataBusyError(TransferError):
 class IncompleteDownloadError(TransferError):
     """A download ended before the datafile's size or broke, and resuming it
     at the offset reached did not succeed within the bound (``EIO``).
-    ``offset`` is the file offset that could not be read."""
+    ``offset`` is the file offset that could not be read. Raised by :mod:`idsfs.transfer`.
+    """
 
     errno = _errno.EIO
 
@@ -457,7 +519,8 @@ class IncompleteDownloadError(TransferError):
 class ChecksumMismatchError(TransferError):
     """The CRC32 of a datafile read from start to end differs from its ICAT
     ``checksum`` (``EIO``): the bytes cannot be trusted. ``expected`` and
-    ``actual`` are lower-case hex."""
+    ``actual`` are lower-case hex. Raised by :mod:`idsfs.transfer`.
+    """
 
     errno = _errno.EIO
 
@@ -479,6 +542,8 @@ class UploadError(IdsfsError):
     The class attribute ``errno`` is the error number the file system returns
     for it; the original server, transport or OS error, if any, is the
     ``__cause__``. Messages never contain session ids.
+
+    Raised (as one of its subclasses) by :mod:`idsfs.upload` and :mod:`idsfs.fs`.
     """
 
     errno: int = _errno.EIO
@@ -490,7 +555,7 @@ class UploadFailedError(UploadError):
     Nothing is lost: the spooled bytes stay on local disk as a pending upload
     (retried in the background) or, when retrying cannot help, as a failed
     one. ``state`` is ``"pending"``, ``"failed"`` or ``"conflict"``;
-    ``reason`` says why in words.
+    ``reason`` says why in words. Raised by :mod:`idsfs.upload`.
     """
 
     errno = _errno.EIO
@@ -504,7 +569,8 @@ class UploadFailedError(UploadError):
 class SpoolError(UploadError):
     """The local spool file of a file being written could not be created,
     written or read (full disk, I/O error). ``errno`` is the OS error's
-    (``ENOSPC`` for a full spool disk), else ``EIO``."""
+    (``ENOSPC`` for a full spool disk), else ``EIO``. Raised by :mod:`idsfs.upload`.
+    """
 
     def __init__(self, message: str, errno: int | None = None) -> None:
         super().__init__(message)
@@ -515,7 +581,10 @@ class SpoolError(UploadError):
 class MissingTypeError(UploadError):
     """The facility has no DatafileFormat (``--datafile-format``) or DatasetType
     (``--dataset-type``) of the configured name, so nothing can be created
-    there (``ENOTSUP``). The message names what is missing and what exists."""
+    there (``ENOTSUP``). The message names what is missing and what exists.
+
+    Raised by :mod:`idsfs.upload` and :mod:`idsfs.catalog`.
+    """
 
     errno = _errno.ENOTSUP
 
@@ -525,7 +594,10 @@ class MissingTypeError(UploadError):
 
 
 class VersionMethodError(IdsfsError):
-    """The called method (or this use of it) needs a newer server version."""
+    """The called method (or this use of it) needs a newer server version.
+
+    Raised by :class:`~idsfs.ids.IDSClient` calls.
+    """
 
     def __init__(self, method: str, version: object = None, service: str = "ICAT") -> None:
         where = f"this {service} version" if version is None else f"{service} version {version}"
@@ -618,7 +690,7 @@ def icat_error_from_response(
     """Build the :class:`ICATError` subclass for an ICAT error response.
 
     Same rules as :func:`ids_error_from_response`; ``offset`` is kept when
-    the body has a non-negative one.
+    the body has a non-negative one. Never raises.
     """
     exc = _from_response(status, body, reason, ICAT_ERROR_TYPES, ICATError, secrets)
     assert isinstance(exc, ICATError)

@@ -105,7 +105,10 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the options of ``idsfs get`` or ``idsfs put`` (chosen by ``parser.prog``)."""
+    """Add the options of ``idsfs get`` or ``idsfs put`` (chosen by ``parser.prog``).
+
+    Never raises.
+    """
     command = parser.prog.split()[-1]
     if command == "put":
         parser.description = _PUT_DESCRIPTION
@@ -142,7 +145,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 class Credentials:
     """Either an existing ``session_id`` or a login (``auth``, ``user``, ``password``).
 
-    ``repr`` never shows the secret values.
+    ``repr`` never shows the secret values. Never raises.
     """
 
     session_id: str | None = None
@@ -157,7 +160,11 @@ class Credentials:
 
 
 class UsageError(Exception):
-    """Bad command line or missing credentials (exit status 2)."""
+    """Bad command line or missing credentials (exit status 2).
+
+    Raised by :func:`client_settings`, :func:`resolve_credentials` and :func:`connect`;
+    :func:`run` turns it into exit status 2.
+    """
 
 
 #: command-line attribute -> config field, for the layer of the options given
@@ -358,6 +365,9 @@ def run(args: argparse.Namespace) -> int:
 
     0 on success, 1 on a server or transfer error, 2 on a usage error.
     Messages go to stderr without session ids or passwords.
+
+    Never raises for a usage, server, transport or OS error: each becomes
+    the exit status and a message (and ``KeyboardInterrupt`` status 130).
     """
     if args.verbose:
         logging.basicConfig(level=logging.DEBUG, format="%(name)s: %(message)s")

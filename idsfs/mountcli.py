@@ -98,7 +98,10 @@ EMULATOR_START_TIMEOUT = 120.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the options of ``idsfs mount``, ``umount`` or ``demo`` (chosen by ``parser.prog``)."""
+    """Add the options of ``idsfs mount``, ``umount`` or ``demo`` (chosen by ``parser.prog``).
+
+    Never raises.
+    """
     command = parser.prog.split()[-1]
     if command == "umount":
         parser.description = _UMOUNT_DESCRIPTION
@@ -161,7 +164,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cli_layer(args: argparse.Namespace) -> Layer:
-    """The layer of the long options actually given on the command line."""
+    """The layer of the long options actually given on the command line. Never raises."""
     layer: Layer = {}
     for spec in OPTIONS:
         if not spec.flags:
@@ -366,7 +369,10 @@ def _run_umount(args: argparse.Namespace) -> int:
 
 
 class StatusError(Exception):
-    """``idsfs status`` cannot get an answer (the message says why)."""
+    """``idsfs status`` cannot get an answer (the message says why).
+
+    Raised by :func:`query_status`.
+    """
 
 
 def query_status(mountpoint: str | Path, timeout: float = 10.0) -> dict[str, Any]:
@@ -440,7 +446,11 @@ def _describe_items(items: Any) -> list[str]:
 
 
 def format_status(status: dict[str, Any]) -> str:
-    """The human form of a status dict (``idsfs status`` without ``--json``)."""
+    """The human form of a status dict (``idsfs status`` without ``--json``).
+
+    Raises ``TypeError`` or ``AttributeError`` for a dict not shaped as ``Daemon.status``
+    makes it (e.g. a number where a dict belongs).
+    """
     lines = []
     mode = "read-only" if status.get("read_only") else "read-write"
     lines.append(f"{status.get('mountpoint')}: idsfs {status.get('version')}, pid "
@@ -606,6 +616,10 @@ def mount_helper(argv: list[str] | None = None, prog: str = "mount.idsfs") -> in
     fstab lines. Always mounts in the background and returns once the mount
     answers. Exit status: 0 mounted (or, with ``-f``, would be), 1 bad usage or
     options, 32 the mount failed (mount(8)'s codes).
+
+    Bad usage, bad options and failed mounts are exit statuses; raises only what
+    :func:`idsfs.daemon.mount` raises (``OSError`` when the fork fails,
+    ``KeyboardInterrupt`` when interrupted while it waits for the mount).
     """
     from idsfs import daemon
 
@@ -699,7 +713,11 @@ def _set_pdeathsig() -> None:  # pragma: no cover - runs in the child before exe
 
 
 class DemoEmulator:
-    """The emulator child process of ``idsfs demo`` (its own process group: Ctrl-C spares it)."""
+    """The emulator child process of ``idsfs demo`` (its own process group: Ctrl-C spares it).
+
+    Constructing one raises ``OSError`` when its password files cannot be written or the
+    process cannot be started.
+    """
 
     def __init__(self, workdir: Path, storage: str, large_size: int) -> None:
         self.workdir = workdir
@@ -739,7 +757,7 @@ class DemoEmulator:
         self.icat_url, self.ids_url = fields["icat"], fields["ids"]
 
     def stop(self) -> None:
-        """SIGTERM, then SIGKILL after 10 s."""
+        """SIGTERM, then SIGKILL after 10 s. Never raises."""
         if self.process.poll() is None:
             self.process.terminate()
             try:
@@ -844,6 +862,12 @@ def run(args: argparse.Namespace) -> int:
 
     0: done; 1: the server, the mount or the unmount failed (message on
     stderr); 2: bad options or mount point; 130: interrupted.
+
+    Usage, server and mount errors become the exit status
+    (``KeyboardInterrupt``: 130). Raises ``OSError`` when ``idsfs mount``
+    cannot fork or open its log file (see :func:`idsfs.daemon.mount`) and
+    when ``idsfs demo`` cannot create its temporary files or start the
+    emulator.
     """
     command = getattr(args, "command", None) or "mount"
     try:
