@@ -113,7 +113,17 @@ live upload, write error, state) is changed only on the trio thread, after the
 blocking part returned or failed. Writes and truncations of one upload are
 serialised by its ``lock`` (trio's locks are fair: first come, first served),
 so concurrent writes are applied in the order they arrived; the spool's file
-descriptor is closed only when no call is using it. The one exception is
+descriptor is closed only when no call is using it.
+
+Write-behind: while :meth:`Uploader.run` runs, a ``write`` is accepted at once
+(size and times change) and queued; one drain task per busy upload writes the
+queued bytes in a worker thread, in order, several requests per thread call,
+at most ``_WRITE_BEHIND`` bytes behind (a writer waits beyond that). Reads,
+truncations, ``fsync``, CRC32 and uploads wait for the queue first. A failed
+``pwrite`` marks the upload as failed to write and its error (``ENOSPC``...)
+is raised by the next ``write``, ``fsync`` and the close. This keeps the FUSE
+request from waiting for a thread hand-off and the disk, which on a busy
+machine cost more than the copy itself. The one exception is
 :meth:`Uploader.open_spool`, which reads the spool directory once at start-up,
 before the file system serves any request.
 """
@@ -197,6 +207,8 @@ DEFAULT_LIVE_STALL = 10.0
 _BLOCK = 1 << 20
 #: bytes of written data a live upload may hold in memory (beyond, it reads the spool)
 _LIVE_MEMORY = 64 << 20
+#: bytes written through the mount that may wait for their spool ``pwrite`` (write-behind)
+_WRITE_BEHIND = 8 << 20
 #: how often an ambiguous outcome is checked in ICAT before giving up for now
 _RESOLVE_TRIES = 2
 
@@ -433,6 +445,21 @@ def _save_now(up: Upload) -> None:
         log.warning("%s (the upload goes on from memory)", exc)
 
 
+def _pwrite_batch(fd: int, items: list[tuple[int, bytes | memoryview]]
+                  ) -> tuple[int, OSError | None, int]:
+    """Write queued ``(offset, data)`` items in order: (items written, the error that
+    stopped the next one, the spool file's size after the error)."""
+    for i, (offset, data) in enumerate(items):
+        done, exc = _pwrite_all(fd, offset, data)
+        if exc is not None:
+            try:
+                size = os.fstat(fd).st_size
+            except OSError:
+                size = offset + done
+            return i, exc, size
+    return len(items), None, 0
+
+
 def _close_fds(fds: list[int]) -> None:
     for fd in fds:
         with contextlib.suppress(OSError):
@@ -536,6 +563,13 @@ class Upload:
         self.removed = False
         #: calls using ``fd`` right now (it is closed only when none is)
         self.fd_users = 0
+        #: write-behind: writes accepted but not in the spool file yet (offset, bytes)
+        self.queue: deque[tuple[int, bytes | memoryview]] = deque()
+        self.queued_bytes = 0
+        self.draining = False
+        #: set (and replaced) each time the drain task wrote a batch or stopped
+        self.drain_progress = trio.Event()
+        self.write_errno: int | None = None
         self._stale_fds: list[int] = []
 
     # ------------------------------------------------------------------ paths
@@ -673,24 +707,39 @@ class Upload:
         fds, self._stale_fds = self._stale_fds, []
         return fds
 
-    def note_written(self, offset: int, done: int, data: bytes | memoryview) -> None:
-        """Trio side of a spool write of ``done`` bytes at ``offset`` that succeeded."""
+    def note_written(self, offset: int, done: int, data: bytes | memoryview,
+                     *, spooled: bool = True) -> None:
+        """Trio side of a write of ``done`` bytes at ``offset``: in the spool file
+        (``spooled``) or accepted for it (write-behind; :meth:`note_spooled` follows)."""
         end = offset + done
         appended = offset == self.size
         if not appended:
             self.sequential = False
-        live = self.live
-        if live is not None:
-            if appended and offset == live.available:
-                live.advance(end, data if isinstance(data, bytes) and done == len(data)
-                             else None)
-            else:
-                live.abort("the file was not written sequentially")
+            if self.live is not None:
+                self.live.abort("the file was not written sequentially")
+        if spooled:
+            self.note_spooled(offset, done, data)
         self.generation += 1
         self.crc = None
         if end > self.size:
             self.size = end
         self.mod_ms = _now_ms()
+
+    def note_spooled(self, offset: int, done: int, data: bytes | memoryview) -> None:
+        """Trio side: ``done`` bytes at ``offset`` are in the spool file now (a live
+        upload may send them)."""
+        live = self.live
+        if live is not None:
+            if offset == live.available:
+                live.advance(offset + done, data if isinstance(data, bytes) and done == len(data)
+                             else None)
+            else:
+                live.abort("the file was not written sequentially")
+
+    def spool_error(self) -> SpoolError:
+        """The error of the failed write-behind (to report it to the next write)."""
+        return SpoolError(f"cannot write the spool file of {self.display}: "
+                          f"{self.write_error}", self.write_errno or errno.EIO)
 
     def note_write_failed(self, offset: int, done: int, exc: OSError) -> SpoolError:
         """Trio side of a failed spool write: the upload is marked as failed to write
@@ -699,6 +748,7 @@ class Upload:
         self.crc = None
         self.size = max(self.size, offset + done)
         self.write_error = f"writing the spool failed: {exc.strerror or exc}"
+        self.write_errno = exc.errno
         if self.live is not None:
             self.live.abort(self.write_error)
         return SpoolError(f"cannot write the spool file of {self.display}: "
@@ -712,6 +762,7 @@ class Upload:
             self.sequential = size == 0 and self.live is None and self.datafile_id is None
         if size == 0:
             self.write_error = None  # written again from the start
+            self.write_errno = None
         self.size = size
         self.generation += 1
         self.crc = None
@@ -1157,27 +1208,98 @@ class Uploader:
     async def write(self, up: Upload, offset: int, data: bytes | memoryview) -> int:
         """Write ``data`` at ``offset`` into the spool of ``up``; return the bytes written.
 
-        The ``pwrite`` runs in a worker thread; writes (and truncations) of one
-        upload are applied one at a time, in the order they arrived. Raises
-        :class:`~idsfs.errors.SpoolError` (``ENOSPC`` for a full spool disk);
-        the upload is then marked as failed to write and will not be uploaded
-        until it is written again from the start.
+        Writes of one upload are applied one at a time, in the order they
+        arrived, and never on the trio thread. While :meth:`run` is running
+        they are written behind: the write is accepted (size and times change
+        at once) and a drain task ``pwrite``-s the queued bytes in a worker
+        thread, at most :data:`_WRITE_BEHIND` bytes behind (a write waits while
+        more are queued); everything that reads or changes the spool file
+        waits for the queue first. Otherwise the write waits for its
+        ``pwrite``.
+
+        Raises :class:`~idsfs.errors.SpoolError` (``ENOSPC`` for a full spool
+        disk) for this write, or for the next one (and ``fsync``/``close``)
+        when a write behind failed; the upload is then marked as failed to
+        write and will not be uploaded until it is written again from the
+        start.
         """
         async with up.lock:
-            async with self._spool_fd(up) as fd:
-                done, exc = await self._bridge.run(_pwrite_all, fd, offset, data,
-                                                   abandon_on_cancel=False, name="spool write")
-            if exc is not None:
-                raise up.note_write_failed(offset, done, exc) from exc
-            up.note_written(offset, done, data)
+            nursery = self._nursery
+            if nursery is None or self._closing:
+                await self._drained(up)
+                async with self._spool_fd(up) as fd:
+                    done, exc = await self._bridge.run(
+                        _pwrite_all, fd, offset, data, abandon_on_cancel=False,
+                        name="spool write")
+                if exc is not None:
+                    raise up.note_write_failed(offset, done, exc) from exc
+                up.note_written(offset, done, data)
+            else:
+                if up.write_error is not None and up.write_errno is not None:
+                    raise up.spool_error()
+                while up.queued_bytes and up.queued_bytes + len(data) > _WRITE_BEHIND:
+                    await up.drain_progress.wait()
+                    if up.write_error is not None and up.write_errno is not None:
+                        raise up.spool_error()
+                if not isinstance(data, bytes):
+                    data = bytes(data)  # e.g. a view of a cache block that is reused later
+                done = len(data)
+                up.queue.append((offset, data))
+                up.queued_bytes += done
+                up.note_written(offset, done, data, spooled=False)
+                if not up.draining:
+                    up.draining = True
+                    up.drain_progress = trio.Event()
+                    nursery.start_soon(self._drain, up)
             if up.state == DONE:  # written again after it was stored
                 up.state = WRITING
                 await self.try_save(up)
             return done
 
+    async def _drain(self, up: Upload) -> None:
+        """Write the queued bytes of ``up`` into its spool file (a task per busy upload;
+        not cancellable: accepted bytes always reach the spool or fail there)."""
+        with trio.CancelScope(shield=True):
+            try:
+                while up.queue:
+                    batch = list(up.queue)
+                    async with self._spool_fd(up) as fd:
+                        written, exc, real_size = await self._bridge.run(
+                            _pwrite_batch, fd, batch, abandon_on_cancel=False,
+                            name="spool write")
+                    for offset, data in batch[:written]:
+                        up.queue.popleft()
+                        up.queued_bytes -= len(data)
+                        up.note_spooled(offset, len(data), data)
+                    if exc is not None:
+                        up.queue.clear()
+                        up.queued_bytes = 0
+                        up.note_write_failed(batch[written][0], 0, exc)
+                        up.size = real_size  # what the spool really holds
+                        log.warning("%s: writing its spool failed: %s", up.display,
+                                    exc.strerror or exc)
+                    up.drain_progress.set()
+                    up.drain_progress = trio.Event()
+            except BaseException:
+                up.queue.clear()
+                up.queued_bytes = 0
+                if up.write_error is None:
+                    up.write_error = "writing the spool failed"
+                    up.write_errno = errno.EIO
+                raise
+            finally:
+                up.draining = False
+                up.drain_progress.set()
+
+    async def _drained(self, up: Upload) -> None:
+        """Wait until the writes behind of ``up`` are in its spool file."""
+        while up.draining:
+            await up.drain_progress.wait()
+
     async def read(self, up: Upload, offset: int, size: int) -> bytes:
         """Read up to ``size`` bytes at ``offset`` from the spool of ``up`` (short at its
         end), in a worker thread. Raises :class:`~idsfs.errors.SpoolError`."""
+        await self._drained(up)
         want = max(0, min(size, up.size - offset))
         async with self._spool_fd(up) as fd:
             try:
@@ -1195,6 +1317,7 @@ class Uploader:
         async with up.lock:
             if unless_empty and not up.size:
                 return
+            await self._drained(up)
             async with self._spool_fd(up) as fd:
                 try:
                     await self._bridge.run(os.ftruncate, fd, size, abandon_on_cancel=False,
@@ -1221,7 +1344,7 @@ class Uploader:
             up.live_possible = False
             return
         live = _LiveStream(up.data_path, self.live_stall)
-        live.available = up.size
+        live.available = up.size - up.queued_bytes  # sequential: the queue is the tail
         up.live = live
         self._live_count += 1
         self._nursery.start_soon(self._live_put, up, live)
@@ -1262,16 +1385,24 @@ class Uploader:
         Does nothing when IDS already has the current content. On failure the
         upload becomes ``pending`` (retried in the background), ``failed`` or
         ``conflict`` (held) and :class:`~idsfs.errors.UploadFailedError` is
-        raised.
+        raised (:class:`~idsfs.errors.SpoolError` with its errno when a write
+        behind could not be stored in the spool).
         """
         async with up.lock:
-            return await self._commit_locked(up, foreground=True)
+            try:
+                return await self._commit_locked(up, foreground=True)
+            except UploadFailedError as exc:
+                if up.write_error and up.write_errno is not None:
+                    # a write behind failed: the close reports the spool's error (ENOSPC)
+                    raise up.spool_error() from exc
+                raise
 
     async def _commit_locked(self, up: Upload, *, foreground: bool) -> int:
         if up.cancelled:
             raise UploadFailedError(f"{up.display} was deleted", FAILED, "deleted")
         if up.landed:
             return up.datafile_id  # type: ignore[return-value]
+        await self._drained(up)
         if up.write_error:
             self._abort_live(up, "write error")
             await self._set(up, FAILED, up.write_error)
@@ -1564,6 +1695,7 @@ class Uploader:
             raise _Fail(PENDING, f"unexpected ICAT answer {str(row)[:80]}")
         did, size, checksum, location = row
         if up.crc is None:
+            await self._drained(up)
             try:
                 up.crc = await self._bridge.run(up.compute_crc, name="spool CRC32")
             except OSError as exc:
@@ -1634,6 +1766,9 @@ class Uploader:
         """``fsync`` the spool file of ``up`` (in a worker thread). Raises SpoolError."""
         if up.removed:
             return
+        await self._drained(up)
+        if up.write_error is not None and up.write_errno is not None:
+            raise up.spool_error()
         async with self._spool_fd(up) as fd:
             try:
                 await self._bridge.run(os.fsync, fd, name="spool fsync")

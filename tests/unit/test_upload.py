@@ -269,3 +269,58 @@ def test_the_newest_record_wins_over_a_slow_older_save(tmp_path: Path,
 
     trio.run(main)
     u.close_spool()
+
+
+def test_write_behind_returns_before_the_disk_and_reports_its_error_later(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spool = tmp_path / "spool"
+    u = uploader(spool)
+    spy = SpoolSpy(spool, monkeypatch)
+    spy.hold["pwrite"] = lambda fd, data, offset: offset == 0
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(u.run)  # write-behind needs the uploader's task nursery
+            up = await u.create(dataset_id=1, name="f", display="ds/f", format_id=1)
+            assert await u.write(up, 0, b"held ") == 5  # accepted: its pwrite is held
+            await trio.to_thread.run_sync(spy.held.wait, 5)
+            assert await u.write(up, 5, b"queued") == 6
+            assert up.size == 11 and up.queued_bytes == 11
+            got: list[bytes] = []
+
+            async def read() -> None:
+                got.append(await u.read(up, 0, 100))
+
+            nursery.start_soon(read)
+            await trio.sleep(0.05)
+            assert not got  # a read waits for the bytes behind
+            spy.go_on.set()
+            await u.fsync(up)
+            await trio.sleep(0)
+            assert got == [b"held queued"] and up.queued_bytes == 0
+            # a failing disk: the write is accepted, the error comes with the next call
+            real = spy.real["pwrite"]
+
+            def full(fd: int, data: Any, offset: int) -> int:
+                if offset >= 11:
+                    raise OSError(errno.ENOSPC, "No space left on device")
+                return real(fd, data, offset)
+
+            monkeypatch.setattr(os, "pwrite", full)
+            assert await u.write(up, 11, b"lost") == 4
+            with pytest.raises(SpoolError) as exc:
+                await u.fsync(up)
+            assert exc.value.errno == errno.ENOSPC
+            with pytest.raises(SpoolError):
+                await u.write(up, 15, b"more")
+            assert up.write_error and up.size == 11  # the size the spool really has
+            monkeypatch.setattr(os, "pwrite", real)
+            await u.truncate(up, 0)  # written again from the start: usable again
+            assert await u.write(up, 0, b"ok") == 2
+            assert await u.read(up, 0, 10) == b"ok" and not up.write_error
+            up.cancelled = True
+            await u.released(up)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    u.close_spool()
