@@ -147,6 +147,8 @@ class BlockLengthError(OSError):
         datafile_id, block_index, offset: which block was fetched.
         expected: the length the block must have.
         received: the length the fetch returned.
+
+    Raised by :meth:`BlockCache.get_range` and :meth:`BlockCache.prefetch`.
     """
 
     def __init__(
@@ -186,6 +188,8 @@ class CacheStats:
         released: blocks dropped by :meth:`BlockCache.release`.
         bytes_fetched: bytes returned by successful fetches.
         bytes_served: bytes returned by :meth:`BlockCache.get_range`.
+
+    Constructing one never raises.
     """
 
     capacity: int
@@ -206,12 +210,12 @@ class CacheStats:
 
     @property
     def lookups(self) -> int:
-        """Block lookups by reads: ``hits + misses + waits``."""
+        """Block lookups by reads: ``hits + misses + waits``. Never raises."""
         return self.hits + self.misses + self.waits
 
     @property
     def hit_rate(self) -> float:
-        """``hits / lookups`` (0.0 before the first lookup)."""
+        """``hits / lookups`` (0.0 before the first lookup). Never raises."""
         lookups = self.lookups
         return self.hits / lookups if lookups else 0.0
 
@@ -279,12 +283,12 @@ class BlockCache:
 
     @property
     def block_size(self) -> int:
-        """The block size in bytes."""
+        """The block size in bytes. Never raises."""
         return self._block_size
 
     @property
     def capacity(self) -> int:
-        """The configured size in bytes."""
+        """The configured size in bytes. Never raises."""
         return self._capacity
 
     def block_span(self, file: FileKey, offset: int, size: int) -> range:
@@ -302,7 +306,7 @@ class BlockCache:
         return range(offset >> self._shift, ((end - 1) >> self._shift) + 1)
 
     def block_count(self, file: FileKey) -> int:
-        """Return the number of blocks of ``file`` (0 for an empty file)."""
+        """Return the number of blocks of ``file`` (0 for an empty file). Never raises."""
         return (file.size + self._block_size - 1) >> self._shift
 
     def block_length(self, file: FileKey, index: int) -> int:
@@ -319,11 +323,14 @@ class BlockCache:
         return min(self._block_size, file.size - offset)
 
     def contains(self, file: FileKey, index: int) -> bool:
-        """Return whether block ``index`` of ``file`` is cached (without touching LRU order)."""
+        """Return whether block ``index`` of ``file`` is cached (without touching LRU order).
+
+        Never raises.
+        """
         return self._key(file, index) in self._lru
 
     def is_fetching(self, file: FileKey, index: int) -> bool:
-        """Return whether a fetch of block ``index`` of ``file`` is in progress."""
+        """Return whether a fetch of block ``index`` of ``file`` is in progress. Never raises."""
         return self._key(file, index) in self._pending
 
     async def get_range(self, file: FileKey, offset: int, size: int, fetch: Fetch) -> memoryview:
@@ -407,6 +414,8 @@ class BlockCache:
 
         Returns:
             The number of blocks dropped.
+
+        Never raises.
         """
         keys = self._by_file.pop(datafile_id, set())
         for key in keys:
@@ -450,7 +459,7 @@ class BlockCache:
         return dropped
 
     def clear(self) -> None:
-        """Drop every cached block (fetches in progress are not cached either)."""
+        """Drop every cached block (fetches in progress are not cached either). Never raises."""
         self._invalidated += len(self._lru)
         self._lru.clear()
         self._by_file.clear()
@@ -459,7 +468,7 @@ class BlockCache:
         self._pending.clear()
 
     def stats(self) -> CacheStats:
-        """Return a snapshot of the counters."""
+        """Return a snapshot of the counters. Never raises."""
         return CacheStats(
             capacity=self._capacity,
             block_size=self._block_size,

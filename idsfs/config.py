@@ -155,7 +155,11 @@ IGNORED_MOUNT_OPTIONS: frozenset[str] = frozenset(
 
 
 class ConfigError(ValueError):
-    """A mount option is missing, malformed or out of range (the message says which)."""
+    """A mount option is missing, malformed or out of range (the message says which).
+
+    Raised by the parsing and assembling functions of this module (and :class:`Secret` for
+    an empty value).
+    """
 
 
 # ----------------------------------------------------------------------------- secrets
@@ -167,7 +171,7 @@ class Secret:
     ``str()``/``repr()`` show only the origin (``"file /etc/idsfs/pw"``,
     ``"environment IDSFS_PASSWORD"``, ``"terminal prompt"``), never the value;
     :meth:`reveal` returns the value. Two Secrets compare equal when origin and
-    value are equal.
+    value are equal. Constructing one raises :class:`ConfigError` when ``value`` is empty.
     """
 
     __slots__ = ("_value", "origin")
@@ -179,7 +183,7 @@ class Secret:
         self.origin = origin
 
     def reveal(self) -> str:
-        """Return the secret value (never log or print it)."""
+        """Return the secret value (never log or print it). Never raises."""
         return self._value
 
     def __repr__(self) -> str:
@@ -250,7 +254,7 @@ def parse_size(text: str | int) -> int:
 
 
 def format_size(n: int) -> str:
-    """Format a byte count with the largest binary unit that divides it (``256M``)."""
+    """Format a byte count with the largest binary unit that divides it (``256M``). Never raises."""
     for unit, factor in (("T", 1 << 40), ("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
         if n and n % factor == 0:
             return f"{n // factor}{unit}"
@@ -365,12 +369,12 @@ class OptionSpec:
 
     @property
     def is_switch(self) -> bool:
-        """True for options without a value (``--debug``, ``-o allow_other``)."""
+        """True for options without a value (``--debug``, ``-o allow_other``). Never raises."""
         return self.metavar is None
 
     @property
     def display(self) -> str:
-        """The spelling used in messages: the long option."""
+        """The spelling used in messages: the long option. Never raises."""
         return self.flags[-1] if self.flags else f"-o {self.okey}"
 
 
@@ -730,14 +734,17 @@ class Config(_ClientOptions):
 
     @property
     def effective_log_level(self) -> int:
-        """The ``logging`` level: DEBUG with ``--debug``, else ``log_level``."""
+        """The ``logging`` level: DEBUG with ``--debug``, else ``log_level``.
+
+        Never raises (``log_level`` was checked on construction).
+        """
         if self.debug:
             return logging.DEBUG
         return int(getattr(logging, self.log_level.upper()))
 
     @property
     def effective_fsname(self) -> str:
-        """``fsname``, else the ICAT URL (else the IDS URL)."""
+        """``fsname``, else the ICAT URL (else the IDS URL). Never raises."""
         return self.fsname or self.icat_url or self.ids_url or "idsfs"
 
     def replace(self, **changes: Any) -> Config:
@@ -746,7 +753,10 @@ class Config(_ClientOptions):
         return dataclasses.replace(self, **changes)
 
     def describe(self) -> dict[str, Any]:
-        """The options as a plain dict for logs and ``idsfs status``; secrets as origins."""
+        """The options as a plain dict for logs and ``idsfs status``; secrets as origins.
+
+        Never raises.
+        """
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
@@ -792,7 +802,10 @@ def _check(name: str, value: Any, parse: Callable[[Any], Any]) -> Any:
 
 
 def split_mount_options(text: str) -> list[str]:
-    """Split ``-o`` text at commas; ``\\,`` is a literal comma and ``\\\\`` a backslash."""
+    """Split ``-o`` text at commas; ``\\,`` is a literal comma and ``\\\\`` a backslash.
+
+    Never raises.
+    """
     items: list[str] = []
     current: list[str] = []
     chars = iter(text)
@@ -918,7 +931,7 @@ def default_config_files(environ: Mapping[str, str] | None = None) -> list[Path]
 
     ``/etc/icat/icat.cfg``, ``~/.config/icat/icat.cfg``, ``~/.icat/icat.cfg``
     and ``icat.cfg`` in the working directory; ``~`` is ``$HOME`` (else the
-    user's home directory from the password database).
+    user's home directory from the password database). Never raises.
     """
     env = os.environ if environ is None else environ
     home = env.get("HOME") or _home_directory()
@@ -950,6 +963,8 @@ class ConfigFiles:
         sections: section name -> key (lower case) -> ``(value, file)``; a
             later file overrides an earlier one key by key. ``[DEFAULT]`` is an
             ordinary entry here.
+
+    Constructing one never raises.
     """
 
     read: tuple[Path, ...] = ()
@@ -1278,7 +1293,7 @@ class ClientConfig(_ClientOptions):
 
     Assembled by :func:`assemble_client` from the same config files,
     environment and credential sources as a mount. ``repr`` never shows the
-    secrets' values.
+    secrets' values. Constructing one never raises.
     """
 
     icat_url: str | None = None
@@ -1342,7 +1357,7 @@ def render_markdown() -> str:
     """The option reference of docs/configuration.md, generated from :data:`OPTIONS`.
 
     Tables per group: long options, ``-o``/config file key, environment
-    variable, meaning; then the python-icat keys a config section may hold.
+    variable, meaning; then the python-icat keys a config section may hold. Never raises.
     """
     lines: list[str] = []
     groups: dict[str, list[OptionSpec]] = {}
@@ -1418,6 +1433,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     Prints the generated option reference, or splices it into FILE between
     the markers (``--update``), or exits 1 when FILE is not up to date
     (``--check``).
+
+    Raises :class:`SystemExit` (argparse) for bad arguments and ``OSError``
+    when FILE cannot be read or written.
     """
     import argparse
 

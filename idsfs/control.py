@@ -80,6 +80,10 @@ class ControlError(Exception):
 
     ``timed_out`` is True when the daemon did not answer in time (it may still
     be working on the request).
+
+    Raised by :class:`ControlClient` (constructing one, :meth:`~ControlClient.send`,
+    :meth:`~ControlClient.receive`, :meth:`~ControlClient.request`,
+    :meth:`~ControlClient.events`).
     """
 
     timed_out: bool = False
@@ -92,7 +96,7 @@ def runtime_dir(uid: int | None = None, environ: Mapping[str, str] | None = None
     """The directory of the control sockets of daemons running as ``uid``.
 
     ``/run/idsfs`` for root, else ``$XDG_RUNTIME_DIR/idsfs``, else
-    ``/tmp/idsfs-<uid>``.
+    ``/tmp/idsfs-<uid>``. Never raises.
     """
     uid = os.geteuid() if uid is None else uid
     env = os.environ if environ is None else environ
@@ -105,7 +109,7 @@ def runtime_dir(uid: int | None = None, environ: Mapping[str, str] | None = None
 
 
 def socket_name(st_dev: int) -> str:
-    """The socket file name of the mount whose device number is ``st_dev``."""
+    """The socket file name of the mount whose device number is ``st_dev``. Never raises."""
     return f"{st_dev}.sock"
 
 
@@ -114,7 +118,7 @@ def socket_candidates(st_dev: int, owner_uid: int | None,
     """Where the socket of a mount (device ``st_dev``, mounted by ``owner_uid``) may be.
 
     ``owner_uid`` comes from the mount's ``user_id=`` option; None tries the
-    caller's own directory and root's.
+    caller's own directory and root's. Never raises.
     """
     env = os.environ if environ is None else environ
     me = os.geteuid()
@@ -152,7 +156,10 @@ def _prepare_dir(directory: Path) -> None:
 
 
 def peer_uid(sock: socket.socket) -> int | None:
-    """The uid of the process at the other end of a Unix socket (SO_PEERCRED), or None."""
+    """The uid of the process at the other end of a Unix socket (SO_PEERCRED), or None.
+
+    Never raises.
+    """
     try:
         raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     except OSError:
@@ -162,7 +169,11 @@ def peer_uid(sock: socket.socket) -> int | None:
 
 
 def encode(message: Mapping[str, Any]) -> bytes:
-    """One protocol line: compact JSON and a newline."""
+    """One protocol line: compact JSON and a newline.
+
+    Raises ``ValueError`` for a circular structure and ``TypeError`` for a key that is not a
+    string, number, bool or None (other values are sent as their ``str``).
+    """
     return json.dumps(message, separators=(",", ":"), default=str).encode("utf-8") + b"\n"
 
 
@@ -183,7 +194,11 @@ class Waiter:
         sock.settimeout(1.0)
 
     def send(self, message: Mapping[str, Any]) -> bool:
-        """Send one event line; returns False once the client is gone."""
+        """Send one event line; returns False once the client is gone.
+
+        Never raises for a gone or slow client (it returns False); only a message
+        :func:`encode` cannot serialise raises.
+        """
         with self._lock:
             if self._sock is None:
                 return False
@@ -195,7 +210,7 @@ class Waiter:
                 return False
 
     def close(self) -> None:
-        """Close the connection (the client sees end of file)."""
+        """Close the connection (the client sees end of file). Never raises."""
         with self._lock:
             self._close_locked()
 
@@ -207,14 +222,21 @@ class Waiter:
 
 
 class Connection:
-    """One accepted client connection, on trio (see :class:`ControlServer`)."""
+    """One accepted client connection, on trio (see :class:`ControlServer`).
+
+    Constructing one never raises.
+    """
 
     def __init__(self, stream: Any) -> None:
         self.stream = stream
         self.detached = False
 
     async def send(self, message: Mapping[str, Any]) -> None:
-        """Send one reply line (errors end the connection quietly)."""
+        """Send one reply line (errors end the connection quietly).
+
+        Never raises for a broken connection; only a message :func:`encode` cannot serialise
+        raises.
+        """
         import trio
 
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
@@ -240,7 +262,7 @@ class ControlServer:
     ``handler(request, connection)`` runs on the trio thread; it replies with
     ``await connection.send({...})`` and may keep the client with
     ``connection.detach()``. Use ``await nursery.start(server.serve)``;
-    :meth:`close` removes the socket file (if it is still ours).
+    :meth:`close` removes the socket file (if it is still ours). Constructing one never raises.
     """
 
     def __init__(self, path: Path, handler: Handler) -> None:
@@ -374,7 +396,7 @@ class ControlClient:
             raise ControlError(f"cannot connect to {path}: {exc.strerror or exc}") from exc
 
     def close(self) -> None:
-        """Close the connection."""
+        """Close the connection. Never raises."""
         with contextlib.suppress(OSError):
             self._sock.close()
 

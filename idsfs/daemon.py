@@ -134,7 +134,11 @@ MIN_REFRESH_INTERVAL = 0.5
 
 
 class StartupError(IdsfsError):
-    """Mounting failed before the mount answered; the message says why, for the user."""
+    """Mounting failed before the mount answered; the message says why, for the user.
+
+    Raised by :meth:`Daemon.connect`, :meth:`Daemon.build`, :meth:`Daemon.mount` and
+    :func:`check_mountpoint`.
+    """
 
 
 # ----------------------------------------------------------------------------- mounts table
@@ -146,6 +150,8 @@ class MountEntry:
 
     ``options`` are the super block options (for FUSE: ``user_id=``,
     ``group_id=``, ``default_permissions``...); ``device`` is ``major:minor``.
+
+    Constructing one never raises.
     """
 
     mountpoint: str
@@ -156,12 +162,15 @@ class MountEntry:
 
     @property
     def is_fuse(self) -> bool:
-        """True for FUSE mounts (``fuse``, ``fuse.idsfs``, ``fuseblk``...)."""
+        """True for FUSE mounts (``fuse``, ``fuse.idsfs``, ``fuseblk``...). Never raises."""
         return self.fstype == "fuse" or self.fstype.startswith(("fuse.", "fuseblk"))
 
     @property
     def st_dev(self) -> int | None:
-        """The device number (as ``os.stat().st_dev`` gives it), or None if unknown."""
+        """The device number (as ``os.stat().st_dev`` gives it), or None if unknown.
+
+        Never raises.
+        """
         major, sep, minor = self.device.partition(":")
         if not sep or not major.isdigit() or not minor.isdigit():
             return None
@@ -169,7 +178,10 @@ class MountEntry:
 
     @property
     def owner_uid(self) -> int | None:
-        """The uid that mounted a FUSE file system (its ``user_id=`` option), or None."""
+        """The uid that mounted a FUSE file system (its ``user_id=`` option), or None.
+
+        Never raises.
+        """
         for option in self.options.split(","):
             key, _, value = option.partition("=")
             if key == "user_id" and value.isdigit():
@@ -204,6 +216,8 @@ def find_mount(path: str | Path, mountinfo: str = "/proc/self/mountinfo") -> Mou
 
     The path is made absolute and its parent resolved, but ``path`` itself is
     not touched (so a stale FUSE mount is found without hanging or failing).
+
+    Never raises: an unreadable mount table gives None.
     """
     target = _mount_path(path)
     found: MountEntry | None = None
@@ -303,6 +317,8 @@ class RedactingFormatter(logging.Formatter):
     ``/session/<id>`` paths) plus every current secret to the whole line,
     traceback included. With ``journal=True`` lines start with the syslog
     priority ``<N>`` that journald understands, instead of a time stamp.
+
+    Constructing one never raises.
     """
 
     _PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
@@ -318,7 +334,11 @@ class RedactingFormatter(logging.Formatter):
         self._journal = journal
 
     def format(self, record: logging.LogRecord) -> str:
-        """Format ``record`` and remove every secret from the result."""
+        """Format ``record`` and remove every secret from the result.
+
+        Raises what :meth:`logging.Formatter.format` raises for a malformed record (e.g.
+        ``TypeError`` for arguments that do not fit the message), which the handler reports.
+        """
         text = redact(super().format(record), tuple(self._secrets()))
         if self._journal:
             level = max((lv for lv in self._PRIORITY if lv <= record.levelno), default=10)
@@ -428,6 +448,8 @@ def default_ids_url(icat_url: str) -> str:
     ``https://icat.example.org:8181`` and ``https://icat.example.org:8181/icat``
     both give ``https://icat.example.org:8181/ids``; a deeper path keeps its
     prefix (``https://h/facility/icat`` gives ``https://h/facility/ids``).
+
+    Raises ``ValueError`` for a malformed URL (``urlsplit``'s).
     """
     parts = urlsplit(icat_url)
     path = parts.path.rstrip("/")
@@ -451,7 +473,7 @@ def set_readahead(st_dev: int, nbytes: int, sysfs: str = "/sys/class/bdi") -> bo
     """Set ``read_ahead_kb`` of the backing device ``st_dev`` (a FUSE mount's) to ``nbytes``.
 
     Returns True on success; False (with a warning logged) when the file is
-    missing or not writable (e.g. not root). ``nbytes`` 0 does nothing.
+    missing or not writable (e.g. not root). ``nbytes`` 0 does nothing. Never raises.
     """
     if nbytes <= 0:
         return True
@@ -502,6 +524,9 @@ def trace_operations(operations: Any) -> None:
     ``read(12, 0, 131072) -> <131072 bytes> in 0.41 ms`` or ``lookup(1, b'x')
     -> ENOENT in 0.02 ms``. Wraps the handlers of :data:`TRACED_OPERATIONS` on
     the instance; request contexts are left out of the line.
+
+    Raises ``ImportError`` without pyfuse3; the wrapped handlers raise what the
+    handlers raise.
     """
     import pyfuse3
 
@@ -587,7 +612,7 @@ class Daemon:
     plug into ``idsfs status`` and the unmount with :meth:`add_status_provider`
     (e.g. the uploader: ``daemon.add_status_provider("uploads", uploader.stats,
     pending=uploader.pending)``) and report progress while stopping with
-    :meth:`announce`.
+    :meth:`announce`. Constructing one never raises.
     """
 
     def __init__(self, config: Config) -> None:
@@ -633,7 +658,7 @@ class Daemon:
         (e.g. ``"upload of DEMO/.../run.h5 (12 MiB), attempt 3"``). An uploader
         should return ``{"pending": [...], "in_progress": [...], ...}`` from
         ``stats()``; ``idsfs status`` lists those two keys and shows the rest
-        as ``key: value``.
+        as ``key: value``. Never raises.
         """
         self._providers[name] = (stats, pending)
 
@@ -664,7 +689,7 @@ class Daemon:
     # -------------------------------------------------------------- secrets
 
     def secrets(self) -> tuple[str, ...]:
-        """Every session id this daemon has used, and the password."""
+        """Every session id this daemon has used, and the password. Never raises."""
         with self._lock:
             out = list(self._session_ids)
         for secret in (self.config.password, self.config.session):
@@ -790,7 +815,12 @@ class Daemon:
     # -------------------------------------------------------------- the stack
 
     def build(self) -> None:
-        """Create the bridge, the block cache, the catalogue, the transfers and the Operations."""
+        """Create the bridge, the block cache, the catalogue, the transfers and the Operations.
+
+        Raises :class:`StartupError` when the spool directory cannot be used (not a
+        directory, locked by another daemon), and ``ValueError`` from the parts for settings
+        the config has already checked (e.g. a block size that is not a power of two).
+        """
         from idsfs import catalog, fs, transfer, upload
         from idsfs.aio import ThreadBridge
         from idsfs.blockcache import BlockCache
@@ -832,7 +862,7 @@ class Daemon:
             trace_operations(self.operations)
 
     def fuse_options(self) -> set[str]:
-        """The option set given to ``pyfuse3.init`` (never ``direct_io``)."""
+        """The option set given to ``pyfuse3.init`` (never ``direct_io``). Never raises."""
         cfg = self.config
         opts = {f"fsname={cfg.effective_fsname}", "subtype=idsfs", "default_permissions"}
         opts.add("ro" if self.read_only else "rw")
@@ -863,6 +893,9 @@ class Daemon:
 
         Returns when the loop ended (signal, unmount from outside, fatal error:
         stored in ``self.fatal``). Must run inside ``trio.run``.
+
+        An error of the FUSE loop is stored in ``self.fatal``, not raised; only an
+        unexpected error of one of its helper tasks propagates (as trio reports it).
         """
         import pyfuse3
         import trio
@@ -1089,6 +1122,9 @@ class Daemon:
         ``transfers`` (open ``streams`` with rates, ``restores`` waiting, and
         counters), ``stopping``, and one key per status provider (e.g.
         ``uploads``). Runs on the trio thread.
+
+        Never raises: a failing status provider or session check becomes an
+        ``error`` entry (cancellation still propagates).
         """
         import dataclasses
 
@@ -1156,7 +1192,7 @@ class Daemon:
         self._session_seen = (time.monotonic(), remaining)
 
     def refresh_interval(self) -> float:
-        """Seconds between session refreshes: half the lifetime, 0.5 s to 30 min."""
+        """Seconds between session refreshes: half the lifetime, 0.5 s to 30 min. Never raises."""
         lifetime = self.lifetime or 2 * MAX_REFRESH_INTERVAL
         return max(MIN_REFRESH_INTERVAL, min(lifetime / 2, MAX_REFRESH_INTERVAL))
 
@@ -1250,7 +1286,10 @@ class Daemon:
             log.error("unmounting %s failed: %s", self.config.mountpoint, exc)
 
     def close(self) -> None:
-        """Unmount, log out (when the daemon logged in; bounded) and close the clients."""
+        """Unmount, log out (when the daemon logged in; bounded) and close the clients.
+
+        Never raises.
+        """
         self.unmount()
         icat, ids = self.icat, self.ids
         if icat is not None and self.owns_session:
@@ -1436,6 +1475,11 @@ def mount(config: Config, *, when_ready: Callable[[], None] | None = None) -> in
     Background: returns in the parent
     once the child's mount answers (0) or failed (1, the reason printed on
     stderr); the child never returns (it ends with ``os._exit``).
+
+    Start-up failures are reported (stderr, the parent's pipe) and give status 1 or
+    2. Raises ``OSError`` when the pipe or the fork fails or (foreground) the log
+    file cannot be opened, and ``KeyboardInterrupt`` for a signal during a
+    foreground start-up (after cleaning up) or while the parent waits.
     """
     try:
         check_mountpoint(config.mountpoint)

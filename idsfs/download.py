@@ -43,7 +43,8 @@ PART_SUFFIX = ".part"
 @dataclass(frozen=True)
 class DownloadResult:
     """Outcome of :func:`download`: final path, byte count, number of resumes,
-    and the file name the server suggested (``Content-Disposition``). Never raises.
+    and the file name the server suggested (``Content-Disposition``).
+    Constructing one never raises.
     """
 
     path: Path | None

@@ -145,7 +145,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 class Credentials:
     """Either an existing ``session_id`` or a login (``auth``, ``user``, ``password``).
 
-    ``repr`` never shows the secret values. Never raises.
+    ``repr`` never shows the secret values. Constructing one never raises.
     """
 
     session_id: str | None = None
