@@ -67,13 +67,16 @@ MAX_REFRESH_MARGIN = 30 * 60.0
 
 
 def quote(value: str) -> str:
-    """Return ``value`` as a JPQL string literal (``'`` doubled, in quotes)."""
+    """Return ``value`` as a JPQL string literal (``'`` doubled, in quotes). Never raises."""
     return "'" + str(value).replace("'", "''") + "'"
 
 
 @dataclass(frozen=True)
 class SessionInfo:
-    """What ``GET session/{id}`` tells: the user name and the time left."""
+    """What ``GET session/{id}`` tells: the user name and the time left.
+
+    Constructing one never raises.
+    """
 
     userName: str
     remainingMinutes: float
@@ -181,12 +184,15 @@ class ICATClient:
         """The current ICAT session id (``None`` before login).
 
         Setting it adopts an existing session (credentials kept from an
-        earlier login are dropped, so no automatic re-login happens).
+        earlier login are dropped, so no automatic re-login happens). Neither
+        reading nor setting it raises (a session listener's exceptions are
+        logged).
         """
         return self._session_id
 
     @sessionId.setter
     def sessionId(self, value: str | None) -> None:
+        """Adopt the session ``value`` (see the getter). Never raises."""
         with self._lock:
             self._auth = None
             self._expires = None

@@ -74,6 +74,10 @@ def format_date(value: _dt.datetime) -> str:
     """Format a datetime the way ICAT accepts it on input.
 
     ``yyyy-MM-ddTHH:mm:ss.SSS+hh:mm``; a naive datetime is taken as local time.
+
+    Raises ``ValueError`` (``OverflowError`` or ``OSError`` on some platforms)
+    only for a naive datetime that cannot be converted to local time (e.g.
+    ``datetime.min``).
     """
     if value.tzinfo is None:
         value = value.astimezone()
@@ -85,7 +89,7 @@ class Entity:
     """Common base: the fields every ICAT entity has.
 
     Instances are immutable and hashable; use :func:`dataclasses.replace` to
-    derive a changed copy.
+    derive a changed copy. Constructing one never raises.
     """
 
     BeanName: ClassVar[str] = "Entity"
@@ -183,7 +187,10 @@ class Entity:
         return {self.BeanName: out}
 
     def ref(self) -> dict[str, Any]:
-        """Return ``{"<BeanName>": {"id": N}}`` (what ``delete`` sends)."""
+        """Return ``{"<BeanName>": {"id": N}}`` (what ``delete`` sends).
+
+        Raises ``ValueError`` if the object has no id.
+        """
         if self.id is None:
             raise ValueError(f"{self.BeanName} without id")
         return {self.BeanName: {"id": self.id}}
@@ -246,7 +253,7 @@ def _kind_of(hint: Any) -> Any:
 
 @dataclass(frozen=True, kw_only=True, repr=False)
 class Facility(Entity):
-    """ICAT ``Facility``: unique by ``name``."""
+    """ICAT ``Facility``: unique by ``name``. Constructing one never raises."""
 
     BeanName: ClassVar[str] = "Facility"
 
@@ -259,7 +266,10 @@ class Facility(Entity):
 
 @dataclass(frozen=True, kw_only=True, repr=False)
 class InvestigationType(Entity):
-    """ICAT ``InvestigationType``: unique by (``name``, ``facility``)."""
+    """ICAT ``InvestigationType``: unique by (``name``, ``facility``).
+
+    Constructing one never raises.
+    """
 
     BeanName: ClassVar[str] = "InvestigationType"
 
@@ -270,7 +280,10 @@ class InvestigationType(Entity):
 
 @dataclass(frozen=True, kw_only=True, repr=False)
 class User(Entity):
-    """ICAT ``User``: ``name`` equals the session user name (``db/jdoe``)."""
+    """ICAT ``User``: ``name`` equals the session user name (``db/jdoe``).
+
+    Constructing one never raises.
+    """
 
     BeanName: ClassVar[str] = "User"
 
@@ -286,7 +299,10 @@ class User(Entity):
 
 @dataclass(frozen=True, kw_only=True, repr=False)
 class Investigation(Entity):
-    """ICAT ``Investigation``: unique by (``facility``, ``name``, ``visitId``)."""
+    """ICAT ``Investigation``: unique by (``facility``, ``name``, ``visitId``).
+
+    Constructing one never raises.
+    """
 
     BeanName: ClassVar[str] = "Investigation"
 
@@ -308,7 +324,10 @@ class Investigation(Entity):
 
 @dataclass(frozen=True, kw_only=True, repr=False)
 class InvestigationUser(Entity):
-    """ICAT ``InvestigationUser``: links a User to an Investigation with a role."""
+    """ICAT ``InvestigationUser``: links a User to an Investigation with a role.
+
+    Constructing one never raises.
+    """
 
     BeanName: ClassVar[str] = "InvestigationUser"
 
@@ -319,7 +338,7 @@ class InvestigationUser(Entity):
 
 @dataclass(frozen=True, kw_only=True, repr=False)
 class DatasetType(Entity):
-    """ICAT ``DatasetType``: unique by (``facility``, ``name``)."""
+    """ICAT ``DatasetType``: unique by (``facility``, ``name``). Constructing one never raises."""
 
     BeanName: ClassVar[str] = "DatasetType"
 
@@ -330,7 +349,7 @@ class DatasetType(Entity):
 
 @dataclass(frozen=True, kw_only=True, repr=False)
 class Dataset(Entity):
-    """ICAT ``Dataset``: unique by (``investigation``, ``name``)."""
+    """ICAT ``Dataset``: unique by (``investigation``, ``name``). Constructing one never raises."""
 
     BeanName: ClassVar[str] = "Dataset"
 
@@ -350,7 +369,10 @@ class Dataset(Entity):
 
 @dataclass(frozen=True, kw_only=True, repr=False)
 class DatafileFormat(Entity):
-    """ICAT ``DatafileFormat``: unique by (``facility``, ``name``, ``version``)."""
+    """ICAT ``DatafileFormat``: unique by (``facility``, ``name``, ``version``).
+
+    Constructing one never raises.
+    """
 
     BeanName: ClassVar[str] = "DatafileFormat"
 
@@ -366,7 +388,7 @@ class Datafile(Entity):
     """ICAT ``Datafile``: unique by (``dataset``, ``name``).
 
     ``location`` ``None`` means the IDS holds no bytes for it; ``checksum`` is
-    the CRC32 as lowercase hex that IDS ``put`` stores.
+    the CRC32 as lowercase hex that IDS ``put`` stores. Constructing one never raises.
     """
 
     BeanName: ClassVar[str] = "Datafile"
@@ -385,7 +407,10 @@ class Datafile(Entity):
 
 @dataclass(frozen=True, kw_only=True, repr=False)
 class DataCollectionDataset(Entity):
-    """ICAT ``DataCollectionDataset``: a Dataset linked into a DataCollection."""
+    """ICAT ``DataCollectionDataset``: a Dataset linked into a DataCollection.
+
+    Constructing one never raises.
+    """
 
     BeanName: ClassVar[str] = "DataCollectionDataset"
 
@@ -394,7 +419,10 @@ class DataCollectionDataset(Entity):
 
 @dataclass(frozen=True, kw_only=True, repr=False)
 class DataCollectionDatafile(Entity):
-    """ICAT ``DataCollectionDatafile``: a Datafile linked into a DataCollection."""
+    """ICAT ``DataCollectionDatafile``: a Datafile linked into a DataCollection.
+
+    Constructing one never raises.
+    """
 
     BeanName: ClassVar[str] = "DataCollectionDatafile"
 
@@ -403,7 +431,7 @@ class DataCollectionDatafile(Entity):
 
 @dataclass(frozen=True, kw_only=True, repr=False)
 class DataCollectionInvestigation(Entity):
-    """ICAT ``DataCollectionInvestigation`` (ICAT >= 5.0)."""
+    """ICAT ``DataCollectionInvestigation`` (ICAT >= 5.0). Constructing one never raises."""
 
     BeanName: ClassVar[str] = "DataCollectionInvestigation"
 
@@ -416,7 +444,7 @@ class DataCollection(Entity):
 
     The link objects are kept as ICAT has them (``dataCollectionDatasets``
     etc.); :attr:`datasets`, :attr:`datafiles` and :attr:`investigations`
-    give the linked objects directly.
+    give the linked objects directly. Constructing one never raises.
     """
 
     BeanName: ClassVar[str] = "DataCollection"
@@ -428,17 +456,17 @@ class DataCollection(Entity):
 
     @property
     def datasets(self) -> tuple[Dataset, ...]:
-        """The linked datasets."""
+        """The linked datasets. Never raises."""
         return tuple(x.dataset for x in self.dataCollectionDatasets if x.dataset is not None)
 
     @property
     def datafiles(self) -> tuple[Datafile, ...]:
-        """The linked datafiles."""
+        """The linked datafiles. Never raises."""
         return tuple(x.datafile for x in self.dataCollectionDatafiles if x.datafile is not None)
 
     @property
     def investigations(self) -> tuple[Investigation, ...]:
-        """The linked investigations."""
+        """The linked investigations. Never raises."""
         return tuple(
             x.investigation
             for x in self.dataCollectionInvestigations

@@ -114,6 +114,10 @@ class UnstorableNameError(ValueError):
         reason: why, in words.
         errno: the errno for the file system to return (``EINVAL`` here;
             subclasses set their own).
+
+    Raised (as one of its subclasses) by :func:`unescape_name`,
+    :func:`icat_name`, :func:`check_icat_name`, :func:`join_datafile_name`,
+    :func:`datafile_name` and :meth:`DatafileTree.new_datafile_name`.
     """
 
     errno: int = errno.EINVAL
@@ -125,13 +129,19 @@ class UnstorableNameError(ValueError):
 
 
 class InvalidNameError(UnstorableNameError):
-    """The name is not valid here (``EINVAL``): not UTF-8, not canonical, reserved, ..."""
+    """The name is not valid here (``EINVAL``): not UTF-8, not canonical, reserved, ...
+
+    Raised by the functions named at :class:`UnstorableNameError`.
+    """
 
     errno = errno.EINVAL
 
 
 class NameTooLongError(UnstorableNameError):
-    """The name is too long for a file name or for ICAT (``ENAMETOOLONG``)."""
+    """The name is too long for a file name or for ICAT (``ENAMETOOLONG``).
+
+    Raised by the functions named at :class:`UnstorableNameError`.
+    """
 
     errno = errno.ENAMETOOLONG
 
@@ -283,7 +293,10 @@ def is_synthetic(file_name: str | bytes) -> bool:
 
 
 def icat_length(name: str) -> int:
-    """Return the length of a name as ICAT counts it (UTF-16 code units)."""
+    """Return the length of a name as ICAT counts it (UTF-16 code units).
+
+    Raises ``TypeError`` if ``name`` is not a str.
+    """
     return len(name) + sum(1 for char in name if ord(char) > 0xFFFF)
 
 
@@ -338,6 +351,8 @@ def split_datafile_name(name: str) -> tuple[str, ...]:
 
     Examples: ``"a/b"`` -> ``("a", "b")``; ``"/abs/x"`` -> ``("/abs", "x")``;
     ``"a//b"`` -> ``("a//b",)``; ``"a/../b"`` -> ``("a", "..", "b")``.
+
+    Raises ``TypeError`` if ``name`` is not a str.
     """
     return tuple(_SEPARATOR_RE.split(name))
 
@@ -363,7 +378,7 @@ def datafile_path(name: str) -> tuple[str, ...]:
     """Return the file names of the path a datafile name maps to (before clash handling).
 
     The real path of a datafile in a listing can differ when names clash; use
-    :class:`DatafileTree` to get it.
+    :class:`DatafileTree` to get it. Raises ``TypeError`` if ``name`` is not a str.
     """
     return tuple(escape_name(part) for part in split_datafile_name(name))
 
@@ -412,6 +427,8 @@ class NameItem(NamedTuple):
         id: its ICAT id, or ``None`` for directories that stand for no single
             object (datafile path prefixes).
         is_dir: whether it is shown as a directory.
+
+    Constructing one never raises.
     """
 
     name: str
@@ -430,6 +447,8 @@ class Entry:
         ids: the ICAT ids behind it, ascending: one for a file; several for a
             directory merging objects of one name (investigations sharing a
             name); none for a datafile path prefix.
+
+    Constructing one never raises.
     """
 
     file_name: str
@@ -439,22 +458,25 @@ class Entry:
 
     @property
     def id(self) -> int | None:
-        """The smallest ICAT id behind the entry, or ``None``."""
+        """The smallest ICAT id behind the entry, or ``None``. Never raises."""
         return self.ids[0] if self.ids else None
 
     @property
     def file_name_bytes(self) -> bytes:
-        """The file name encoded as UTF-8, as the kernel wants it."""
+        """The file name encoded as UTF-8, as the kernel wants it.
+
+        Never raises (file names are valid UTF-8).
+        """
         return self.file_name.encode()
 
     @property
     def shortened(self) -> bool:
-        """Whether the file name was shortened (it ends in a hash)."""
+        """Whether the file name was shortened (it ends in a hash). Never raises."""
         return SHORTENED_MARK in self.file_name
 
     @property
     def disambiguated(self) -> bool:
-        """Whether the file name got a clash suffix."""
+        """Whether the file name got a clash suffix. Never raises."""
         return DISAMBIGUATION_MARK in self.file_name
 
 
@@ -551,7 +573,7 @@ class Directory(Mapping[str, Entry]):
 
     @property
     def entries(self) -> tuple[Entry, ...]:
-        """All entries, in file-name order."""
+        """All entries, in file-name order. Never raises."""
         return self._entries
 
     def __getitem__(self, file_name: str) -> Entry:
@@ -578,13 +600,15 @@ class Directory(Mapping[str, Entry]):
             name: the ICAT name.
             is_dir: look only for a directory (``True``) or a file (``False``);
                 ``None`` prefers the directory.
+
+        Never raises.
         """
         if is_dir is None:
             return self._by_name.get((name, True)) or self._by_name.get((name, False))
         return self._by_name.get((name, is_dir))
 
     def find_id(self, icat_id: int) -> Entry | None:
-        """Return the entry standing for the ICAT object ``icat_id``, or ``None``."""
+        """Return the entry standing for the ICAT object ``icat_id``, or ``None``. Never raises."""
         return self._by_id.get(icat_id)
 
     def __repr__(self) -> str:
@@ -649,16 +673,19 @@ class DatafileTree:
 
     @property
     def datafiles(self) -> tuple[tuple[str, int], ...]:
-        """The ``(name, id)`` pairs the tree was built from (for rebuilding it)."""
+        """The ``(name, id)`` pairs the tree was built from (for rebuilding it). Never raises."""
         return tuple((name, did) for did, name in self._names.items())
 
     @property
     def directories(self) -> tuple[tuple[str, ...], ...]:
-        """The paths of all directories, the dataset directory ``()`` first."""
+        """The paths of all directories, the dataset directory ``()`` first. Never raises."""
         return tuple(sorted(self._dirs, key=lambda p: (len(p), p)))
 
     def directory(self, path: Sequence[str] = ()) -> Directory | None:
-        """Return the listing of the directory at ``path``, or ``None`` if there is none."""
+        """Return the listing of the directory at ``path``, or ``None`` if there is none.
+
+        Never raises.
+        """
         return self._dirs.get(tuple(path))
 
     def lookup(self, path: Sequence[str]) -> Entry | None:
@@ -674,11 +701,14 @@ class DatafileTree:
         return None if parent is None else parent.get(path[-1])
 
     def path_of(self, datafile_id: int) -> tuple[str, ...] | None:
-        """Return the path where a datafile is shown, or ``None`` if it is not in the tree."""
+        """Return the path where a datafile is shown, or ``None`` if it is not in the tree.
+
+        Never raises.
+        """
         return self._paths.get(datafile_id)
 
     def name_of(self, datafile_id: int) -> str | None:
-        """Return the ICAT name of a datafile of the tree, or ``None``."""
+        """Return the ICAT name of a datafile of the tree, or ``None``. Never raises."""
         return self._names.get(datafile_id)
 
     def new_datafile_name(self, path: Sequence[str | bytes]) -> str:
