@@ -81,7 +81,10 @@ _ICAT_CODES = {
 
 
 def api_error_body(api: str, status: int, message: str) -> dict[str, str]:
-    """The JSON error body ``api`` (``ids``/``icat``/other) would send with ``status``."""
+    """The JSON error body ``api`` (``ids``/``icat``/other) would send with ``status``.
+
+    Never raises.
+    """
     if api == "ids":
         return {"code": _IDS_CODES.get(status, "InternalException"), "message": message}
     if api == "icat":
@@ -127,13 +130,13 @@ class FaultRule:
             self.endpoint = None
 
     def matches(self, endpoint: str) -> bool:
-        """True when the rule applies to ``endpoint``."""
+        """True when the rule applies to ``endpoint``. Never raises."""
         if self.endpoint is None:
             return True
         return endpoint == self.endpoint or fnmatch.fnmatchcase(endpoint, self.endpoint)
 
     def to_json(self) -> dict[str, Any]:
-        """The rule as a JSON-able dict."""
+        """The rule as a JSON-able dict. Never raises."""
         return dataclasses.asdict(self)
 
     @classmethod
@@ -196,7 +199,10 @@ def _session_of(request: Request) -> str | None:
 
 
 class Counters:
-    """Thread-safe per-endpoint counts: requests, response body bytes, errors (>= 400)."""
+    """Thread-safe per-endpoint counts: requests, response body bytes, errors (>= 400).
+
+    Constructing one never raises.
+    """
 
     def __init__(self) -> None:
         """Start with everything at zero."""
@@ -204,7 +210,7 @@ class Counters:
         self._data: dict[str, dict[str, int]] = {}
 
     def record(self, endpoint: str, status: int, bytes_sent: int) -> None:
-        """Count one request to ``endpoint`` answered with ``status``."""
+        """Count one request to ``endpoint`` answered with ``status``. Never raises."""
         with self._lock:
             entry = self._data.setdefault(endpoint, {"requests": 0, "bytes_sent": 0, "errors": 0})
             entry["requests"] += 1
@@ -213,13 +219,13 @@ class Counters:
                 entry["errors"] += 1
 
     def add_bytes(self, endpoint: str, n: int) -> None:
-        """Add ``n`` response body bytes to ``endpoint``."""
+        """Add ``n`` response body bytes to ``endpoint``. Never raises."""
         with self._lock:
             entry = self._data.setdefault(endpoint, {"requests": 0, "bytes_sent": 0, "errors": 0})
             entry["bytes_sent"] += n
 
     def get(self, endpoint: str) -> int:
-        """Number of requests counted for ``endpoint`` (0 if none)."""
+        """Number of requests counted for ``endpoint`` (0 if none). Never raises."""
         with self._lock:
             return self._data.get(endpoint, {}).get("requests", 0)
 
@@ -228,14 +234,17 @@ class Counters:
         return self.get(endpoint)
 
     def bytes_sent(self, endpoint: str | None = None) -> int:
-        """Response body bytes sent for ``endpoint`` (None = all endpoints)."""
+        """Response body bytes sent for ``endpoint`` (None = all endpoints). Never raises."""
         with self._lock:
             if endpoint is None:
                 return sum(e["bytes_sent"] for e in self._data.values())
             return self._data.get(endpoint, {}).get("bytes_sent", 0)
 
     def total(self, pattern: str | None = None) -> int:
-        """Requests over all endpoints matching the shell-style ``pattern`` (None = all)."""
+        """Requests over all endpoints matching the shell-style ``pattern`` (None = all).
+
+        Never raises.
+        """
         with self._lock:
             return sum(
                 e["requests"]
@@ -244,12 +253,12 @@ class Counters:
             )
 
     def snapshot(self) -> dict[str, dict[str, int]]:
-        """A copy: endpoint -> {"requests", "bytes_sent", "errors"}."""
+        """A copy: endpoint -> {"requests", "bytes_sent", "errors"}. Never raises."""
         with self._lock:
             return {name: dict(entry) for name, entry in sorted(self._data.items())}
 
     def reset(self) -> None:
-        """Set every counter back to zero."""
+        """Set every counter back to zero. Never raises."""
         with self._lock:
             self._data.clear()
 
@@ -258,7 +267,7 @@ class FaultInjector(ServerHooks):
     """The rule set plus the server hooks that apply it (thread-safe).
 
     ``expire`` is the catalogue's ``expire(session_id=None) -> int`` (set by
-    the Emulator); ``counters`` receives every non-admin request.
+    the Emulator); ``counters`` receives every non-admin request. Constructing one never raises.
     """
 
     def __init__(
@@ -282,7 +291,11 @@ class FaultInjector(ServerHooks):
     # ---------------------------------------------------------------- rule management
 
     def add(self, rule: FaultRule | None = None, /, **fields: Any) -> int:
-        """Add ``rule`` (or a rule built from ``fields``); return its id. ValueError if bad."""
+        """Add ``rule`` (or a rule built from ``fields``); return its id.
+
+        Raises ``ValueError`` for a bad rule and ``TypeError`` when both a rule and
+        fields are given.
+        """
         if rule is None:
             rule = FaultRule.from_mapping(fields)
         elif fields:
@@ -295,15 +308,27 @@ class FaultInjector(ServerHooks):
         return rule.id
 
     def latency(self, seconds: float, endpoint: str | None = None, **kw: Any) -> int:
-        """Add ``seconds`` of latency to matching requests; returns the rule id."""
+        """Add ``seconds`` of latency to matching requests; returns the rule id.
+
+        Raises ``ValueError`` for a value out of range and ``TypeError`` for an unknown
+        keyword.
+        """
         return self.add(FaultRule("latency", endpoint, seconds=seconds, **kw))
 
     def error(self, status: int = 500, endpoint: str | None = None, **kw: Any) -> int:
-        """Answer matching requests with ``status`` and the API's error JSON; rule id."""
+        """Answer matching requests with ``status`` and the API's error JSON; rule id.
+
+        Raises ``ValueError`` for a value out of range and ``TypeError`` for an unknown
+        keyword.
+        """
         return self.add(FaultRule("error", endpoint, status=status, **kw))
 
     def drop(self, after_bytes: int = 0, endpoint: str | None = None, **kw: Any) -> int:
-        """Close the connection after ``after_bytes`` body bytes; rule id."""
+        """Close the connection after ``after_bytes`` body bytes; rule id.
+
+        Raises ``ValueError`` for a value out of range and ``TypeError`` for an unknown
+        keyword.
+        """
         return self.add(FaultRule("drop", endpoint, after_bytes=after_bytes, **kw))
 
     def stall(
@@ -313,56 +338,71 @@ class FaultInjector(ServerHooks):
         endpoint: str | None = None,
         **kw: Any,
     ) -> int:
-        """Stop sending after ``after_bytes`` for ``seconds`` (None = until released)."""
+        """Stop sending after ``after_bytes`` for ``seconds`` (None = until released).
+
+        Raises ``ValueError`` for a value out of range and ``TypeError`` for an unknown
+        keyword.
+        """
         return self.add(
             FaultRule("stall", endpoint, after_bytes=after_bytes, seconds=seconds, **kw)
         )
 
     def expire_session(self, endpoint: str | None = None, **kw: Any) -> int:
-        """Expire the session of matching requests just before they are handled; rule id."""
+        """Expire the session of matching requests just before they are handled; rule id.
+
+        Raises ``ValueError`` for a value out of range and ``TypeError`` for an unknown
+        keyword.
+        """
         return self.add(FaultRule("expire_session", endpoint, **kw))
 
     def corrupt_checksum(self, endpoint: str | None = "ids/put", **kw: Any) -> int:
-        """Make matching IDS ``put`` calls report (and register) a wrong CRC32; rule id."""
+        """Make matching IDS ``put`` calls report (and register) a wrong CRC32; rule id.
+
+        Raises ``ValueError`` for a value out of range and ``TypeError`` for an unknown
+        keyword.
+        """
         return self.add(FaultRule("corrupt_checksum", endpoint, **kw))
 
     def remove(self, rule_id: int) -> bool:
-        """Remove one rule; True if it existed."""
+        """Remove one rule; True if it existed. Never raises."""
         with self._lock:
             before = len(self._rules)
             self._rules = [r for r in self._rules if r.id != rule_id]
             return len(self._rules) != before
 
     def rules(self) -> list[FaultRule]:
-        """Copies of the active rules."""
+        """Copies of the active rules. Never raises."""
         with self._lock:
             return [dataclasses.replace(r) for r in self._rules]
 
     def clear(self) -> None:
-        """Remove every rule and release every stalled stream."""
+        """Remove every rule and release every stalled stream. Never raises."""
         with self._lock:
             self._rules.clear()
         self.release_stalls()
 
     def release_stalls(self) -> None:
-        """Let every currently stalled stream go on."""
+        """Let every currently stalled stream go on. Never raises."""
         with self._lock:
             self._stall_generation += 1
             self._lock.notify_all()
 
     def seed(self, seed: int) -> None:
-        """Restart the random sequence from ``seed``."""
+        """Restart the random sequence from ``seed``. Never raises."""
         with self._lock:
             self._random.seed(seed)
 
     def close(self) -> None:
-        """Release stalls for good (no stall blocks after this); used at shutdown."""
+        """Release stalls for good (no stall blocks after this); used at shutdown. Never raises."""
         with self._lock:
             self._closed = True
         self.release_stalls()
 
     def expire_sessions(self, session_id: str | None = None) -> int:
-        """Expire one session (or all) now; returns how many. RuntimeError without catalogue."""
+        """Expire one session (or all) now; returns how many.
+
+        Raises ``RuntimeError`` when no catalogue is attached.
+        """
         if self.expire is None:
             raise RuntimeError("no catalogue attached to the fault injector")
         return self.expire(session_id)
@@ -388,7 +428,10 @@ class FaultInjector(ServerHooks):
         return fired
 
     def should_corrupt_checksum(self, endpoint: str = "ids/put") -> bool:
-        """True when a ``corrupt_checksum`` rule fires for this ``put`` (consumes it)."""
+        """True when a ``corrupt_checksum`` rule fires for this ``put`` (consumes it).
+
+        Never raises.
+        """
         return bool(self._take("corrupt_checksum", endpoint))
 
     def _stall_for(self, seconds: float | None, generation: int) -> None:
@@ -413,7 +456,7 @@ class FaultInjector(ServerHooks):
         return request.endpoint.startswith("admin/")
 
     def before(self, request: Request) -> Response | None:
-        """Apply latency, session expiry and error rules to ``request``."""
+        """Apply latency, session expiry and error rules to ``request``. Never raises."""
         if self._exempt(request):
             return None
         endpoint = request.endpoint
@@ -433,7 +476,7 @@ class FaultInjector(ServerHooks):
         return None
 
     def body_plan(self, request: Request, response: Response) -> BodyPlan | None:
-        """Drop/stall plans for successful (2xx) response bodies."""
+        """Drop/stall plans for successful (2xx) response bodies. Never raises."""
         if self._exempt(request) or not 200 <= response.status < 300:
             return None
         drops = self._take("drop", request.endpoint)
@@ -454,17 +497,17 @@ class FaultInjector(ServerHooks):
         return plan
 
     def responding(self, request: Request, status: int) -> None:
-        """Count the request and its status (admin requests are not counted)."""
+        """Count the request and its status (admin requests are not counted). Never raises."""
         if not self._exempt(request):
             self.counters.record(request.endpoint, status, 0)
 
     def sending(self, request: Request, n: int) -> None:
-        """Count ``n`` body bytes about to be sent."""
+        """Count ``n`` body bytes about to be sent. Never raises."""
         if not self._exempt(request):
             self.counters.add_bytes(request.endpoint, n)
 
     def to_json(self) -> dict[str, Any]:
-        """Rules and fire counts, JSON-able (for ``GET /admin/faults``)."""
+        """Rules and fire counts, JSON-able (for ``GET /admin/faults``). Never raises."""
         with self._lock:
             return {
                 "rules": [r.to_json() for r in self._rules],
@@ -473,7 +516,7 @@ class FaultInjector(ServerHooks):
 
 
 def parse_rules_json(text: str) -> list[FaultRule]:
-    """Parse a JSON object or list of objects into rules; ValueError if malformed."""
+    """Parse a JSON object or list of objects into rules; raises ValueError if malformed."""
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:

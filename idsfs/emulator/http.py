@@ -160,11 +160,18 @@ class HTTPError(Exception):
 
 
 class BadRequestSyntax(Exception):
-    """The request is not valid HTTP (answered 400, connection closed)."""
+    """The request is not valid HTTP (answered 400, connection closed).
+
+    Raised by :class:`Request` and the request-body readers (a malformed or short body);
+    handlers may let it escape, which answers 400.
+    """
 
 
 class ClientGone(Exception):
-    """The peer closed the connection or the connection was aborted on purpose."""
+    """The peer closed the connection or the connection was aborted on purpose.
+
+    Raised inside the server when a request body could not be read; it ends the connection.
+    """
 
 
 # --------------------------------------------------------------------------- headers
@@ -174,7 +181,7 @@ class Headers:
     """Case-insensitive, order-keeping view of request headers.
 
     ``get(name)`` returns the values of repeated headers joined with ``", "``;
-    ``get_all(name)`` returns the list.
+    ``get_all(name)`` returns the list. Constructing one never raises.
     """
 
     def __init__(self, items: Iterable[tuple[str, str]] = ()) -> None:
@@ -185,17 +192,17 @@ class Headers:
             self.add(name, value)
 
     def add(self, name: str, value: str) -> None:
-        """Append one header."""
+        """Append one header. Never raises."""
         self._items.append((name, value))
         self._index.setdefault(name.lower(), []).append(value)
 
     def get(self, name: str, default: str | None = None) -> str | None:
-        """Return the (joined) value of ``name`` or ``default``."""
+        """Return the (joined) value of ``name`` or ``default``. Never raises."""
         values = self._index.get(name.lower())
         return ", ".join(values) if values else default
 
     def get_all(self, name: str) -> list[str]:
-        """Return every value of ``name`` (possibly empty)."""
+        """Return every value of ``name`` (possibly empty). Never raises."""
         return list(self._index.get(name.lower(), ()))
 
     def __contains__(self, name: object) -> bool:
@@ -401,7 +408,7 @@ class Part:
     """One part of a ``multipart/form-data`` body.
 
     ``file`` holds the part's bytes (spooled to disk above 1 MiB), positioned
-    at 0; ``filename`` is None for plain form fields.
+    at 0; ``filename`` is None for plain form fields. Constructing one never raises.
     """
 
     name: str
@@ -411,12 +418,12 @@ class Part:
 
     @property
     def content_type(self) -> str | None:
-        """The part's ``Content-Type`` header."""
+        """The part's ``Content-Type`` header. Never raises."""
         return self.headers.get("content-type")
 
     @property
     def data(self) -> bytes:
-        """All bytes of the part."""
+        """All bytes of the part. Raises ``OSError`` if the spooled part cannot be read back."""
         self.file.seek(0)
         data = self.file.read()
         self.file.seek(0)
@@ -424,7 +431,10 @@ class Part:
 
     @property
     def text(self) -> str:
-        """The part decoded as UTF-8 (invalid bytes replaced)."""
+        """The part decoded as UTF-8 (invalid bytes replaced).
+
+        Raises ``OSError`` if the spooled part cannot be read back.
+        """
         return self.data.decode("utf-8", "replace")
 
 
@@ -432,7 +442,12 @@ class Part:
 
 
 class Request:
-    """One parsed HTTP request, as handlers see it (see the module docstring)."""
+    """One parsed HTTP request, as handlers see it (see the module docstring).
+
+    Constructing one raises :class:`BadRequestSyntax` for a target that is neither absolute
+    (``http://...``) nor ``*`` nor a path, and ``ValueError`` for an absolute target whose
+    host part is malformed (``urlsplit``'s "Invalid IPv6 URL").
+    """
 
     def __init__(
         self,
@@ -471,17 +486,20 @@ class Request:
         self._multipart: list[Part] | None = None
 
     def arg(self, name: str) -> str | None:
-        """First value of query parameter ``name``, or None when absent."""
+        """First value of query parameter ``name``, or None when absent. Never raises."""
         values = self.query.get(name)
         return values[0] if values else None
 
     def has(self, name: str) -> bool:
-        """True when query parameter ``name`` is present (even with an empty value)."""
+        """True when query parameter ``name`` is present (even with an empty value).
+
+        Never raises.
+        """
         return name in self.query
 
     @property
     def content_type(self) -> str:
-        """The media type of the body, lower case, without parameters ("" if none)."""
+        """The media type of the body, lower case, without parameters ("" if none). Never raises."""
         value = self.headers.get("content-type") or ""
         return value.split(";", 1)[0].strip().lower()
 
@@ -510,7 +528,12 @@ class Request:
         return self._form
 
     def farg(self, name: str) -> str | None:
-        """First value of form field ``name`` (urlencoded body), or None."""
+        """First value of form field ``name`` (urlencoded body), or None.
+
+        Raises what :meth:`form` raises (:class:`HTTPError` 400 for a form that is too
+        large) and, while reading the body, :class:`BadRequestSyntax` for a malformed body
+        and ``OSError`` when the connection fails.
+        """
         values = self.form().get(name)
         return values[0] if values else None
 
@@ -525,7 +548,7 @@ class Request:
         return self._multipart
 
     def redacted_target(self) -> str:
-        """The request target with session/prepared ids hidden (for logs)."""
+        """The request target with session/prepared ids hidden (for logs). Never raises."""
         return redact(self.target)
 
     def __repr__(self) -> str:
@@ -534,7 +557,10 @@ class Request:
 
 
 def redact(text: str) -> str:
-    """Hide ``sessionId``/``preparedId`` values and anything UUID-shaped in ``text``."""
+    """Hide ``sessionId``/``preparedId`` values and anything UUID-shaped in ``text``.
+
+    Never raises.
+    """
     text = _SECRET_PARAMS_RE.sub(r"\1***", text)
     return _UUID_RE.sub("***", text)
 
@@ -585,7 +611,10 @@ def _parse_multipart(request: Request) -> list[Part]:
 
 
 class Response:
-    """A response with a bytes body (sent with ``Content-Length``)."""
+    """A response with a bytes body (sent with ``Content-Length``).
+
+    Constructing one never raises.
+    """
 
     def __init__(
         self,
@@ -615,7 +644,7 @@ class Response:
                 logger.exception("on_close callback failed")
 
     def header(self, name: str) -> str | None:
-        """The first extra header ``name`` set by the handler, or None."""
+        """The first extra header ``name`` set by the handler, or None. Never raises."""
         lname = name.lower()
         for key, value in self.headers:
             if key.lower() == lname:
@@ -624,7 +653,10 @@ class Response:
 
 
 class StreamResponse(Response):
-    """A response whose body comes from an iterable of bytes (sent chunked)."""
+    """A response whose body comes from an iterable of bytes (sent chunked).
+
+    Constructing one never raises.
+    """
 
     def __init__(
         self,
@@ -642,7 +674,10 @@ class StreamResponse(Response):
         self._source: Iterable[bytes] | None = None  # the original iterable after prefetch
 
     def close(self) -> None:
-        """Close the iterator(s) (if they have ``close``), then run ``on_close``."""
+        """Close the iterator(s) (if they have ``close``), then run ``on_close``.
+
+        Errors of the iterators' ``close`` and of ``on_close`` are logged, never raised.
+        """
         if not self._closed:
             for source in (self.chunks, self._source):
                 closer = getattr(source, "close", None)
@@ -655,7 +690,10 @@ class StreamResponse(Response):
 
 
 class FileResponse(Response):
-    """A response sending ``length`` bytes of a file from ``offset`` (sendfile)."""
+    """A response sending ``length`` bytes of a file from ``offset`` (sendfile).
+
+    Constructing one never raises (the file is opened when the response is sent).
+    """
 
     def __init__(
         self,
@@ -681,23 +719,33 @@ class FileResponse(Response):
 def json_response(
     payload: Any, status: int = 200, headers: Iterable[tuple[str, str]] = ()
 ) -> Response:
-    """A compact JSON response (``application/json``)."""
+    """A compact JSON response (``application/json``).
+
+    Raises ``TypeError`` for a payload that is not JSON-serialisable and ``ValueError`` for
+    a circular one.
+    """
     body = json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     return Response(status, body, "application/json", headers)
 
 
 def text_response(text: str, status: int = 200, content_type: str = "text/plain") -> Response:
-    """A ``text/plain`` response; ``text`` is sent as UTF-8 without a trailing newline."""
+    """A ``text/plain`` response; ``text`` is sent as UTF-8 without a trailing newline.
+
+    Raises ``UnicodeEncodeError`` for a text holding lone surrogates.
+    """
     return Response(status, text.encode("utf-8"), content_type)
 
 
 def empty_response(status: int = 204) -> Response:
-    """An empty response (204 No Content by default)."""
+    """An empty response (204 No Content by default). Never raises."""
     return Response(status)
 
 
 def error_response(status: int, code: str, message: str, **extra: Any) -> Response:
-    """A JSON error response ``{"code": code, "message": message, **extra}``."""
+    """A JSON error response ``{"code": code, "message": message, **extra}``.
+
+    Raises ``TypeError`` for an ``extra`` value that is not JSON-serialisable.
+    """
     return json_response({"code": code, "message": message, **extra}, status)
 
 
@@ -756,7 +804,7 @@ class Router:
     """Maps (method, path) to a handler and an endpoint name; thread-safe to read.
 
     Routes are normally all added before the server starts; adding later is
-    allowed (guarded by a lock).
+    allowed (guarded by a lock). Constructing one never raises.
     """
 
     def __init__(self) -> None:
@@ -791,7 +839,7 @@ class Router:
         """Set the renderers of unknown paths and uncaught errors below ``prefix``.
 
         ``prefix`` is a path such as ``/ids``; it covers ``/ids`` and ``/ids/...``.
-        The longest matching prefix wins. Omitted renderers keep the defaults.
+        The longest matching prefix wins. Omitted renderers keep the defaults. Never raises.
         """
         prefix = "/" + prefix.strip("/")
         with self._lock:
@@ -808,11 +856,14 @@ class Router:
         return _Prefix("", _default_unknown, _default_error)
 
     def prefix_name(self, path: str) -> str:
-        """The registered prefix covering ``path`` without slashes (``ids``), or ""."""
+        """The registered prefix covering ``path`` without slashes (``ids``), or "".
+
+        Never raises.
+        """
         return self._prefix_of(path).prefix.strip("/")
 
     def resolve(self, request: Request) -> Handler | None:
-        """Set ``request.endpoint``/``path_params``; return the handler or None."""
+        """Set ``request.endpoint``/``path_params``; return the handler or None. Never raises."""
         with self._lock:
             candidates: list[tuple[_Route, dict[str, str]]] = [
                 (r, {}) for r in self._exact.get(request.path, ())
@@ -839,15 +890,21 @@ class Router:
         return None
 
     def render_unknown(self, request: Request) -> Response:
-        """The prefix's answer for a path that matches no route."""
+        """The prefix's answer for a path that matches no route.
+
+        Raises what the prefix's renderer raises (the emulator's never do).
+        """
         return self._prefix_of(request.path).unknown(request)
 
     def render_error(self, request: Request, exc: BaseException) -> Response:
-        """The prefix's answer for an uncaught exception."""
+        """The prefix's answer for an uncaught exception.
+
+        Raises what the prefix's renderer raises (the emulator's never do).
+        """
         return self._prefix_of(request.path).error(request, exc)
 
     def endpoints(self) -> list[str]:
-        """All endpoint names registered (sorted, unique)."""
+        """All endpoint names registered (sorted, unique). Never raises."""
         with self._lock:
             names = {r.endpoint for rs in self._exact.values() for r in rs}
             names.update(r.endpoint for r in self._patterns)
@@ -863,7 +920,7 @@ class BodyPlan:
 
     ``drop_after``: send at most this many body bytes, then close the
     connection. ``stall_after``: after this many body bytes call ``stall()``
-    (which blocks for as long as the stall lasts) once, then go on.
+    (which blocks for as long as the stall lasts) once, then go on. Constructing one never raises.
     """
 
     drop_after: int | None = None
@@ -872,24 +929,31 @@ class BodyPlan:
 
 
 class ServerHooks:
-    """Interception points of :class:`HTTPServer` (the defaults do nothing)."""
+    """Interception points of :class:`HTTPServer` (the defaults do nothing).
+
+    Constructing one never raises; the server logs what :meth:`after` raises and answers 500
+    for what :meth:`before` raises.
+    """
 
     def before(self, request: Request) -> Response | None:
-        """Called after routing, before the handler; a Response replaces the handler's."""
+        """Called after routing, before the handler; a Response replaces the handler's.
+
+        Never raises here.
+        """
         return None
 
     def body_plan(self, request: Request, response: Response) -> BodyPlan | None:
-        """A plan to cut or stall the body of ``response``, or None."""
+        """A plan to cut or stall the body of ``response``, or None. Never raises here."""
         return None
 
     def responding(self, request: Request, status: int) -> None:
-        """Called just before the status line of the response is sent."""
+        """Called just before the status line of the response is sent. Never raises here."""
 
     def sending(self, request: Request, n: int) -> None:
-        """Called before ``n`` more body bytes are handed to the socket."""
+        """Called before ``n`` more body bytes are handed to the socket. Never raises here."""
 
     def after(self, request: Request, status: int, bytes_sent: int) -> None:
-        """Called once when the exchange is over (also after failures)."""
+        """Called once when the exchange is over (also after failures). Never raises here."""
 
 
 # --------------------------------------------------------------------------- the server
@@ -957,7 +1021,7 @@ class HTTPServer:
     """A threaded HTTP/1.1 keep-alive server dispatching to a :class:`Router`.
 
     ``start()`` binds and serves in background threads (one per connection);
-    ``stop()`` closes the listener and every connection.
+    ``stop()`` closes the listener and every connection. Constructing one never raises.
     """
 
     def __init__(
@@ -987,6 +1051,8 @@ class HTTPServer:
         """Bind and listen (port 0 = a free port, stored in :attr:`port`); OSError if not.
 
         Connections are queued but not served until :meth:`start`.
+
+        Raises ``OSError`` (``socket.gaierror`` for an unknown host) when it cannot bind.
         """
         if self._listener is not None:
             return
@@ -1006,7 +1072,10 @@ class HTTPServer:
         self.port = sock.getsockname()[1]
 
     def start(self) -> None:
-        """Bind (unless :meth:`bind` was called) and serve in background threads."""
+        """Bind (unless :meth:`bind` was called) and serve in background threads.
+
+        Raises ``OSError`` when it cannot bind (see :meth:`bind`).
+        """
         self.bind()
         if self._accept_thread is not None:
             return
@@ -1017,7 +1086,7 @@ class HTTPServer:
 
     @property
     def base_url(self) -> str:
-        """``http://host:port`` of the listening socket (IPv6 hosts bracketed)."""
+        """``http://host:port`` of the listening socket (IPv6 hosts bracketed). Never raises."""
         host = self.host
         if host in ("", "0.0.0.0"):
             host = "127.0.0.1"
@@ -1028,7 +1097,10 @@ class HTTPServer:
         return f"http://{host}:{self.port}"
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Stop accepting, close every connection, wait up to ``timeout`` for handlers."""
+        """Stop accepting, close every connection, wait up to ``timeout`` for handlers.
+
+        Never raises.
+        """
         self._stopping.set()
         listener, self._listener = self._listener, None
         if listener is not None:

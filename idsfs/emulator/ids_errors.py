@@ -33,7 +33,11 @@ DATA_BUSY = "Data is busy"
 
 
 class IdsError(Exception):
-    """An IDS error: ``code`` (wire value), ``status`` (HTTP) and ``message``."""
+    """An IDS error: ``code`` (wire value), ``status`` (HTTP) and ``message``.
+
+    Raised by the IDS handlers; the router answers it with :meth:`payload` and
+    :attr:`status`. Constructing one never raises.
+    """
 
     code = "InternalException"
     status = 500
@@ -43,33 +47,33 @@ class IdsError(Exception):
         self.message = message
 
     def payload(self) -> dict[str, Any]:
-        """The JSON error body."""
+        """The JSON error body. Never raises."""
         return {"code": self.code, "message": self.message}
 
 
 class BadRequest(IdsError):
-    """400 ``BadRequestException``."""
+    """400 ``BadRequestException``. Raised by the IDS handlers."""
 
     code = "BadRequestException"
     status = 400
 
 
 class InsufficientPrivileges(IdsError):
-    """403 ``InsufficientPrivilegesException``."""
+    """403 ``InsufficientPrivilegesException``. Raised by the IDS handlers."""
 
     code = "InsufficientPrivilegesException"
     status = 403
 
 
 class NotFound(IdsError):
-    """404 ``NotFoundException``."""
+    """404 ``NotFoundException``. Raised by the IDS handlers."""
 
     code = "NotFoundException"
     status = 404
 
 
 class Internal(IdsError):
-    """500 ``InternalException``."""
+    """500 ``InternalException``. Raised by the IDS handlers."""
 
     code = "InternalException"
     status = 500
@@ -83,14 +87,14 @@ class InsufficientStorage(IdsError):
 
 
 class NotImplementedYet(IdsError):
-    """501 ``NotImplementedException``."""
+    """501 ``NotImplementedException``. Raised by the IDS handlers."""
 
     code = "NotImplementedException"
     status = 501
 
 
 class DataNotOnline(IdsError):
-    """503 ``DataNotOnlineException``."""
+    """503 ``DataNotOnlineException``. Raised by the IDS handlers."""
 
     code = "DataNotOnlineException"
     status = 503
@@ -103,7 +107,7 @@ def from_icat(
 
     SESSION and INSUFFICIENT_PRIVILEGES give 403, NO_SUCH_OBJECT_FOUND 404; VALIDATION and
     BAD_PARAMETER give 400 only when asked (``put`` registration, ``getLink``); everything
-    else 500 with a message starting with the ICAT type.
+    else 500 with a message starting with the ICAT type. Never raises.
     """
     code = str(getattr(exc, "code", "INTERNAL"))
     message = str(getattr(exc, "message", exc))

@@ -76,11 +76,19 @@ _CHUNK = 1 << 20
 
 
 class StorageError(ValueError):
-    """A location is unusable (absolute, empty, or escaping the storage directory)."""
+    """A location is unusable (absolute, empty, or escaping the storage directory).
+
+    Raised by :meth:`Storage.main_path`, :meth:`Storage.archive_path` and the methods that
+    use them (:meth:`Storage.put`, :meth:`Storage.open`,
+    :meth:`Storage.delete_archive_copy`).
+    """
 
 
 class DeferredOp(Enum):
-    """Operations that can be queued (DELETE only for storage unit DATAFILE)."""
+    """Operations that can be queued (DELETE only for storage unit DATAFILE).
+
+    ``DeferredOp(value)`` raises ``ValueError`` for an unknown value.
+    """
 
     WRITE = "WRITE"
     ARCHIVE = "ARCHIVE"
@@ -89,7 +97,10 @@ class DeferredOp(Enum):
 
 
 class RequestedState(Enum):
-    """State of a queued item, as getServiceStatus reports it."""
+    """State of a queued item, as getServiceStatus reports it.
+
+    ``RequestedState(value)`` raises ``ValueError`` for an unknown value.
+    """
 
     WRITE_REQUESTED = "WRITE_REQUESTED"
     WRITE_THEN_ARCHIVE_REQUESTED = "WRITE_THEN_ARCHIVE_REQUESTED"
@@ -99,16 +110,26 @@ class RequestedState(Enum):
 
 
 class MetadataSource(Protocol):
-    """What storage needs to know from the catalogue."""
+    """What storage needs to know from the catalogue.
+
+    What an implementation raises is logged by storage and fails that write or restore (a
+    failed restore is recorded).
+    """
 
     def dataset_files(self, ds: DsInfo) -> list[DfInfo]:
-        """Return the datafiles of ``ds`` that have a location, as ICAT has them now."""
+        """Return the datafiles of ``ds`` that have a location, as ICAT has them now.
+
+        May raise; see :class:`MetadataSource`.
+        """
         ...
 
 
 @dataclass(frozen=True)
 class StoredFile:
-    """Result of storing a stream: location, byte count and CRC32 (unsigned)."""
+    """Result of storing a stream: location, byte count and CRC32 (unsigned).
+
+    Constructing one never raises.
+    """
 
     location: str
     size: int
@@ -159,6 +180,9 @@ class Storage:
 
     ``settings.storage`` selects ``single`` (one level), ``dataset`` or ``datafile`` (two-level
     with that storage unit). Thread-safe. Construct, use, then :meth:`close`.
+
+    Constructing one raises ``OSError`` when the directories cannot be created and
+    ``ValueError`` for an unknown ``settings.storage``.
     """
 
     def __init__(
@@ -214,20 +238,20 @@ class Storage:
     # ------------------------------------------------------------------ configuration
     @property
     def two_level(self) -> bool:
-        """True for two-level storage (unit DATASET or DATAFILE)."""
+        """True for two-level storage (unit DATASET or DATAFILE). Never raises."""
         return self.mode != "single"
 
     @property
     def unit(self) -> str | None:
-        """``"DATASET"``, ``"DATAFILE"`` or ``None`` for single-level storage."""
+        """``"DATASET"``, ``"DATAFILE"`` or ``None`` for single-level storage. Never raises."""
         return {"dataset": "DATASET", "datafile": "DATAFILE"}.get(self.mode)
 
     def set_metadata(self, metadata: MetadataSource) -> None:
-        """Install the catalogue view used by DATASET writes and restores."""
+        """Install the catalogue view used by DATASET writes and restores. Never raises."""
         self.metadata = metadata
 
     def close(self) -> None:
-        """Stop the queue thread and wait (a bounded time) for running operations."""
+        """Stop the queue thread and wait (a bounded time) for running operations. Never raises."""
         self._stop.set()
         if self._ticker is not None:
             self._ticker.join(timeout=5)
@@ -246,15 +270,15 @@ class Storage:
         return self.archive_dir.joinpath(*_check_location(location))
 
     def dataset_dir(self, ds: DsInfo) -> Path:
-        """Return the main-storage directory of dataset ``ds``."""
+        """Return the main-storage directory of dataset ``ds``. Never raises."""
         return self.main_dir / str(ds.inv_id) / str(ds.id)
 
     def archive_zip(self, ds: DsInfo) -> Path:
-        """Return the DATASET-unit archive zip path of ``ds``."""
+        """Return the DATASET-unit archive zip path of ``ds``. Never raises."""
         return self.archive_dir / str(ds.inv_id) / f"{ds.id}.zip"
 
     def new_location(self, inv_id: int, ds_id: int) -> str:
-        """Return a fresh location ``<invId>/<dsId>/<uuid>`` for a new file."""
+        """Return a fresh location ``<invId>/<dsId>/<uuid>`` for a new file. Never raises."""
         return f"{inv_id}/{ds_id}/{uuid.uuid4()}"
 
     def put(
@@ -294,7 +318,11 @@ class Storage:
         return StoredFile(loc, size, crc)
 
     def exists(self, location: str) -> bool:
-        """Return whether ``location`` is present in main storage."""
+        """Return whether ``location`` is present in main storage.
+
+        Never raises for an invalid location (False). Raises ``OSError`` only when the
+        storage directory cannot be examined (e.g. no permission).
+        """
         try:
             return self.main_path(location).is_file()
         except StorageError:
@@ -305,7 +333,11 @@ class Storage:
         return open(self.main_path(location), "rb")
 
     def delete(self, location: str) -> None:
-        """Remove ``location`` from main storage and any directories left empty by it."""
+        """Remove ``location`` from main storage and any directories left empty by it.
+
+        An invalid or missing location is ignored; raises ``OSError`` when the file exists
+        but cannot be removed.
+        """
         try:
             path = self.main_path(location)
         except StorageError:
@@ -324,17 +356,29 @@ class Storage:
             directory = directory.parent
 
     def dataset_online(self, ds: DsInfo) -> bool:
-        """Return whether dataset ``ds`` has its directory in main storage."""
+        """Return whether dataset ``ds`` has its directory in main storage.
+
+        Raises ``OSError`` only when the storage directory cannot be examined (e.g. no
+        permission).
+        """
         return self.dataset_dir(ds).is_dir()
 
     def is_online(self, item: DsInfo | DfInfo) -> bool:
-        """Return whether ``item`` (dataset or datafile) is present in main storage."""
+        """Return whether ``item`` (dataset or datafile) is present in main storage.
+
+        Raises ``OSError`` only when the storage directory cannot be examined (e.g. no
+        permission).
+        """
         if isinstance(item, DsInfo):
             return self.dataset_online(item)
         return self.exists(item.location)
 
     def has_archive_copy(self, item: DsInfo | DfInfo) -> bool:
-        """Return whether the archive holds a copy of ``item``."""
+        """Return whether the archive holds a copy of ``item``.
+
+        Raises ``OSError`` only when the storage directory cannot be examined (e.g. no
+        permission).
+        """
         if isinstance(item, DsInfo):
             return self.archive_zip(item).is_file()
         try:
@@ -343,7 +387,11 @@ class Storage:
             return False
 
     def delete_archive_copy(self, item: DsInfo | DfInfo) -> None:
-        """Remove the archive copy of ``item`` if there is one."""
+        """Remove the archive copy of ``item`` if there is one.
+
+        Raises :class:`StorageError` for a datafile with an invalid location and ``OSError``
+        when the copy exists but cannot be removed.
+        """
         path = (
             self.archive_zip(item) if isinstance(item, DsInfo) else self.archive_path(item.location)
         )
@@ -389,26 +437,29 @@ class Storage:
             self._idle.notify_all()
 
     def maybe_offline(self) -> set[int]:
-        """Ids with an operation other than a plain pending write queued or running."""
+        """Ids with an operation other than a plain pending write queued or running.
+
+        Never raises.
+        """
         with self._mutex:
             union = dict(self._changing)
             union.update(self._queue)
         return {k for k, v in union.items() if v is not RequestedState.WRITE_REQUESTED}
 
     def restoring(self) -> set[int]:
-        """Ids with a restore queued or running."""
+        """Ids with a restore queued or running. Never raises."""
         with self._mutex:
             union = dict(self._changing)
             union.update(self._queue)
         return {k for k, v in union.items() if v is RequestedState.RESTORE_REQUESTED}
 
     def pending(self, item_id: int) -> RequestedState | None:
-        """The queued (else running) state of ``item_id``, or None."""
+        """The queued (else running) state of ``item_id``, or None. Never raises."""
         with self._mutex:
             return self._queue.get(item_id, self._changing.get(item_id))
 
     def ops_queue(self) -> list[dict[str, str]]:
-        """getServiceStatus ``opsQueue``: queued and running operations."""
+        """getServiceStatus ``opsQueue``: queued and running operations. Never raises."""
         with self._mutex:
             union: dict[int, tuple[Any, RequestedState]] = {
                 k: (self._changing_items[k], v) for k, v in self._changing.items()
@@ -417,12 +468,12 @@ class Storage:
         return [{"data": str(item), "request": st.value} for item, st in union.values()]
 
     def idle(self) -> bool:
-        """True when nothing is queued or running."""
+        """True when nothing is queued or running. Never raises."""
         with self._mutex:
             return not self._queue and not self._changing
 
     def wait_idle(self, timeout: float = 30.0) -> bool:
-        """Wait until nothing is queued or running; return False on timeout."""
+        """Wait until nothing is queued or running; return False on timeout. Never raises."""
         deadline = time.monotonic() + timeout
         with self._idle:
             while self._queue or self._changing:
@@ -434,17 +485,20 @@ class Storage:
 
     # ------------------------------------------------------------------ failures
     def failures(self) -> list[int]:
-        """Ids (datasets or datafiles by unit) whose last restore failed, ascending."""
+        """Ids (datasets or datafiles by unit) whose last restore failed, ascending.
+
+        Never raises.
+        """
         with self._mutex:
             return sorted(self._failures)
 
     def has_failed(self, item_id: int) -> bool:
-        """Return whether a restore failure is recorded for ``item_id``."""
+        """Return whether a restore failure is recorded for ``item_id``. Never raises."""
         with self._mutex:
             return item_id in self._failures
 
     def clear_failure(self, item_id: int) -> None:
-        """Forget a recorded restore failure (``reset``, ``prepareData``)."""
+        """Forget a recorded restore failure (``reset``, ``prepareData``). Never raises."""
         with self._mutex:
             self._failures.discard(item_id)
 
@@ -456,14 +510,14 @@ class Storage:
                 self._failures.add(item_id)
 
     def fail_restores(self, always: bool = True) -> None:
-        """Test hook: make every restore fail (``always``) or stop doing so."""
+        """Test hook: make every restore fail (``always``) or stop doing so. Never raises."""
         with self._mutex:
             self._fail_always = always
             if not always:
                 self._fail_count = 0
 
     def fail_next_restores(self, count: int = 1) -> None:
-        """Test hook: make the next ``count`` restores fail."""
+        """Test hook: make the next ``count`` restores fail. Never raises."""
         with self._mutex:
             self._fail_count += max(0, count)
 
@@ -487,7 +541,11 @@ class Storage:
         self._marker(item_id).unlink(missing_ok=True)
 
     def write_outstanding(self, item_id: int) -> bool:
-        """Return whether a write to archive of ``item_id`` is outstanding (marker present)."""
+        """Return whether a write to archive of ``item_id`` is outstanding (marker present).
+
+        Raises ``OSError`` only when the storage directory cannot be examined (e.g. no
+        permission).
+        """
         return self._marker(item_id).exists()
 
     # ------------------------------------------------------------------ background ticks
