@@ -95,7 +95,11 @@ def _ids(value: Any, name: str) -> list[int]:
 
 
 def register(router: Router, emulator: Emulator) -> None:
-    """Add the ``/admin`` routes for ``emulator`` to ``router``."""
+    """Add the ``/admin`` routes for ``emulator`` to ``router``.
+
+    Never raises; the admin handlers raise ``HTTPError`` (400 for bad input, 404 for an
+    unknown rule, 501 for a missing part), which the server answers as JSON.
+    """
     faults = emulator.faults
     counters = emulator.counters
 

@@ -83,6 +83,9 @@ class Emulator:
     ``ids_url``, ``admin_url``, ``data_dir``, ``catalogue``, ``storage``,
     ``faults`` (:class:`FaultInjector`), ``counters`` (:class:`Counters`),
     ``router``.
+
+    Constructing one raises ``ValueError`` for invalid settings (see
+    :meth:`start` for later errors).
     """
 
     def __init__(self, settings: EmulatorSettings | None = None, **kwargs: Any) -> None:
@@ -186,7 +189,10 @@ class Emulator:
         logger.info("emulator listening: icat=%s ids=%s", self.icat_url, self.ids_url)
 
     def stop(self) -> None:
-        """Stop serving and close everything (idempotent); a temporary data dir is removed."""
+        """Stop serving and close everything (idempotent); a temporary data dir is removed.
+
+        Never raises (errors while closing are logged).
+        """
         if self._stopped.is_set():
             return
         self._stopped.set()
@@ -204,14 +210,17 @@ class Emulator:
             shutil.rmtree(self._tmpdir, ignore_errors=True)
 
     def serve_forever(self) -> None:
-        """Start (unless started) and block until :meth:`stop` is called (e.g. by a signal)."""
+        """Start (unless started) and block until :meth:`stop` is called (e.g. by a signal).
+
+        Raises what :meth:`start` raises.
+        """
         if not self._started:
             self.start()
         self._stopped.wait()
 
     @property
     def running(self) -> bool:
-        """True between :meth:`start` and :meth:`stop`."""
+        """True between :meth:`start` and :meth:`stop`. Never raises."""
         return self._started and not self._stopped.is_set()
 
     def __enter__(self) -> Emulator:
@@ -243,7 +252,11 @@ class Emulator:
         return str(self.catalogue.login("simple", {"username": user, "password": password}))
 
     def expire_sessions(self, session_id: str | None = None) -> int:
-        """Force expiry of one session (or all) now; returns how many expired."""
+        """Force expiry of one session (or all) now; returns how many expired.
+
+        Raises ``RuntimeError`` without a catalogue (not started) and ``ICATException``
+        INTERNAL once the catalogue is closed.
+        """
         return self.faults.expire_sessions(session_id)
 
     def __repr__(self) -> str:

@@ -225,7 +225,10 @@ class Catalogue:
                 self._release(con)
 
     def close(self) -> None:
-        """Close every pooled connection; later calls fail with INTERNAL. Idempotent."""
+        """Close every pooled connection; later calls fail with INTERNAL. Idempotent.
+
+        Never raises.
+        """
         with self._pool_lock:
             self._closed = True
             pool, self._pool = self._pool, []
@@ -320,6 +323,8 @@ class Catalogue:
         """Fault injection: make one session (or all) expired now; return how many were live.
 
         Expired sessions can still be refreshed (as in ICAT until the purge).
+
+        Raises ``ICATException`` INTERNAL when the catalogue is closed or its database fails.
         """
         now = time.time()
         with self._write() as con:
@@ -335,7 +340,11 @@ class Catalogue:
             return cur.rowcount
 
     def is_logged_in(self, user: str) -> bool:
-        """True when ``user`` holds at least one live session."""
+        """True when ``user`` holds at least one live session.
+
+        Raises ``ICATException`` INTERNAL when the catalogue is closed or its database
+        fails.
+        """
         with self._read() as con:
             row = con.execute(
                 "SELECT 1 FROM icat_session WHERE user_name = ? AND expires > ? LIMIT 1",
@@ -344,11 +353,14 @@ class Catalogue:
         return row is not None
 
     def is_root(self, user: str) -> bool:
-        """True for the ICAT root users (``simple/<name>`` for each of ``settings.roots``)."""
+        """True for the ICAT root users (``simple/<name>`` for each of ``settings.roots``).
+
+        Never raises.
+        """
         return user in self._roots
 
     def properties(self) -> dict[str, Any]:
-        """The ``GET properties`` object (icat-rest.md §3.9)."""
+        """The ``GET properties`` object (icat-rest.md §3.9). Never raises."""
         minutes = self._lifetime / 60.0
         return {
             "maxEntities": self._max,
@@ -575,6 +587,9 @@ class Catalogue:
         NO_SUCH_OBJECT_FOUND (referenced or updated id missing), VALIDATION
         (not-null, length), OBJECT_ALREADY_EXISTS (uniqueness),
         INSUFFICIENT_PRIVILEGES.
+
+        Raises ``ICATException`` with those codes (INTERNAL when the catalogue is closed or
+        its database fails).
         """
         data = entities
         if isinstance(entities, str | bytes):

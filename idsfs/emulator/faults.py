@@ -401,7 +401,8 @@ class FaultInjector(ServerHooks):
     def expire_sessions(self, session_id: str | None = None) -> int:
         """Expire one session (or all) now; returns how many.
 
-        Raises ``RuntimeError`` when no catalogue is attached.
+        Raises ``RuntimeError`` when no catalogue is attached, and what the catalogue's
+        ``expire`` raises (``ICATException`` INTERNAL once it is closed).
         """
         if self.expire is None:
             raise RuntimeError("no catalogue attached to the fault injector")
@@ -456,7 +457,11 @@ class FaultInjector(ServerHooks):
         return request.endpoint.startswith("admin/")
 
     def before(self, request: Request) -> Response | None:
-        """Apply latency, session expiry and error rules to ``request``. Never raises."""
+        """Apply latency, session expiry and error rules to ``request``.
+
+        Raises only what the catalogue's ``expire`` raises (``ICATException`` INTERNAL once
+        the catalogue is closed), which the server answers with 500.
+        """
         if self._exempt(request):
             return None
         endpoint = request.endpoint

@@ -116,7 +116,12 @@ def _credentials(doc: Any) -> tuple[Any, dict[str, str]]:
 
 
 class IcatApi:
-    """The handlers of the ICAT resources, bound to one catalogue."""
+    """The handlers of the ICAT resources, bound to one catalogue.
+
+    Constructing one never raises. Its handlers raise ``ICATException``, which the wrapper
+    :func:`register` installs turns into ICAT's error JSON with the code's status; every
+    catalogue call may also raise INTERNAL (closed catalogue, database failure).
+    """
 
     def __init__(self, catalogue: Catalogue, settings: EmulatorSettings) -> None:
         """Serve ``catalogue``."""
@@ -125,7 +130,12 @@ class IcatApi:
 
     # sessions
     def login(self, request: Request) -> Response:
-        """POST session: form field ``json`` -> ``{"sessionId": ...}``."""
+        """POST session: form field ``json`` -> ``{"sessionId": ...}``.
+
+        Raises ``ICATException`` (answered as ICAT's error JSON by the route's wrapper):
+        BAD_PARAMETER for a missing or malformed ``json`` field, SESSION for refused
+        credentials or an unknown authenticator (see ``Catalogue.login``).
+        """
         text = request.farg("json")
         if text is None:
             raise bad("json must not be null")
@@ -138,27 +148,48 @@ class IcatApi:
         return json_response({"sessionId": sid})
 
     def session_info(self, request: Request) -> Response:
-        """GET session/{id}: ``{"userName", "remainingMinutes"}``."""
+        """GET session/{id}: ``{"userName", "remainingMinutes"}``.
+
+        Raises ``ICATException`` (answered as ICAT's error JSON by the route's wrapper):
+        SESSION for an unknown or expired session.
+        """
         user, remaining = self.catalogue.session_info(request.path_params.get("sessionId", ""))
         return json_response({"userName": user, "remainingMinutes": remaining})
 
     def refresh(self, request: Request) -> Response:
-        """PUT session/{id}: refresh, 204."""
+        """PUT session/{id}: refresh, 204.
+
+        Raises ``ICATException`` (answered as ICAT's error JSON by the route's wrapper):
+        SESSION for an unknown or expired session.
+        """
         self.catalogue.refresh(request.path_params.get("sessionId", ""))
         return empty_response()
 
     def logout(self, request: Request) -> Response:
-        """DELETE session/{id}: logout, 204."""
+        """DELETE session/{id}: logout, 204.
+
+        Raises ``ICATException`` (answered as ICAT's error JSON by the route's wrapper):
+        SESSION for an unknown or expired session.
+        """
         self.catalogue.logout(request.path_params.get("sessionId", ""))
         return empty_response()
 
     def no_session(self, request: Request) -> Response:
-        """session/ with an empty id: 403 SESSION."""
+        """session/ with an empty id: 403 SESSION.
+
+        Raises ``ICATException`` (answered as ICAT's error JSON by the route's wrapper):
+        always SESSION.
+        """
         raise ICATException("SESSION", "Unable to find user by sessionid")
 
     # entity manager
     def em_get(self, request: Request) -> Response:
-        """GET entityManager: query missing 400, then session 403, then search or get."""
+        """GET entityManager: query missing 400, then session 403, then search or get.
+
+        Raises ``ICATException`` (answered as ICAT's error JSON by the route's wrapper):
+        BAD_PARAMETER for a missing or malformed query or id, SESSION, and what the search
+        or get raises (e.g. NO_SUCH_OBJECT_FOUND, INSUFFICIENT_PRIVILEGES).
+        """
         query = request.arg("query")
         if query is None:
             raise bad("query is not set")
@@ -169,7 +200,12 @@ class IcatApi:
         return json_response(self.catalogue.get(user, query, _parse_id(id_text)))
 
     def em_post(self, request: Request) -> Response:
-        """POST entityManager: session 403, then entities missing 400, then write."""
+        """POST entityManager: session 403, then entities missing 400, then write.
+
+        Raises ``ICATException`` (answered as ICAT's error JSON by the route's wrapper):
+        SESSION, BAD_PARAMETER for missing or malformed entities, and what the write raises
+        (VALIDATION, OBJECT_ALREADY_EXISTS, INSUFFICIENT_PRIVILEGES, ...).
+        """
         user = self.catalogue.user_of(request.farg("sessionId"))
         entities = request.farg("entities")
         if entities is None:
@@ -177,7 +213,12 @@ class IcatApi:
         return json_response(self.catalogue.write(user, entities))
 
     def em_delete(self, request: Request) -> Response:
-        """DELETE entityManager: entities missing / bad JSON 400, then session 403, delete."""
+        """DELETE entityManager: entities missing / bad JSON 400, then session 403, delete.
+
+        Raises ``ICATException`` (answered as ICAT's error JSON by the route's wrapper):
+        BAD_PARAMETER for missing or malformed entities, SESSION, and what the delete raises
+        (NO_SUCH_OBJECT_FOUND, INSUFFICIENT_PRIVILEGES, ...).
+        """
         entities = request.arg("entities")
         if entities is None:
             raise bad("entities is not set")
@@ -188,19 +229,28 @@ class IcatApi:
 
     # other resources
     def version(self, request: Request) -> Response:
-        """GET version."""
+        """GET version. Never raises."""
         return json_response({"version": ICAT_VERSION})
 
     def properties(self, request: Request) -> Response:
-        """GET properties."""
+        """GET properties. Never raises."""
         return json_response(self.catalogue.properties())
 
     def user(self, request: Request) -> Response:
-        """GET user/{name}: whether the user holds a live session."""
+        """GET user/{name}: whether the user holds a live session.
+
+        Raises ``ICATException`` (answered as ICAT's error JSON by the route's wrapper):
+        INTERNAL only (closed catalogue, database failure).
+        """
         return json_response({"loggedIn": self.catalogue.is_logged_in(request.path_params["name"])})
 
     def cloner(self, request: Request) -> Response:
-        """POST cloner: form ``sessionId``, ``name``, ``id``, ``keys`` -> ``{"id": N}``."""
+        """POST cloner: form ``sessionId``, ``name``, ``id``, ``keys`` -> ``{"id": N}``.
+
+        Raises ``ICATException`` (answered as ICAT's error JSON by the route's wrapper):
+        SESSION, BAD_PARAMETER for a missing or malformed field, and what the clone raises
+        (NO_SUCH_OBJECT_FOUND, OBJECT_ALREADY_EXISTS, ...).
+        """
         user = self.catalogue.user_of(request.farg("sessionId"))
         name = request.farg("name")
         id_text = request.farg("id")
@@ -220,7 +270,7 @@ class IcatApi:
 
 
 def register(router: Router, catalogue: Catalogue, settings: EmulatorSettings) -> None:
-    """Add the ICAT routes (and the ``/icat`` error renderers) to ``router``."""
+    """Add the ICAT routes (and the ``/icat`` error renderers) to ``router``. Never raises."""
     api = IcatApi(catalogue, settings)
     router.prefix("/icat", _unknown, _uncaught)
     routes: list[tuple[str, str, Handler, str]] = [

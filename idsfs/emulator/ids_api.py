@@ -131,12 +131,15 @@ def _icat_date(ms: int) -> str:
 
 
 def escape_location(location: str) -> str:
-    """Escape backslashes and single quotes of a location for the ``put`` answer (§5.13)."""
+    """Escape backslashes and single quotes of a location for the ``put`` answer (§5.13).
+
+    Never raises.
+    """
     return location.replace("\\", "\\\\").replace("'", "\\'")
 
 
 def wrap_json(text: str, padding: bool = False) -> str:
-    """Wrap a JSON text for the multipart ``put`` with ``wrap=true`` (§5.14)."""
+    """Wrap a JSON text for the multipart ``put`` with ``wrap=true`` (§5.14). Never raises."""
     prefix = _WRAP_PADDED_PREFIX if padding else _WRAP_PREFIX
     return prefix + text.replace("'", "\\'") + _WRAP_SUFFIX
 
@@ -154,7 +157,17 @@ def _file_chunks(f: BinaryIO, offset: int) -> Iterator[bytes]:
 
 
 class IdsApi:
-    """State and handlers of the IDS endpoints (see the module docstring)."""
+    """State and handlers of the IDS endpoints (see the module docstring).
+
+    Constructing one never raises (for valid emulator settings). The handlers raise
+    :class:`~idsfs.emulator.ids_errors.IdsError` subclasses, which :meth:`wrap` turns into
+    the IDS error answer of their class. In their docstrings, *the selection errors* are
+    ``BadRequest`` for a malformed sessionId or id list, ``InsufficientPrivileges`` for an
+    invalid session or missing rights, ``NotFound`` for a missing dataset or datafile (or a
+    datafile without location) and ``Internal`` for other ICAT errors; *the preparedId
+    errors* are ``BadRequest`` for a malformed preparedId and ``NotFound`` for an unknown
+    one.
+    """
 
     def __init__(
         self,
@@ -181,7 +194,7 @@ class IdsApi:
 
     # ------------------------------------------------------------------ registration
     def routes(self) -> list[tuple[str, str, Callable[[Request], Response]]]:
-        """(method, endpoint, handler) for every route."""
+        """(method, endpoint, handler) for every route. Never raises."""
         return [
             ("GET", "ping", self.ping),
             ("GET", "version", self.version),
@@ -292,30 +305,34 @@ class IdsApi:
 
     # ------------------------------------------------------------------ discovery
     def ping(self, request: Request) -> Response:
-        """GET ping → ``IdsOK``."""
+        """GET ping → ``IdsOK``. Never raises."""
         return text_response("IdsOK")
 
     def version(self, request: Request) -> Response:
-        """GET version → ``{"version": "2.1.1"}``."""
+        """GET version → ``{"version": "2.1.1"}``. Never raises."""
         return json_response({"version": VERSION})
 
     def is_read_only(self, request: Request) -> Response:
-        """GET isReadOnly → ``true``/``false``."""
+        """GET isReadOnly → ``true``/``false``. Never raises."""
         return text_response("true" if self.read_only else "false")
 
     def is_two_level(self, request: Request) -> Response:
-        """GET isTwoLevel → ``true``/``false``."""
+        """GET isTwoLevel → ``true``/``false``. Never raises."""
         return text_response("true" if self.storage.two_level else "false")
 
     def get_icat_url(self, request: Request) -> Response:
-        """GET getIcatUrl → the ICAT server's base URL (without ``/icat``)."""
+        """GET getIcatUrl → the ICAT server's base URL (without ``/icat``). Never raises."""
         url = getattr(self.settings, "icat_url", None) or ""
         if url.endswith("/icat"):
             url = url[: -len("/icat")]
         return text_response(url)
 
     def get_service_status(self, request: Request) -> Response:
-        """GET getServiceStatus (root users only): opsQueue, locks, failures."""
+        """GET getServiceStatus (root users only): opsQueue, locks, failures.
+
+        Raises (answered through :meth:`wrap`) ``InsufficientPrivileges`` for an invalid
+        session or a user outside ``rootUserNames``, ``Internal`` for another ICAT error.
+        """
         params = request.query
         user = self._user(_arg(params, "sessionId"))
         if user not in self.roots:
@@ -332,7 +349,11 @@ class IdsApi:
 
     # ------------------------------------------------------------------ preparation
     def prepare_data(self, request: Request) -> Response:
-        """POST prepareData → a new preparedId (ids-protocol.md §5.5)."""
+        """POST prepareData → a new preparedId (ids-protocol.md §5.5).
+
+        Raises (answered through :meth:`wrap`) the selection errors, and ``Internal`` when
+        the record cannot be written.
+        """
         params = request.form()
         _user, sel = self._session_selection(params)
         if self.storage.two_level:
@@ -356,7 +377,11 @@ class IdsApi:
         return text_response(pid)
 
     def is_prepared(self, request: Request) -> Response:
-        """GET isPrepared: ``true`` when everything is online (queues restores otherwise)."""
+        """GET isPrepared: ``true`` when everything is online (queues restores otherwise).
+
+        Raises (answered through :meth:`wrap`) the preparedId errors, and ``Internal``
+        (``Restore failed``) after a failed restore.
+        """
         pid = validate_uuid("preparedId", request.arg("preparedId"))
         prepared = self.storage.prepared.get(pid)
         if prepared is None:
@@ -381,7 +406,11 @@ class IdsApi:
                 self._busy_prepared.discard(pid)
 
     def reset(self, request: Request) -> Response:
-        """POST reset: forget recorded restore failures of the selection (204)."""
+        """POST reset: forget recorded restore failures of the selection (204).
+
+        Raises (answered through :meth:`wrap`) the preparedId errors or the selection
+        errors.
+        """
         params = request.form()
         if "preparedId" in params:
             prepared = self._prepared(params)
@@ -396,7 +425,11 @@ class IdsApi:
 
     # ------------------------------------------------------------------ information
     def get_datafile_ids(self, request: Request) -> Response:
-        """GET getDatafileIds: preparedId → zip, compress, ids; sessionId → ids."""
+        """GET getDatafileIds: preparedId → zip, compress, ids; sessionId → ids.
+
+        Raises (answered through :meth:`wrap`) the preparedId errors or the selection
+        errors.
+        """
         params = request.query
         if "preparedId" in params:
             prepared = self._prepared(params)
@@ -411,7 +444,12 @@ class IdsApi:
         return json_response({"ids": sorted(sel.datafiles)})
 
     def get_size(self, request: Request) -> Response:
-        """GET getSize: sum of ICAT ``fileSize`` of the located datafiles (§5.10)."""
+        """GET getSize: sum of ICAT ``fileSize`` of the located datafiles (§5.10).
+
+        Raises (answered through :meth:`wrap`) the preparedId errors or the selection errors
+        (the single-id fast path: ``Internal`` for an invalid session, ``NotFound`` for a
+        missing object).
+        """
         params = request.query
         if "preparedId" in params:
             prepared = self._prepared(params)
@@ -459,7 +497,11 @@ class IdsApi:
         return size
 
     def get_status(self, request: Request) -> Response:
-        """GET getStatus: ONLINE / RESTORING / ARCHIVED (never triggers a restore)."""
+        """GET getStatus: ONLINE / RESTORING / ARCHIVED (never triggers a restore).
+
+        Raises (answered through :meth:`wrap`) the preparedId errors or the selection
+        errors, and ``Internal`` (``Restore failed``) after a failed restore.
+        """
         params = request.query
         if "preparedId" in params:
             prepared = self._prepared(params)
@@ -496,7 +538,14 @@ class IdsApi:
 
     # ------------------------------------------------------------------ download
     def get_data(self, request: Request) -> Response:
-        """GET getData: the selection as raw file or zip, with Range offsets (§5.12, §6)."""
+        """GET getData: the selection as raw file or zip, with Range offsets (§5.12, §6).
+
+        Raises (answered through :meth:`wrap`) the preparedId errors or the selection
+        errors; ``BadRequest`` for a malformed ``Range``; ``DataNotOnline`` for archived
+        data (a restore is queued) or a locked dataset ("Data is busy"); ``NotFound`` for
+        datafiles deleted since prepareData; ``Internal`` for an offset beyond a Java long
+        or a file that cannot be opened.
+        """
         params = request.query
         offset = 0
         rng = request.headers.get("range")
@@ -590,13 +639,26 @@ class IdsApi:
 
     # ------------------------------------------------------------------ upload
     def put(self, request: Request) -> Response:
-        """PUT put: store the raw body as a new datafile (201 JSON, §5.13)."""
+        """PUT put: store the raw body as a new datafile (201 JSON, §5.13).
+
+        Raises (answered through :meth:`wrap`) ``NotImplementedYet`` on a read-only server,
+        ``BadRequest`` for a missing or malformed parameter or a registration ICAT finds
+        invalid, ``InsufficientPrivileges``, ``NotFound`` for a missing dataset or format,
+        ``DataNotOnline`` for an archived or locked dataset, ``Internal`` when storing fails
+        or for other ICAT errors. A malformed body raises ``BadRequestSyntax`` (answered
+        400).
+        """
         params = request.query
         result = self._put(params, request.body, request.endpoint or "ids/put")
         return json_response(result, 201)
 
     def put_multipart(self, request: Request) -> Response:
-        """POST put (multipart, deprecated): fields first, then one file part (§5.14)."""
+        """POST put (multipart, deprecated): fields first, then one file part (§5.14).
+
+        Raises (answered through :meth:`wrap`) what :meth:`put` raises, and ``BadRequest``
+        for a body that is not multipart, an unknown field or no file part; with
+        ``wrap=true`` those are answered wrapped in HTML instead.
+        """
         wrap = padding = False
         try:
             try:
@@ -725,7 +787,12 @@ class IdsApi:
 
     # ------------------------------------------------------------------ delete
     def delete(self, request: Request) -> Response:
-        """DELETE delete: remove the selected datafiles from ICAT and storage (204)."""
+        """DELETE delete: remove the selected datafiles from ICAT and storage (204).
+
+        Raises (answered through :meth:`wrap`) ``NotImplementedYet`` on a read-only server,
+        the selection errors, and ``DataNotOnline`` for an archived (unit DATASET) or locked
+        dataset.
+        """
         if self.read_only:
             raise NotImplementedYet("This operation has been configured to be unavailable")
         params = request.query
@@ -759,11 +826,19 @@ class IdsApi:
 
     # ------------------------------------------------------------------ two-level ops
     def archive(self, request: Request) -> Response:
-        """POST archive: queue ARCHIVE for the selection (204; 501 on single-level)."""
+        """POST archive: queue ARCHIVE for the selection (204; 501 on single-level).
+
+        Raises (answered through :meth:`wrap`) ``NotImplementedYet`` on single-level
+        storage, or the selection errors.
+        """
         return self._queue_op(request, DeferredOp.ARCHIVE)
 
     def restore(self, request: Request) -> Response:
-        """POST restore: queue RESTORE for the selection (204; 501 on single-level)."""
+        """POST restore: queue RESTORE for the selection (204; 501 on single-level).
+
+        Raises (answered through :meth:`wrap`) ``NotImplementedYet`` on single-level
+        storage, or the selection errors.
+        """
         return self._queue_op(request, DeferredOp.RESTORE)
 
     def _queue_op(self, request: Request, op: DeferredOp) -> Response:
@@ -778,7 +853,12 @@ class IdsApi:
         return empty_response()
 
     def write(self, request: Request) -> Response:
-        """POST write: queue writes to archive of online data (§5.17)."""
+        """POST write: queue writes to archive of online data (§5.17).
+
+        Raises (answered through :meth:`wrap`) ``NotImplementedYet`` when writes are
+        disabled or on single-level storage, the selection errors, and ``DataNotOnline`` for
+        data not online or a locked dataset.
+        """
         if not self.write_enabled:
             raise NotImplementedYet("This operation has been configured to be unavailable")
         params = request.form()
@@ -804,7 +884,14 @@ class IdsApi:
 
     # ------------------------------------------------------------------ getLink
     def get_link(self, request: Request) -> Response:
-        """POST getLink (deprecated): a hard link to a datafile; 501 unless enabled."""
+        """POST getLink (deprecated): a hard link to a datafile; 501 unless enabled.
+
+        Raises (answered through :meth:`wrap`) ``NotImplementedYet`` while links are
+        disabled, ``BadRequest`` for a missing or malformed parameter,
+        ``InsufficientPrivileges`` or ``NotFound`` as ICAT answers (or for a datafile
+        without location), ``DataNotOnline`` for archived or locked data, ``Internal`` when
+        the link cannot be made.
+        """
         if self.link_lifetime <= 0:
             raise NotImplementedYet("Sorry getLink is disabled")
         params = request.form()
@@ -860,7 +947,10 @@ def register(
     settings: Any,
     faults: Any = None,
 ) -> IdsApi:
-    """Add every IDS endpoint under ``/ids`` to ``router``; return the :class:`IdsApi`."""
+    """Add every IDS endpoint under ``/ids`` to ``router``; return the :class:`IdsApi`.
+
+    Never raises.
+    """
     api = IdsApi(catalogue, storage, settings, faults)
     for method, name, handler in api.routes():
         router.add(method, f"/ids/{name}", IdsApi.wrap(handler), f"ids/{name}")

@@ -68,7 +68,8 @@ def parse_ids(name: str, value: str | None) -> list[int]:
 
     Absent → ``[]``. The value is split on commas with optional surrounding whitespace;
     trailing empty pieces are dropped (Java ``String.split``); every remaining piece must be
-    a long, otherwise :class:`BadRequest`. Duplicates are removed, order kept.
+    a long (and in range), else it raises :class:`BadRequest`. Duplicates are removed,
+    order kept.
     """
     if value is None:
         return []
@@ -94,7 +95,7 @@ def parse_ids(name: str, value: str | None) -> list[int]:
 
 
 def parse_time(value: Any) -> float | None:
-    """Epoch seconds of an ICAT date string, or None."""
+    """Epoch seconds of an ICAT date string, or None. Never raises."""
     if not isinstance(value, str) or not value:
         return None
     try:
@@ -113,6 +114,8 @@ class Selection:
     """A resolved selection: every involved dataset, the located datafiles, empty datasets.
 
     ``must_zip`` is the mustZip rule of ids-protocol.md §3.4 (counts requested ids).
+
+    Constructing one never raises.
     """
 
     datasets: dict[int, DsInfo] = field(default_factory=dict)
@@ -121,12 +124,16 @@ class Selection:
     must_zip: bool = True
 
     def sorted_files(self) -> list[DfInfo]:
-        """The datafiles in ascending id order."""
+        """The datafiles in ascending id order. Never raises."""
         return [self.datafiles[k] for k in sorted(self.datafiles)]
 
 
 class CatalogueView:
-    """Catalogue queries of the IDS emulator (thread-safe as the catalogue is)."""
+    """Catalogue queries of the IDS emulator (thread-safe as the catalogue is).
+
+    Constructing one raises ``ValueError`` or ``TypeError`` when ``max_entities`` is not a
+    number.
+    """
 
     def __init__(self, catalogue: Any, max_entities: int) -> None:
         """Wrap ``catalogue``; ``max_entities`` bounds every search (ICAT ``maxEntities``)."""
@@ -135,7 +142,12 @@ class CatalogueView:
 
     # ------------------------------------------------------------------ sessions
     def user_of(self, session_id: str | None) -> str:
-        """Return the user of ``session_id``; 403 for a SESSION error, 500 otherwise."""
+        """Return the user of ``session_id``; 403 for a SESSION error, 500 otherwise.
+
+        Raises the :class:`~idsfs.emulator.ids_errors.IdsError` of
+        :func:`~idsfs.emulator.ids_errors.from_icat`: ``InsufficientPrivileges`` (403) for a
+        SESSION error, ``Internal`` (500) for any other.
+        """
         try:
             return str(self.catalogue.user_of(session_id))
         except ICATException as exc:
@@ -173,7 +185,11 @@ class CatalogueView:
 
     # ------------------------------------------------------------------ objects
     def ds_info(self, user: str, ds_id: int) -> DsInfo:
-        """Read dataset ``ds_id`` (with investigation and facility) as ``user``."""
+        """Read dataset ``ds_id`` (with investigation and facility) as ``user``.
+
+        Raises the catalogue's ``ICATException`` (NO_SUCH_OBJECT_FOUND for a missing
+        dataset, INSUFFICIENT_PRIVILEGES, SESSION).
+        """
         d = self.catalogue.get(user, "Dataset ds INCLUDE ds.investigation.facility", ds_id)
         return self._ds_from(d["Dataset"])
 
@@ -191,7 +207,10 @@ class CatalogueView:
         )
 
     def files_of_dataset(self, user: str, ds_id: int) -> list[DfInfo]:
-        """Located datafiles of dataset ``ds_id`` readable by ``user``, ascending id."""
+        """Located datafiles of dataset ``ds_id`` readable by ``user``, ascending id.
+
+        Raises the catalogue's ``ICATException`` (e.g. SESSION, INSUFFICIENT_PRIVILEGES).
+        """
         rows = self._paged(
             user,
             f"SELECT {_DF_COLUMNS} FROM Datafile df",
@@ -201,11 +220,17 @@ class CatalogueView:
         return [self._df(r, ds_id) for r in rows]
 
     def dataset_files(self, ds: DsInfo) -> list[DfInfo]:
-        """Storage metadata source: located datafiles of ``ds`` read as the IDS reader."""
+        """Storage metadata source: located datafiles of ``ds`` read as the IDS reader.
+
+        Raises the catalogue's ``ICATException`` (e.g. SESSION, INSUFFICIENT_PRIVILEGES).
+        """
         return self.files_of_dataset(READER, ds.id)
 
     def files_by_ids(self, user: str, ids: Sequence[int]) -> dict[int, DfInfo]:
-        """Located datafiles among ``ids`` readable by ``user`` (missing ones are absent)."""
+        """Located datafiles among ``ids`` readable by ``user`` (missing ones are absent).
+
+        Raises the catalogue's ``ICATException`` (e.g. SESSION, INSUFFICIENT_PRIVILEGES).
+        """
         out: dict[int, DfInfo] = {}
         for chunk in _chunks(list(ids), min(_IN_CHUNK, self.page)):
             id_list = ",".join(str(i) for i in chunk)
@@ -219,7 +244,10 @@ class CatalogueView:
         return out
 
     def existing_datafiles(self, ids: Sequence[int]) -> set[int]:
-        """Which of ``ids`` still exist in ICAT (read as the IDS reader)."""
+        """Which of ``ids`` still exist in ICAT (read as the IDS reader).
+
+        Raises the catalogue's ``ICATException`` (e.g. SESSION, INSUFFICIENT_PRIVILEGES).
+        """
         found: set[int] = set()
         for chunk in _chunks(list(ids), min(_IN_CHUNK, self.page)):
             id_list = ",".join(str(i) for i in chunk)
@@ -230,7 +258,10 @@ class CatalogueView:
         return found
 
     def size_of(self, user: str, where: str, ids: Sequence[int]) -> int:
-        """``SUM(df.fileSize)`` of located datafiles with ``<where> IN (ids)``, chunked."""
+        """``SUM(df.fileSize)`` of located datafiles with ``<where> IN (ids)``, chunked.
+
+        Raises the catalogue's ``ICATException`` (e.g. SESSION, INSUFFICIENT_PRIVILEGES).
+        """
         total = 0
         for chunk in _chunks(list(ids), _IN_CHUNK):
             id_list = ",".join(str(i) for i in chunk)
@@ -244,14 +275,20 @@ class CatalogueView:
         return total
 
     def datafile_count(self, ds_id: int) -> int:
-        """Number of datafiles (with or without location) of dataset ``ds_id`` (reader)."""
+        """Number of datafiles (with or without location) of dataset ``ds_id`` (reader).
+
+        Raises the catalogue's ``ICATException`` (e.g. SESSION, INSUFFICIENT_PRIVILEGES).
+        """
         rows = self.catalogue.search(
             READER, f"SELECT COUNT(df) FROM Datafile df WHERE df.dataset.id = {ds_id}"
         )
         return int(rows[0]) if rows and rows[0] is not None else 0
 
     def locations_like(self, location: str) -> list[str]:
-        """Locations of all datafiles whose location starts with ``location`` (reader)."""
+        """Locations of all datafiles whose location starts with ``location`` (reader).
+
+        Raises the catalogue's ``ICATException`` (e.g. SESSION, INSUFFICIENT_PRIVILEGES).
+        """
         escaped = location.replace("'", "''")
         rows = self.catalogue.search(
             READER,
