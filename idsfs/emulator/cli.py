@@ -40,7 +40,7 @@ _UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
 
 
 def parse_size(text: str) -> int:
-    """Parse a byte count such as ``4096``, ``64M``, ``1GiB``; ValueError if malformed."""
+    """Parse a byte count such as ``4096``, ``64M``, ``1GiB``; raises ValueError if malformed."""
     m = _SIZE_RE.match(text)
     if not m:
         raise ValueError(f"not a size: {text!r}")
@@ -73,6 +73,8 @@ class Account(NamedTuple):
         inline: True when the password was given in the argument itself
             (``NAME:PASSWORD``, visible in the process list) rather than
             read from a file (``NAME:@FILE``).
+
+    Constructing one never raises.
     """
 
     name: str
@@ -104,7 +106,10 @@ def _user(text: str) -> Account:
 
 
 def argv_password_warnings(accounts: Sequence[Account]) -> list[str]:
-    """One warning per account whose password was given in argv (no passwords in them)."""
+    """One warning per account whose password was given in argv (no passwords in them).
+
+    Never raises.
+    """
     return [
         f"idsfs emulator: warning: the password of user {a.name!r} is on the command line, "
         f"where other users of this machine can read it (ps, /proc/PID/cmdline); "
@@ -124,7 +129,7 @@ def _fault(text: str) -> object:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the emulator's options to ``parser``."""
+    """Add the emulator's options to ``parser``. Never raises."""
     net = parser.add_argument_group("listening")
     net.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s)")
     net.add_argument(
@@ -264,7 +269,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def settings_from_args(args: argparse.Namespace) -> EmulatorSettings:
-    """Build :class:`EmulatorSettings` from parsed arguments; ValueError if inconsistent."""
+    """Build :class:`EmulatorSettings` from parsed arguments.
+
+    Raises ``ValueError`` when they are inconsistent (a user given twice, a value the
+    settings refuse).
+    """
     users: dict[str, str] = {}
     for name, password, _inline in args.user:
         if name in users:
@@ -300,14 +309,23 @@ class RedactingFormatter(logging.Formatter):
     tracebacks included (``idsfs.emulator.http.redact``). Never raises."""
 
     def format(self, record: logging.LogRecord) -> str:
-        """The formatted record with its secrets replaced by ``***``."""
+        """The formatted record with its secrets replaced by ``***``.
+
+        Raises what :meth:`logging.Formatter.format` raises for a malformed record (which
+        the handler reports).
+        """
         from idsfs.emulator.http import redact
 
         return redact(super().format(record))
 
 
 def run(args: argparse.Namespace) -> int:
-    """Start the emulator, print the ready line, serve until SIGINT/SIGTERM; exit status."""
+    """Start the emulator, print the ready line, serve until SIGINT/SIGTERM; exit status.
+
+    Bad settings give status 2 and a failed start (``OSError``, ``ValueError``) status 1;
+    anything else :meth:`~idsfs.emulator.app.Emulator.start` raises propagates (after the
+    emulator was stopped).
+    """
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(RedactingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
@@ -350,7 +368,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The stand-alone parser of ``python -m idsfs.emulator``."""
+    """The stand-alone parser of ``python -m idsfs.emulator``. Never raises."""
     parser = argparse.ArgumentParser(
         prog="python -m idsfs.emulator",
         description=__doc__,
@@ -361,5 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m idsfs.emulator``; returns the exit status."""
+    """Entry point of ``python -m idsfs.emulator``; returns the exit status.
+
+    Raises :class:`SystemExit` (argparse) for bad arguments and ``--help``, and what
+    :func:`run` raises.
+    """
     return run(build_parser().parse_args(argv))

@@ -17,7 +17,10 @@ __all__ = ["DfInfo", "DsInfo", "zip_entry_name"]
 
 @dataclass(frozen=True)
 class DsInfo:
-    """A dataset: ids and the names used for zip entries (facility/investigation/visit/dataset)."""
+    """A dataset: ids and the names used for zip entries (facility/investigation/visit/dataset).
+
+    Constructing one never raises.
+    """
 
     id: int
     inv_id: int
@@ -33,7 +36,7 @@ class DsInfo:
         )
 
     def to_json(self) -> dict[str, Any]:
-        """Return a JSON-able dict of the fields."""
+        """Return a JSON-able dict of the fields. Never raises."""
         return asdict(self)
 
     @classmethod
@@ -47,7 +50,7 @@ class DfInfo:
     """A datafile with bytes in IDS: id, name, storage location, creator ids, owner dataset.
 
     ``mtime`` (epoch seconds) is the metadata-derived time stamped on zip entries; ``size`` is
-    the ICAT ``fileSize`` when it was read (-1 = unknown or null).
+    the ICAT ``fileSize`` when it was read (-1 = unknown or null). Constructing one never raises.
     """
 
     id: int
@@ -63,7 +66,7 @@ class DfInfo:
         return self.location
 
     def to_json(self) -> dict[str, Any]:
-        """Return a JSON-able dict of the fields."""
+        """Return a JSON-able dict of the fields. Never raises."""
         return asdict(self)
 
     @classmethod
@@ -73,5 +76,8 @@ class DfInfo:
 
 
 def zip_entry_name(ds: DsInfo, df: DfInfo) -> str:
-    """Return the entry name of ``df`` in zips: ``ids/<fac>/<inv>/<visit>/<ds>/<datafile>``."""
+    """Return the entry name of ``df`` in zips: ``ids/<fac>/<inv>/<visit>/<ds>/<datafile>``.
+
+    Never raises.
+    """
     return f"ids/{ds.facility_name}/{ds.inv_name}/{ds.visit_id}/{ds.name}/{df.name}"

@@ -62,7 +62,10 @@ LONG_UTF8_NAME = "é" * 130 + ".dat"
 
 @dataclass(frozen=True)
 class FileSpec:
-    """One demo datafile: name, size, text or binary, content seed."""
+    """One demo datafile: name, size, text or binary, content seed.
+
+    Constructing one never raises.
+    """
 
     name: str
     size: int
@@ -72,7 +75,10 @@ class FileSpec:
 
 @dataclass(frozen=True)
 class DatasetSpec:
-    """One demo dataset: name, type, files, whether it starts archived (two-level)."""
+    """One demo dataset: name, type, files, whether it starts archived (two-level).
+
+    Constructing one never raises.
+    """
 
     name: str
     type: str
@@ -82,7 +88,7 @@ class DatasetSpec:
 
 @dataclass(frozen=True)
 class InvestigationSpec:
-    """One demo investigation (one visit)."""
+    """One demo investigation (one visit). Constructing one never raises."""
 
     name: str
     visit_id: str
@@ -93,7 +99,10 @@ class InvestigationSpec:
 
 @dataclass
 class DemoSummary:
-    """What :func:`seed` did: counts of entities created now, ids of what exists."""
+    """What :func:`seed` did: counts of entities created now, ids of what exists.
+
+    Constructing one never raises.
+    """
 
     created: dict[str, int] = field(default_factory=dict)
     investigation_ids: list[int] = field(default_factory=list)
@@ -102,7 +111,7 @@ class DemoSummary:
     archived_dataset_ids: list[int] = field(default_factory=list)
 
     def count(self, entity: str) -> None:
-        """Note one created entity of type ``entity``."""
+        """Note one created entity of type ``entity``. Never raises."""
         self.created[entity] = self.created.get(entity, 0) + 1
 
 
@@ -110,7 +119,10 @@ class DemoSummary:
 
 
 def plan(seed: int, large_size: int) -> list[InvestigationSpec]:
-    """The deterministic demo content for ``seed`` (sizes capped at ``large_size``)."""
+    """The deterministic demo content for ``seed`` (sizes capped at ``large_size``).
+
+    Never raises.
+    """
     rng = random.Random(seed)
     keys = iter(range(1, 10_000))
 
@@ -236,7 +248,7 @@ _WORDS = (
 
 
 def expected_bytes(seed: int, spec: FileSpec, offset: int = 0, length: int | None = None) -> bytes:
-    """The bytes ``[offset, offset+length)`` of the demo file ``spec`` (for tests)."""
+    """The bytes ``[offset, offset+length)`` of the demo file ``spec`` (for tests). Never raises."""
     content = _Content(seed, spec)
     content.pos = min(max(0, offset), spec.size)
     want = spec.size - content.pos if length is None else max(0, length)

@@ -26,14 +26,17 @@ __all__ = ["AlreadyLockedError", "Lock", "LockInfo", "LockManager", "LockSet", "
 
 
 class LockType(Enum):
-    """Kind of dataset lock."""
+    """Kind of dataset lock. ``LockType(value)`` raises ``ValueError`` for an unknown value."""
 
     SHARED = "SHARED"
     EXCLUSIVE = "EXCLUSIVE"
 
 
 class AlreadyLockedError(Exception):
-    """A lock could not be granted because of a conflicting lock on ``ds_id``."""
+    """A lock could not be granted because of a conflicting lock on ``ds_id``.
+
+    Raised by :meth:`LockManager.lock` and :meth:`LockManager.lock_all`.
+    """
 
     def __init__(self, ds_id: int) -> None:
         super().__init__(f"dataset {ds_id} is locked")
@@ -42,7 +45,10 @@ class AlreadyLockedError(Exception):
 
 @dataclass(frozen=True)
 class LockInfo:
-    """Snapshot of one locked dataset: its id, the lock type and how many holders."""
+    """Snapshot of one locked dataset: its id, the lock type and how many holders.
+
+    Constructing one never raises.
+    """
 
     id: int
     type: LockType
@@ -50,7 +56,10 @@ class LockInfo:
 
 
 class Lock:
-    """One granted lock; :meth:`release` gives it back (a second call does nothing)."""
+    """One granted lock; :meth:`release` gives it back (a second call does nothing).
+
+    Constructing one never raises (the manager makes them).
+    """
 
     def __init__(self, manager: LockManager, ds_id: int, type_: LockType) -> None:
         self._manager = manager
@@ -60,7 +69,7 @@ class Lock:
         self._guard = threading.Lock()
 
     def release(self) -> None:
-        """Release the lock; idempotent."""
+        """Release the lock; idempotent. Never raises."""
         with self._guard:
             if self._released:
                 return
@@ -80,13 +89,13 @@ class Lock:
 
 
 class LockSet:
-    """Locks on several datasets, released together."""
+    """Locks on several datasets, released together. Constructing one never raises."""
 
     def __init__(self, locks: list[Lock]) -> None:
         self.locks = locks
 
     def release(self) -> None:
-        """Release every lock of the set; idempotent."""
+        """Release every lock of the set; idempotent. Never raises."""
         for lock in self.locks:
             lock.release()
 
@@ -103,7 +112,7 @@ class LockSet:
 
 
 class LockManager:
-    """Grants and tracks dataset locks; thread-safe, never blocks."""
+    """Grants and tracks dataset locks; thread-safe, never blocks. Constructing one never raises."""
 
     def __init__(self) -> None:
         self._mutex = threading.Lock()
@@ -131,12 +140,12 @@ class LockManager:
         return LockSet([Lock(self, ds_id, type_) for ds_id in ids])
 
     def info(self) -> list[LockInfo]:
-        """Return the current locks, ordered by dataset id."""
+        """Return the current locks, ordered by dataset id. Never raises."""
         with self._mutex:
             return [LockInfo(k, t, c) for k, (t, c) in sorted(self._locks.items())]
 
     def is_locked(self, ds_id: int) -> bool:
-        """Return whether dataset ``ds_id`` has any lock."""
+        """Return whether dataset ``ds_id`` has any lock. Never raises."""
         with self._mutex:
             return ds_id in self._locks
 

@@ -49,7 +49,10 @@ _MY_COLLECTIONS = 'SELECT c.id FROM "DataCollection" c WHERE c."createId" = :u'
 
 
 def read_condition(entity: str, col: Column) -> str | None:
-    """SQL that is true when a non-root user may READ the row; None = everybody may."""
+    """SQL that is true when a non-root user may READ the row; None = everybody may.
+
+    Never raises.
+    """
     if entity in PUBLIC_ENTITIES:
         return None
     if entity == "Investigation":
@@ -72,7 +75,7 @@ def write_condition(entity: str, col: Column, roles_restricted: bool) -> str:
     """SQL that is true when a non-root user may CREATE/UPDATE/DELETE the row.
 
     ``roles_restricted``: only InvestigationUser roles listed in ``:wr`` count
-    as writers (otherwise any role does).
+    as writers (otherwise any role does). Never raises.
     """
     invs = _WRITER_INVS_RESTRICTED if roles_restricted else _MEMBER_INVS
     if entity == "Dataset":
@@ -90,7 +93,7 @@ def write_condition(entity: str, col: Column, roles_restricted: bool) -> str:
 
 
 def alias_columns(alias: str) -> Column:
-    """A ``col`` function for a table joined under ``alias``."""
+    """A ``col`` function for a table joined under ``alias``. Never raises."""
 
     def col(name: str) -> str:
         return f'{alias}."{name}"'
@@ -99,7 +102,7 @@ def alias_columns(alias: str) -> Column:
 
 
 def id_columns(table: str, id_sql: str) -> Column:
-    """A ``col`` function for the row of ``table`` whose id is the SQL ``id_sql``."""
+    """A ``col`` function for the row of ``table`` whose id is the SQL ``id_sql``. Never raises."""
 
     def col(name: str) -> str:
         if name == "id":

@@ -33,7 +33,10 @@ _CACHE = 256
 
 @dataclass(frozen=True)
 class Prepared:
-    """Snapshot stored by ``prepareData``; datafiles are kept in ascending id order."""
+    """Snapshot stored by ``prepareData``; datafiles are kept in ascending id order.
+
+    Constructing one never raises.
+    """
 
     zip: bool
     compress: bool
@@ -42,7 +45,7 @@ class Prepared:
     empty_datasets: frozenset[int]
 
     def to_json(self) -> dict[str, Any]:
-        """Return the JSON-able form written to disk."""
+        """Return the JSON-able form written to disk. Never raises."""
         return {
             "zip": self.zip,
             "compress": self.compress,
@@ -68,6 +71,8 @@ class PreparedStore:
 
     Creation order is remembered through a sequence number inside each file, so pruning after
     a restart still removes the oldest first.
+
+    Constructing one raises ``OSError`` when the directory cannot be made or listed.
     """
 
     def __init__(self, directory: Path, max_count: int) -> None:
@@ -117,7 +122,10 @@ class PreparedStore:
         return prepared_id
 
     def get(self, prepared_id: str) -> Prepared | None:
-        """Return the record of ``prepared_id`` or ``None`` if unknown (or pruned)."""
+        """Return the record of ``prepared_id`` or ``None`` if unknown (or pruned).
+
+        Never raises: an unreadable record counts as unknown.
+        """
         with self._mutex:
             if prepared_id not in self._order:
                 return None

@@ -92,14 +92,17 @@ _TOKEN_RE = re.compile(
 
 @dataclass(frozen=True)
 class Token:
-    """One token: ``kind`` is KW, NAME, INT, REAL, STR, TS, PARAM, OP, PUNCT or EOF."""
+    """One token: ``kind`` is KW, NAME, INT, REAL, STR, TS, PARAM, OP, PUNCT or EOF.
+
+    Constructing one never raises.
+    """
 
     kind: str
     value: str
     pos: int
 
     def show(self) -> str:
-        """The token as shown in error messages."""
+        """The token as shown in error messages. Never raises."""
         return "end of query" if self.kind == "EOF" else repr(self.value)
 
 
@@ -154,7 +157,10 @@ def tokenize(text: str) -> list[Token]:
 
 @dataclass(frozen=True)
 class Path:
-    """``var.f1.f2``: ``var`` lower-cased (variables are case-insensitive)."""
+    """``var.f1.f2``: ``var`` lower-cased (variables are case-insensitive).
+
+    Constructing one never raises.
+    """
 
     var: str
     fields: tuple[str, ...]
@@ -163,7 +169,7 @@ class Path:
 
 @dataclass(frozen=True)
 class Agg:
-    """``COUNT/SUM/MIN/MAX/AVG([DISTINCT] path)``."""
+    """``COUNT/SUM/MIN/MAX/AVG([DISTINCT] path)``. Constructing one never raises."""
 
     func: str
     distinct: bool
@@ -172,7 +178,10 @@ class Agg:
 
 @dataclass(frozen=True)
 class Lit:
-    """A literal; ``kind`` is int, real, str, bool or ts (value = epoch ms)."""
+    """A literal; ``kind`` is int, real, str, bool or ts (value = epoch ms).
+
+    Constructing one never raises.
+    """
 
     value: Any
     kind: str
@@ -180,12 +189,15 @@ class Lit:
 
 @dataclass(frozen=True)
 class UserParam:
-    """``:user``."""
+    """``:user``. Constructing one never raises."""
 
 
 @dataclass(frozen=True)
 class Func:
-    """A scalar function call (UPPER, LOWER, LENGTH, TRIM, CONCAT, ABS)."""
+    """A scalar function call (UPPER, LOWER, LENGTH, TRIM, CONCAT, ABS).
+
+    Constructing one never raises.
+    """
 
     name: str
     args: tuple[Any, ...]
@@ -193,7 +205,7 @@ class Func:
 
 @dataclass(frozen=True)
 class Cmp:
-    """``left op right`` with op one of = <> < <= > >=."""
+    """``left op right`` with op one of = <> < <= > >=. Constructing one never raises."""
 
     op: str
     left: Any
@@ -202,7 +214,7 @@ class Cmp:
 
 @dataclass(frozen=True)
 class Like:
-    """``left [NOT] LIKE pattern [ESCAPE c]``."""
+    """``left [NOT] LIKE pattern [ESCAPE c]``. Constructing one never raises."""
 
     left: Any
     pattern: Any
@@ -212,7 +224,7 @@ class Like:
 
 @dataclass(frozen=True)
 class InList:
-    """``left [NOT] IN (values)``."""
+    """``left [NOT] IN (values)``. Constructing one never raises."""
 
     left: Any
     values: tuple[Any, ...]
@@ -221,7 +233,7 @@ class InList:
 
 @dataclass(frozen=True)
 class Between:
-    """``left [NOT] BETWEEN low AND high``."""
+    """``left [NOT] BETWEEN low AND high``. Constructing one never raises."""
 
     left: Any
     low: Any
@@ -231,7 +243,7 @@ class Between:
 
 @dataclass(frozen=True)
 class IsNull:
-    """``operand IS [NOT] NULL``."""
+    """``operand IS [NOT] NULL``. Constructing one never raises."""
 
     operand: Any
     negated: bool
@@ -239,7 +251,7 @@ class IsNull:
 
 @dataclass(frozen=True)
 class IsEmpty:
-    """``collection IS [NOT] EMPTY``."""
+    """``collection IS [NOT] EMPTY``. Constructing one never raises."""
 
     path: Path
     negated: bool
@@ -247,7 +259,7 @@ class IsEmpty:
 
 @dataclass(frozen=True)
 class BoolOp:
-    """``AND``/``OR`` of several conditions."""
+    """``AND``/``OR`` of several conditions. Constructing one never raises."""
 
     op: str
     parts: tuple[Any, ...]
@@ -255,14 +267,17 @@ class BoolOp:
 
 @dataclass(frozen=True)
 class Not:
-    """``NOT cond``."""
+    """``NOT cond``. Constructing one never raises."""
 
     cond: Any
 
 
 @dataclass(frozen=True)
 class FromItem:
-    """A FROM element: ``root``/``cross`` (entity) or ``inner``/``left`` (path) joins."""
+    """A FROM element: ``root``/``cross`` (entity) or ``inner``/``left`` (path) joins.
+
+    Constructing one never raises.
+    """
 
     kind: str
     var: str
@@ -272,7 +287,10 @@ class FromItem:
 
 @dataclass
 class IncludeSpec:
-    """An INCLUDE clause: ``one`` (INCLUDE 1), new-style paths, or old-style type names."""
+    """An INCLUDE clause: ``one`` (INCLUDE 1), new-style paths, or old-style type names.
+
+    Constructing one never raises.
+    """
 
     one: bool = False
     paths: list[tuple[Path, str | None]] = field(default_factory=list)
@@ -282,7 +300,7 @@ class IncludeSpec:
 
 @dataclass
 class SearchQuery:
-    """A parsed search query."""
+    """A parsed search query. Constructing one never raises."""
 
     distinct: bool
     items: list[Any]
@@ -299,7 +317,7 @@ class SearchQuery:
 
 @dataclass
 class GetQuery:
-    """A parsed get-by-id query: entity, variable, include."""
+    """A parsed get-by-id query: entity, variable, include. Constructing one never raises."""
 
     entity: str
     var: str
@@ -710,13 +728,16 @@ def parse_get(text: str) -> GetQuery:
 
 @dataclass
 class IncludeNode:
-    """One included entity type: ``children`` maps a relationship field to its node."""
+    """One included entity type: ``children`` maps a relationship field to its node.
+
+    Constructing one never raises.
+    """
 
     entity: EntityDef
     children: dict[str, IncludeNode] = field(default_factory=dict)
 
     def count_steps(self) -> int:
-        """The number of include steps in this subtree."""
+        """The number of include steps in this subtree. Never raises."""
         return sum(1 + c.count_steps() for c in self.children.values())
 
 
@@ -795,7 +816,7 @@ class _PhantomNode(IncludeNode):
 
 
 def is_phantom(node: IncludeNode) -> bool:
-    """True for an INCLUDE step through a phantom relationship (always empty)."""
+    """True for an INCLUDE step through a phantom relationship (always empty). Never raises."""
     return isinstance(node, _PhantomNode)
 
 
@@ -805,7 +826,10 @@ def is_phantom(node: IncludeNode) -> bool:
 
 @dataclass
 class Item:
-    """How to decode one SELECT item: ``entity`` (with column span) or a scalar ``kind``."""
+    """How to decode one SELECT item: ``entity`` (with column span) or a scalar ``kind``.
+
+    Constructing one never raises.
+    """
 
     entity: EntityDef | None
     start: int
@@ -815,7 +839,10 @@ class Item:
 
 @dataclass
 class CompiledSearch:
-    """SQL + parameters of a search, and how to turn rows into ICAT JSON."""
+    """SQL + parameters of a search, and how to turn rows into ICAT JSON.
+
+    Constructing one never raises.
+    """
 
     sql: str
     params: dict[str, Any]

@@ -49,6 +49,9 @@ class ICATException(Exception):
     delete request (icat-rest.md §2.1), None everywhere else. ``status`` is
     the HTTP status of the code. Messages never contain session ids or
     passwords.
+
+    Raised by the catalogue and the ICAT handlers; constructing one raises
+    ``ValueError`` for an unknown ``code``.
     """
 
     def __init__(self, code: str, message: str, offset: int | None = None) -> None:
@@ -62,11 +65,11 @@ class ICATException(Exception):
 
     @property
     def status(self) -> int:
-        """The HTTP status for this error's code."""
+        """The HTTP status for this error's code. Never raises."""
         return ERROR_STATUS[self.code]
 
     def to_json(self) -> dict[str, Any]:
-        """The error body: ``code``, ``message`` and, when set, ``offset``."""
+        """The error body: ``code``, ``message`` and, when set, ``offset``. Never raises."""
         body: dict[str, Any] = {"code": self.code, "message": self.message}
         if self.offset is not None:
             body["offset"] = self.offset
@@ -78,7 +81,7 @@ class ICATException(Exception):
 
 
 def bad(message: str, offset: int | None = None) -> ICATException:
-    """A BAD_PARAMETER error (helper)."""
+    """A BAD_PARAMETER error (helper). Never raises."""
     return ICATException("BAD_PARAMETER", message, offset)
 
 
@@ -96,7 +99,10 @@ COMMON_FIELDS: tuple[str, ...] = ("id", "createId", "createTime", "modId", "modT
 
 @dataclass(frozen=True)
 class Attr:
-    """A plain attribute: ``kind`` is one of the kind constants above."""
+    """A plain attribute: ``kind`` is one of the kind constants above.
+
+    Constructing one never raises.
+    """
 
     name: str
     kind: str = STRING
@@ -107,7 +113,10 @@ class Attr:
 
 @dataclass(frozen=True)
 class ManyToOne:
-    """A reference to one entity of type ``target`` (column ``<name>_id``)."""
+    """A reference to one entity of type ``target`` (column ``<name>_id``).
+
+    Constructing one never raises.
+    """
 
     name: str
     target: str
@@ -115,13 +124,16 @@ class ManyToOne:
 
     @property
     def column(self) -> str:
-        """The foreign-key column holding the referenced id."""
+        """The foreign-key column holding the referenced id. Never raises."""
         return f"{self.name}_id"
 
 
 @dataclass(frozen=True)
 class OneToMany:
-    """The children of type ``target`` whose many-to-one ``mapped_by`` points here."""
+    """The children of type ``target`` whose many-to-one ``mapped_by`` points here.
+
+    Constructing one never raises.
+    """
 
     name: str
     target: str
@@ -130,7 +142,10 @@ class OneToMany:
 
 @dataclass
 class EntityDef:
-    """One entity type: attributes, relationships, uniqueness constraint."""
+    """One entity type: attributes, relationships, uniqueness constraint.
+
+    Constructing one never raises.
+    """
 
     name: str
     attrs: tuple[Attr, ...]
@@ -157,11 +172,11 @@ class EntityDef:
 
     @property
     def table(self) -> str:
-        """The quoted SQL table name."""
+        """The quoted SQL table name. Never raises."""
         return q(self.name)
 
     def has_field(self, name: str) -> bool:
-        """True when ``name`` is any field of this entity (also phantom/common)."""
+        """True when ``name`` is any field of this entity (also phantom/common). Never raises."""
         return (
             name in COMMON_FIELDS
             or name in self.attr_by_name
@@ -172,7 +187,7 @@ class EntityDef:
 
 
 def q(identifier: str) -> str:
-    """Quote an SQL identifier (only ever applied to names from the schema)."""
+    """Quote an SQL identifier (only ever applied to names from the schema). Never raises."""
     return '"' + identifier.replace('"', '""') + '"'
 
 
@@ -406,7 +421,7 @@ def _sql_type(kind: str) -> str:
 
 
 def ddl() -> list[str]:
-    """SQL statements creating every table and index (idempotent)."""
+    """SQL statements creating every table and index (idempotent). Never raises."""
     out: list[str] = [
         "CREATE TABLE IF NOT EXISTS icat_meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)",
         "CREATE TABLE IF NOT EXISTS icat_session ("
@@ -453,7 +468,11 @@ _TS_RE = re.compile(r"^(\d{4})-(\d{2})-(\d{2}) (\d{2}):(\d{2}):(\d{2})$")
 
 
 def format_date(ms: int) -> str:
-    """Epoch milliseconds -> ``yyyy-MM-ddTHH:mm:ss.SSS+hh:mm`` (server's local zone)."""
+    """Epoch milliseconds -> ``yyyy-MM-ddTHH:mm:ss.SSS+hh:mm`` (server's local zone).
+
+    Never raises for the dates the catalogue stores (years 1 to 9999). Beyond,
+    ``time.localtime`` raises ``OverflowError`` or ``OSError``.
+    """
     seconds, millis = divmod(int(ms), 1000)
     t = time.localtime(seconds)
     off = t.tm_gmtoff // 60
@@ -484,7 +503,10 @@ def parse_date(text: str) -> int:
 
 
 def parse_timestamp_literal(text: str) -> int:
-    """``yyyy-mm-dd hh:mm:ss`` (server's local zone) -> epoch ms; BAD_PARAMETER if malformed."""
+    """``yyyy-mm-dd hh:mm:ss`` (server's local zone) -> epoch ms.
+
+    Raises ``ICATException`` BAD_PARAMETER when ``text`` is malformed or not a date.
+    """
     m = _TS_RE.match(text)
     if not m:
         raise bad(f"Badly formatted timestamp literal {{ts {text}}}: expected yyyy-mm-dd hh:mm:ss")
@@ -496,7 +518,7 @@ def parse_timestamp_literal(text: str) -> int:
 
 
 def now_ms() -> int:
-    """The current time in epoch milliseconds."""
+    """The current time in epoch milliseconds. Never raises."""
     return time.time_ns() // 1_000_000
 
 
@@ -505,7 +527,10 @@ def now_ms() -> int:
 
 
 def decode(kind: str, value: Any) -> Any:
-    """A stored column value of attribute ``kind`` -> its JSON value."""
+    """A stored column value of attribute ``kind`` -> its JSON value.
+
+    Never raises for the dates the catalogue stores (years 1 to 9999).
+    """
     if value is None:
         return None
     if kind == DATE:
@@ -521,6 +546,8 @@ def render(e: EntityDef, row: tuple[Any, ...] | list[Any]) -> dict[str, Any]:
     Common fields first, then every non-null attribute, then every one-to-many
     field as an empty array (filled in by INCLUDE processing); many-to-one
     fields are absent (added only when included).
+
+    Never raises for the dates the catalogue stores (years 1 to 9999).
     """
     out: dict[str, Any] = {
         "id": row[0],

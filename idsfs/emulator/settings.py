@@ -126,21 +126,27 @@ class EmulatorSettings:
 
     @property
     def two_level(self) -> bool:
-        """True when the storage has an archive level (``dataset``/``datafile``)."""
+        """True when the storage has an archive level (``dataset``/``datafile``). Never raises."""
         return self.storage != "single"
 
     @property
     def storage_unit(self) -> str | None:
-        """``DATASET``/``DATAFILE`` for two-level storage, None for single-level."""
+        """``DATASET``/``DATAFILE`` for two-level storage, None for single-level. Never raises."""
         return None if self.storage == "single" else self.storage.upper()
 
     @property
     def write_enabled(self) -> bool:
-        """The effective IDS enableWrite (``enable_write``, default ``not read_only``)."""
+        """The effective IDS enableWrite (``enable_write``, default ``not read_only``).
+
+        Never raises.
+        """
         return (not self.read_only) if self.enable_write is None else self.enable_write
 
     def replace(self, **changes: Any) -> EmulatorSettings:
-        """Return a copy with ``changes`` applied (validated like the constructor)."""
+        """Return a copy with ``changes`` applied (validated like the constructor).
+
+        Raises ``ValueError`` for an invalid value and ``TypeError`` for an unknown field.
+        """
         return dataclasses.replace(self, **changes)
 
     def __repr__(self) -> str:

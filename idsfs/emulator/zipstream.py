@@ -51,6 +51,8 @@ class ZipSource:
 
     ``opener`` may replace ``path`` when the bytes come from elsewhere (a callable returning a
     binary file object); exactly one of them is used, ``opener`` first.
+
+    Constructing one never raises (the file is opened when the entry is written).
     """
 
     name: str
@@ -71,6 +73,8 @@ def dos_datetime(mtime: float) -> tuple[int, int]:
     """Return the (date, time) DOS fields for ``mtime`` in local time (2-second resolution).
 
     Times before 1980 map to 1980-01-01 00:00:00 and times after 2107 to the last DOS second.
+
+    Never raises.
     """
     try:
         t = time.localtime(mtime)
@@ -252,7 +256,10 @@ def write_zip(fileobj: BinaryIO, entries: Iterable[ZipSource], compress: bool) -
 
 
 def skip_bytes(chunks: Iterable[bytes], offset: int) -> Iterator[bytes]:
-    """Yield ``chunks`` without their first ``offset`` bytes (the IDS Range semantics)."""
+    """Yield ``chunks`` without their first ``offset`` bytes (the IDS Range semantics).
+
+    Never raises itself; what iterating ``chunks`` raises passes through.
+    """
     remaining = offset
     for chunk in chunks:
         if remaining:
