@@ -445,8 +445,8 @@ class Request:
     """One parsed HTTP request, as handlers see it (see the module docstring).
 
     Constructing one raises :class:`BadRequestSyntax` for a target that is neither absolute
-    (``http://...``) nor ``*`` nor a path, and ``ValueError`` for an absolute target whose
-    host part is malformed (``urlsplit``'s "Invalid IPv6 URL").
+    (``http://...``) nor ``*`` nor a path, or an absolute one whose host part is malformed
+    (``urlsplit``'s "Invalid IPv6 URL"): the server answers both with 400.
     """
 
     def __init__(
@@ -466,7 +466,10 @@ class Request:
         self.body: _Body = body
         self.client_address = client_address
         if target.startswith(("http://", "https://")):
-            parts = urlsplit(target)
+            try:
+                parts = urlsplit(target)
+            except ValueError as exc:  # e.g. "Invalid IPv6 URL"
+                raise BadRequestSyntax(f"bad request target: {exc}") from exc
             raw_path, raw_query = parts.path or "/", parts.query
         elif target == "*" or target.startswith("/"):
             raw_path, _, raw_query = target.partition("?")

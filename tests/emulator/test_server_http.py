@@ -482,6 +482,7 @@ def test_multipart_refuses_other_bodies(server):
         b"GET /api/ping HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
         b"GET /api/ping HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n",
         b"GET noslash HTTP/1.1\r\n\r\n",
+        b"GET http://[::1/api/ping HTTP/1.1\r\n\r\n",  # absolute target, malformed host
         b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n",
     ],
 )
