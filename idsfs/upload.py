@@ -566,6 +566,9 @@ class Upload:
         #: write-behind: writes accepted but not in the spool file yet (offset, bytes)
         self.queue: deque[tuple[int, bytes | memoryview]] = deque()
         self.queued_bytes = 0
+        #: writes queued and writes done with (written or failed) since the start
+        self.queued_count = 0
+        self.settled_count = 0
         self.draining = False
         #: set (and replaced) each time the drain task wrote a batch or stopped
         self.drain_progress = trio.Event()
@@ -1246,6 +1249,7 @@ class Uploader:
                 done = len(data)
                 up.queue.append((offset, data))
                 up.queued_bytes += done
+                up.queued_count += 1
                 up.note_written(offset, done, data, spooled=False)
                 if not up.draining:
                     up.draining = True
@@ -1270,8 +1274,10 @@ class Uploader:
                     for offset, data in batch[:written]:
                         up.queue.popleft()
                         up.queued_bytes -= len(data)
+                        up.settled_count += 1
                         up.note_spooled(offset, len(data), data)
                     if exc is not None:
+                        up.settled_count += len(up.queue)
                         up.queue.clear()
                         up.queued_bytes = 0
                         up.note_write_failed(batch[written][0], 0, exc)
@@ -1281,6 +1287,7 @@ class Uploader:
                     up.drain_progress.set()
                     up.drain_progress = trio.Event()
             except BaseException:
+                up.settled_count += len(up.queue)
                 up.queue.clear()
                 up.queued_bytes = 0
                 if up.write_error is None:
@@ -1292,8 +1299,10 @@ class Uploader:
                 up.drain_progress.set()
 
     async def _drained(self, up: Upload) -> None:
-        """Wait until the writes behind of ``up`` are in its spool file."""
-        while up.draining:
+        """Wait until the writes behind of ``up`` queued so far are in its spool file
+        (or failed); later writes are not waited for."""
+        target = up.queued_count
+        while up.draining and up.settled_count < target:
             await up.drain_progress.wait()
 
     async def read(self, up: Upload, offset: int, size: int) -> bytes:
