@@ -606,7 +606,7 @@ class Operations(pyfuse3.Operations):
         data.f_frsize = 512
         free = 0
         if not self._read_only and self._uploader is not None:
-            free = self._uploader.spool_free()[0]
+            free = (await self._uploader.free_space())[0]
         data.f_blocks = (usage.bytes + 511) // 512 + free // 512
         data.f_bfree = free // 512
         data.f_bavail = free // 512

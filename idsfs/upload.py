@@ -1036,10 +1036,15 @@ class Uploader:
             self._lock_fd = None
         return fds
 
+    async def free_space(self) -> tuple[int, int]:
+        """:meth:`spool_free` in a worker thread of the bridge (for ``statfs``). Never raises."""
+        return await self._bridge.run(self.spool_free, name="spool statvfs")
+
     def spool_free(self) -> tuple[int, int]:
         """``(free bytes, total bytes)`` of the spool's file system ((0, 0) if unknown).
 
         Before the spool directory exists, the nearest existing parent is asked.
+        Blocking (a ``statvfs``); never raises.
         """
         path = self.spool_dir
         while not path.exists() and path.parent != path:
