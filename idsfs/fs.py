@@ -144,7 +144,10 @@ def _known(exc: BaseException) -> tuple[bool, int]:
 
 
 def errno_for(exc: BaseException) -> int:
-    """Return the errno value :data:`ERRNO_TABLE` gives ``exc`` (``EIO`` if none)."""
+    """Return the errno value :data:`ERRNO_TABLE` gives ``exc`` (``EIO`` if none).
+
+    A ``pyfuse3.FUSEError`` gives its own errno. Never raises.
+    """
     if isinstance(exc, pyfuse3.FUSEError):
         return exc.errno
     return _known(exc)[1]
@@ -206,7 +209,7 @@ class Reader(Protocol):
     ``size``: the bytes reads stop at; ``keep_cache``: whether the kernel may
     keep the pages cached at an earlier open; ``release_delivered``: set by
     :meth:`Operations.open` when blocks the kernel was given need not stay in
-    the block cache.
+    the block cache. A protocol: its methods say what they raise.
     """
 
     size: int
@@ -214,37 +217,57 @@ class Reader(Protocol):
     release_delivered: bool
 
     async def read(self, offset: int, size: int) -> bytes | memoryview:
-        """Read ``size`` bytes at ``offset`` (short only at end of file)."""
+        """Read ``size`` bytes at ``offset`` (short only at end of file).
+
+        Raises the read path's errors (:mod:`idsfs.errors`: ``TransferError``
+        and its subclasses, IDS and transport errors; a spool file:
+        ``SpoolError``), which :data:`ERRNO_TABLE` maps, and ``ValueError``
+        when the reader is closed.
+        """
         ...
 
     async def close(self) -> None:
-        """Release what the reader holds."""
+        """Release what the reader holds. Never raises."""
         ...
 
 
 class CacheLike(Protocol):
-    """What :class:`Operations` needs of the block cache: its capacity in bytes."""
+    """What :class:`Operations` needs of the block cache: its capacity in bytes.
+
+    A protocol; :attr:`capacity` never raises.
+    """
 
     @property
     def capacity(self) -> int:
-        """The most bytes the cache holds."""
+        """The most bytes the cache holds. Never raises."""
         ...
 
 
 class TransferLike(Protocol):
-    """What :class:`Operations` needs of ``idsfs.transfer.Transfer``."""
+    """What :class:`Operations` needs of ``idsfs.transfer.Transfer``.
+
+    A protocol: its members say what they raise.
+    """
 
     @property
     def cache(self) -> CacheLike:
-        """The block cache the reads go through."""
+        """The block cache the reads go through. Never raises."""
         ...
 
     async def open(self, datafile: DatafileRecord) -> Reader:
-        """Open a datafile for reading (no IDS call)."""
+        """Open a datafile for reading (no IDS call).
+
+        Raises ``ValueError`` for a record without an integer id and
+        ``TransferError`` when the transfer was closed.
+        """
         ...
 
     async def status(self, datafile: DatafileRecord) -> str:
-        """``ONLINE``, ``ARCHIVED`` or ``RESTORING``."""
+        """``ONLINE``, ``ARCHIVED`` or ``RESTORING``.
+
+        Raises IDS and transport errors (:mod:`idsfs.errors`) when the status
+        cannot be asked.
+        """
         ...
 
 
@@ -374,7 +397,10 @@ class Operations(pyfuse3.Operations):
     # ------------------------------------------------------------------ inodes
 
     def ino_of(self, key: NodeKey) -> int:
-        """The inode number of a node key (the same for the mount's lifetime)."""
+        """The inode number of a node key (the same for the mount's lifetime).
+
+        Never raises.
+        """
         if key.kind is Kind.ROOT:
             return pyfuse3.ROOT_INODE
         tag = _TAGS.get(key.kind)
@@ -387,13 +413,13 @@ class Operations(pyfuse3.Operations):
         return ino
 
     def lookup_count(self, ino: int) -> int:
-        """The lookup count of an inode (0 if the table does not hold it)."""
+        """The lookup count of an inode (0 if the table does not hold it). Never raises."""
         inode = self._inodes.get(ino)
         return 0 if inode is None else inode.lookups
 
     @property
     def inode_count(self) -> int:
-        """How many inodes the table holds (the root included)."""
+        """How many inodes the table holds (the root included). Never raises."""
         return len(self._inodes)
 
     def _inode(self, ino: int) -> _Inode:
@@ -502,7 +528,14 @@ class Operations(pyfuse3.Operations):
     async def lookup(
         self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext | None = None
     ) -> pyfuse3.EntryAttributes:
-        """Look ``name`` up in directory ``parent_inode`` (``.`` and ``..`` included)."""
+        """Look ``name`` up in directory ``parent_inode`` (``.`` and ``..`` included).
+
+        A name that is not there gives a negative entry (cached for the
+        metadata TTL), not an error. Raises ``pyfuse3.FUSEError`` only:
+        ``ENOENT`` for an unknown inode (or a ``..`` whose directory is gone),
+        ``ENOTDIR`` when the parent is not a directory; catalogue errors
+        through :data:`ERRNO_TABLE`.
+        """
         parent = self._inode(parent_inode)
         if not parent.node.is_dir:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
@@ -529,14 +562,23 @@ class Operations(pyfuse3.Operations):
     async def getattr(
         self, inode: int, ctx: pyfuse3.RequestContext | None = None
     ) -> pyfuse3.EntryAttributes:
-        """Attributes of ``inode`` (from the parent's listing; fetched when expired)."""
+        """Attributes of ``inode`` (from the parent's listing; fetched when expired).
+
+        Raises ``pyfuse3.FUSEError`` only: ``ENOENT`` for an unknown inode;
+        catalogue errors through :data:`ERRNO_TABLE`.
+        """
         node = await self._current(self._inode(inode))
         nlink = await self._catalog.nlink(node.key)
         return self._attributes(node, nlink)
 
     @_handler
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext | None = None) -> int:
-        """Open a directory: snapshot its current listing."""
+        """Open a directory: snapshot its current listing.
+
+        Raises ``pyfuse3.FUSEError`` only: ``ENOENT`` for an unknown inode or a
+        directory gone from the catalogue, ``ENOTDIR`` for a file; catalogue
+        errors through :data:`ERRNO_TABLE`.
+        """
         entry = self._inode(inode)
         node = entry.node
         if not node.is_dir:
@@ -556,7 +598,11 @@ class Operations(pyfuse3.Operations):
 
     @_handler
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        """List the snapshot from offset ``start_id`` (0: ``.``, 1: ``..``, 2: first entry)."""
+        """List the snapshot from offset ``start_id`` (0: ``.``, 1: ``..``, 2: first entry).
+
+        Raises ``pyfuse3.FUSEError`` only: ``EBADF`` for an unknown handle
+        (nothing else is expected: no catalogue call is made).
+        """
         handle = self._dirs.get(fh)
         if handle is None:
             raise pyfuse3.FUSEError(errno.EBADF)
@@ -582,11 +628,14 @@ class Operations(pyfuse3.Operations):
 
     @_handler
     async def releasedir(self, fh: int) -> None:
-        """Forget a directory handle and its snapshot."""
+        """Forget a directory handle and its snapshot. Never raises."""
         self._dirs.pop(fh, None)
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
-        """Lower lookup counts; nodes no longer known to the kernel leave the table."""
+        """Lower lookup counts; nodes no longer known to the kernel leave the table.
+
+        Never raises: an error is logged (the kernel expects no answer).
+        """
         try:
             for ino, count in inode_list:
                 inode = self._inodes.get(ino)
@@ -599,7 +648,11 @@ class Operations(pyfuse3.Operations):
 
     @_handler
     async def statfs(self, ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.StatvfsData:
-        """Sizes and counts of what has been listed so far; free space: the spool's."""
+        """Sizes and counts of what has been listed so far; free space: the spool's.
+
+        Raises ``pyfuse3.FUSEError`` only, through :data:`ERRNO_TABLE` (none is
+        expected: the counters and the spool's ``statvfs`` do not fail).
+        """
         usage = self._catalog.usage()
         data = pyfuse3.StatvfsData()
         data.f_bsize = self._block_size
@@ -618,7 +671,12 @@ class Operations(pyfuse3.Operations):
 
     @_handler
     async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
-        """Check ``mode`` against the permission bits (used without ``default_permissions``)."""
+        """Check ``mode`` against the permission bits (used without ``default_permissions``).
+
+        Returns False when denied (the kernel answers ``EACCES``). Raises
+        ``pyfuse3.FUSEError`` only: ``ENOENT`` for an unknown inode, ``EROFS``
+        when ``W_OK`` is asked on a read-only mount.
+        """
         node = self._inode(inode).node
         if mode & os.W_OK and self._read_only:
             raise pyfuse3.FUSEError(errno.EROFS)
@@ -655,7 +713,11 @@ class Operations(pyfuse3.Operations):
     async def listxattr(
         self, inode: int, ctx: pyfuse3.RequestContext | None = None
     ) -> list[bytes]:
-        """Names of the node's ``user.ids.*`` (and ``user.idsfs.upload``) attributes."""
+        """Names of the node's ``user.ids.*`` (and ``user.idsfs.upload``) attributes.
+
+        Raises ``pyfuse3.FUSEError`` only: ``ENOENT`` for an unknown inode;
+        catalogue errors through :data:`ERRNO_TABLE`.
+        """
         node = await self._current(self._inode(inode))
         names = sorted(self._static_xattrs(node))
         if node.datafile is not None and self._transfer is not None:
@@ -675,6 +737,11 @@ class Operations(pyfuse3.Operations):
         (``security.selinux``, ``system.posix_acl_access``, ...) answer
         ``ENOTSUP`` at once: the mount has no labels or ACLs, and tools such as
         ``ls -l`` stop asking for them on this file system after that answer.
+
+        Raises ``pyfuse3.FUSEError`` only: those two, ``ENODATA`` also for a
+        name that is not ASCII, ``ENOENT`` for an unknown inode; errors of the
+        read path (``user.ids.status``) and of the catalogue through
+        :data:`ERRNO_TABLE`.
         """
         if not name.startswith(b"user."):
             raise pyfuse3.FUSEError(errno.ENOTSUP)
@@ -712,7 +779,14 @@ class Operations(pyfuse3.Operations):
         self, inode: int, flags: int, ctx: pyfuse3.RequestContext | None = None
     ) -> pyfuse3.FileInfo:
         """Open a file: a datafile for reading (keeping the page cache if unchanged),
-        a file being written for reading or writing, a datafile for writing (replace)."""
+        a file being written for reading or writing, a datafile for writing (replace).
+
+        Raises ``pyfuse3.FUSEError`` only: ``ENOENT`` for an unknown inode or a
+        file that is gone, ``EISDIR`` for a directory, ``EROFS`` for writing on
+        a read-only mount, ``EACCES`` for writing an existing datafile without
+        ``replace``, ``ENOSYS`` for reading without a read path; catalogue,
+        spool and upload errors through :data:`ERRNO_TABLE`.
+        """
         entry = self._inode(inode)
         if entry.node.is_dir:
             raise pyfuse3.FUSEError(errno.EISDIR)
@@ -837,7 +911,13 @@ class Operations(pyfuse3.Operations):
 
     @_handler
     async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
-        """Read from an open file (a datafile through the read path, else its spool)."""
+        """Read from an open file (a datafile through the read path, else its spool).
+
+        Raises ``pyfuse3.FUSEError`` only: ``EBADF`` for an unknown handle;
+        errors of the read path (``ENODATA`` when a restore takes too long,
+        ``EBUSY``, ``EIO``, ...) and of the spool through :data:`ERRNO_TABLE`
+        (also those of fetching a replaced datafile's bytes at the first read).
+        """
         handle = self._files.get(fh)
         if handle is None or handle.reader is None:
             raise pyfuse3.FUSEError(errno.EBADF)
@@ -847,7 +927,13 @@ class Operations(pyfuse3.Operations):
 
     @_handler
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        """Write into the spool file of a file open for writing."""
+        """Write into the spool file of a file open for writing.
+
+        Raises ``pyfuse3.FUSEError`` only: ``EBADF`` for an unknown handle or
+        one not open for writing; the spool's errno (``ENOSPC`` for a full
+        disk, also when an earlier write behind failed) and the errors of
+        fetching a replaced datafile's bytes through :data:`ERRNO_TABLE`.
+        """
         handle = self._files.get(fh)
         if handle is None:
             raise pyfuse3.FUSEError(errno.EBADF)
@@ -872,6 +958,10 @@ class Operations(pyfuse3.Operations):
         when the upload failed (the file stays as a pending upload). A
         read-only mount answers ``ENOSYS`` (the kernel then stops asking; closes
         succeed even after the daemon is gone).
+
+        Raises ``pyfuse3.FUSEError`` only: ``ENOSYS`` (read-only), ``EIO`` for
+        a failed upload, the spool's errno (``ENOSPC``) when a write behind
+        failed; other errors through :data:`ERRNO_TABLE`.
         """
         if self._read_only:
             # nothing to do at close: the kernel stops sending flush requests after this
@@ -890,7 +980,12 @@ class Operations(pyfuse3.Operations):
 
     @_handler
     async def fsync(self, fh: int, datasync: bool) -> None:
-        """Make a spool file durable on local disk (the upload happens at close)."""
+        """Make a spool file durable on local disk (the upload happens at close).
+
+        Unknown handles and files not being written are left alone. Raises
+        ``pyfuse3.FUSEError`` only: the spool's errno (a failed ``fsync``, or
+        an earlier write behind that failed) through :data:`ERRNO_TABLE`.
+        """
         handle = self._files.get(fh)
         if handle is None or handle.upload is None or self._uploader is None:
             return
@@ -898,7 +993,13 @@ class Operations(pyfuse3.Operations):
 
     @_handler
     async def release(self, fh: int) -> None:
-        """Close an open file; the last handle of a written file may start its upload."""
+        """Close an open file; the last handle of a written file may start its upload.
+
+        An unknown handle is ignored. Raises ``pyfuse3.FUSEError`` only,
+        through :data:`ERRNO_TABLE` (none is expected: closing a reader and the
+        uploader's bookkeeping do not fail; an upload's failure shows in
+        ``user.idsfs.upload``).
+        """
         handle = self._files.pop(fh, None)
         if handle is None:
             return
@@ -1049,7 +1150,15 @@ class Operations(pyfuse3.Operations):
     @_handler
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
                      ctx: Any) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
-        """Create a file in a dataset (or below it): a new upload with an empty spool."""
+        """Create a file in a dataset (or below it): a new upload with an empty spool.
+
+        Raises ``pyfuse3.FUSEError`` only: ``EROFS`` on a read-only mount,
+        ``ENOENT`` for an unknown parent, ``ENOTDIR``, ``EPERM`` outside a
+        dataset, ``EEXIST`` with ``O_EXCL``, ``EISDIR`` for an existing
+        directory, what :meth:`open` raises for an existing file; a name ICAT
+        cannot store gives its own errno (``EINVAL``, ``ENAMETOOLONG``), and
+        spool and ICAT errors go through :data:`ERRNO_TABLE`.
+        """
         self._check_writable()
         parent = self._inode(parent_inode)
         pnode = parent.node
@@ -1084,7 +1193,13 @@ class Operations(pyfuse3.Operations):
     async def setattr(self, inode: int, attr: Any, fields: Any, fh: int | None,
                       ctx: Any) -> pyfuse3.EntryAttributes:
         """Truncate a file being written; set modification times (also of datafiles, in
-        ICAT); accept mode and owner changes without effect (see docs/semantics.md)."""
+        ICAT); accept mode and owner changes without effect (see docs/semantics.md).
+
+        Raises ``pyfuse3.FUSEError`` only: ``EROFS`` on a read-only mount,
+        ``ENOENT`` for an unknown inode, ``EISDIR`` for a size given to a
+        directory, ``EACCES`` for a new size of a datafile not being written;
+        spool and ICAT errors through :data:`ERRNO_TABLE`.
+        """
         self._check_writable()
         entry = self._inode(inode)
         node = await self._current(entry)
@@ -1123,14 +1238,22 @@ class Operations(pyfuse3.Operations):
     @_handler
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
                     ctx: Any) -> pyfuse3.EntryAttributes:
-        """Special files cannot be stored (``EPERM``)."""
+        """Special files cannot be stored: raises ``pyfuse3.FUSEError`` (``EPERM``;
+        ``EROFS`` read-only)."""
         self._check_writable()
         raise pyfuse3.FUSEError(errno.EPERM)
 
     @_handler
     async def mkdir(self, parent_inode: int, name: bytes, mode: int,
                     ctx: Any) -> pyfuse3.EntryAttributes:
-        """In a visit: create a Dataset. In a dataset: a local directory for file names."""
+        """In a visit: create a Dataset. In a dataset: a local directory for file names.
+
+        Raises ``pyfuse3.FUSEError`` only: ``EROFS`` on a read-only mount,
+        ``ENOENT`` for an unknown parent, ``ENOTDIR``, ``EPERM`` where no
+        directory can be made (root, facility, investigation name), ``EEXIST``; a
+        name ICAT cannot store gives its own errno, and ICAT errors go through
+        :data:`ERRNO_TABLE` (``ENOTSUP`` for a missing dataset type).
+        """
         self._check_writable()
         parent = self._inode(parent_inode)
         pnode = parent.node
@@ -1161,7 +1284,13 @@ class Operations(pyfuse3.Operations):
 
     @_handler
     async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
-        """Delete a datafile through IDS, or drop a file not yet stored."""
+        """Delete a datafile through IDS, or drop a file not yet stored.
+
+        Raises ``pyfuse3.FUSEError`` only: ``EROFS`` on a read-only mount,
+        ``ENOENT`` for an unknown parent or name, ``EISDIR`` for a directory,
+        ``EPERM`` for other entries; IDS and ICAT errors through
+        :data:`ERRNO_TABLE`.
+        """
         uploader = self._check_writable()
         pnode = self._inode(parent_inode).node
         node = await self._catalog.lookup(pnode.key, name)
@@ -1188,7 +1317,13 @@ class Operations(pyfuse3.Operations):
 
     @_handler
     async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
-        """Delete an empty dataset, or a directory made inside one (``ENOTEMPTY`` if not empty)."""
+        """Delete an empty dataset, or a directory made inside one (``ENOTEMPTY`` if not empty).
+
+        Raises ``pyfuse3.FUSEError`` only: ``EROFS`` on a read-only mount,
+        ``ENOENT`` for an unknown parent or name, ``ENOTDIR`` for a file,
+        ``ENOTEMPTY``, ``EPERM`` for facility, investigation and visit
+        directories; ICAT errors through :data:`ERRNO_TABLE`.
+        """
         self._check_writable()
         pnode = self._inode(parent_inode).node
         node = await self._catalog.lookup(pnode.key, name)
@@ -1222,6 +1357,12 @@ class Operations(pyfuse3.Operations):
         (``mv`` then copies and deletes), ``EPERM`` for facility, investigation
         and visit directories. An existing target is replaced only with the
         replace option (``EACCES`` otherwise).
+
+        Raises ``pyfuse3.FUSEError`` only: those, ``EROFS`` on a read-only
+        mount, ``EINVAL`` for ``RENAME_EXCHANGE``, ``ENOENT`` for an unknown
+        parent or name, ``EEXIST`` (``RENAME_NOREPLACE``; a dataset's target
+        exists), ``EISDIR`` for a directory as a file's target; name, ICAT and
+        IDS errors through :data:`ERRNO_TABLE`.
         """
         uploader = self._check_writable()
         if flags & pyfuse3.RENAME_EXCHANGE:
@@ -1302,26 +1443,30 @@ class Operations(pyfuse3.Operations):
     @_handler
     async def symlink(self, parent_inode: int, name: bytes, target: bytes,
                       ctx: Any) -> pyfuse3.EntryAttributes:
-        """Symbolic links cannot be stored (``EPERM``)."""
+        """Symbolic links cannot be stored: raises ``pyfuse3.FUSEError`` (``EPERM``;
+        ``EROFS`` read-only)."""
         self._check_writable()
         raise pyfuse3.FUSEError(errno.EPERM)
 
     @_handler
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
                    ctx: Any) -> pyfuse3.EntryAttributes:
-        """Hard links cannot be stored (``EPERM``)."""
+        """Hard links cannot be stored: raises ``pyfuse3.FUSEError`` (``EPERM``;
+        ``EROFS`` read-only)."""
         self._check_writable()
         raise pyfuse3.FUSEError(errno.EPERM)
 
     @_handler
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any) -> None:
-        """Extended attributes cannot be stored (``ENOTSUP``; ``EROFS`` read-only)."""
+        """Extended attributes cannot be stored: raises ``pyfuse3.FUSEError``
+        (``ENOTSUP``; ``EROFS`` read-only)."""
         self._check_writable()
         raise pyfuse3.FUSEError(errno.ENOTSUP)
 
     @_handler
     async def removexattr(self, inode: int, name: bytes, ctx: Any) -> None:
-        """Extended attributes cannot be removed (``ENOTSUP``; ``EROFS`` read-only)."""
+        """Extended attributes cannot be removed: raises ``pyfuse3.FUSEError``
+        (``ENOTSUP``; ``EROFS`` read-only)."""
         self._check_writable()
         raise pyfuse3.FUSEError(errno.ENOTSUP)
 
