@@ -259,6 +259,8 @@ def default_spool_dir(icat_url: str | None, user: str | None, mountpoint: str | 
     mount id is ``<ICAT host>-<user>-<hash>``, the hash taken over the ICAT
     URL, the user and the absolute mount point: the same mount finds its
     pending uploads again after a restart, and two mounts never share a spool.
+    Nothing is created. Raises ``OSError`` only when ``mountpoint`` is relative
+    and the current directory is gone.
     """
     env = os.environ if environ is None else environ
     uid = os.geteuid() if uid is None else uid
@@ -511,6 +513,8 @@ class Upload:
     ``uploaded_generation`` (the generation the stored datafile has),
     ``cancelled`` (unlinked), ``lock`` (held during an attempt and by writes
     and truncations), ``record_lock`` (held while the record is written).
+
+    Constructing one never raises (no file is touched).
     """
 
     def __init__(self, spool: Path, uid: str, *, dataset_id: int, name: str, display: str,
@@ -579,27 +583,33 @@ class Upload:
 
     @property
     def data_path(self) -> Path:
-        """The spool file holding the bytes."""
+        """The spool file holding the bytes. Never raises."""
         return self.spool / f"{self.uid}.data"
 
     @property
     def meta_path(self) -> Path:
-        """The record (JSON)."""
+        """The record (JSON). Never raises."""
         return self.spool / f"{self.uid}.json"
 
     @property
     def landed(self) -> bool:
-        """True once a datafile with the current content is in IDS under its real name."""
+        """True once a datafile with the current content is in IDS under its real name.
+
+        Never raises.
+        """
         return (self.datafile_id is not None and self.temp_name is None
                 and self.replace_id is None and self.uploaded_generation == self.generation)
 
     @property
     def dirty(self) -> bool:
-        """True when the spool holds something IDS does not have yet."""
+        """True when the spool holds something IDS does not have yet. Never raises."""
         return not self.landed
 
     def describe_state(self) -> str:
-        """``state`` plus the reason, as shown by ``user.idsfs.upload`` and ``idsfs status``."""
+        """``state`` plus the reason, as shown by ``user.idsfs.upload`` and ``idsfs status``.
+
+        Never raises.
+        """
         if self.state in (PENDING, FAILED, CONFLICT) and self.reason:
             return f"{self.state}: {self.reason}"
         if self.state == DONE:
@@ -607,14 +617,14 @@ class Upload:
         return self.state
 
     def line(self) -> str:
-        """One line for ``idsfs status`` and the unmount report."""
+        """One line for ``idsfs status`` and the unmount report. Never raises."""
         extra = f", attempt {self.attempts}" if self.attempts else ""
         return f"{self.display} ({_size(self.size)}{extra}): {self.describe_state()}"
 
     # ------------------------------------------------------------------ record
 
     def to_json(self) -> dict[str, Any]:
-        """The record as saved in ``<uid>.json``."""
+        """The record as saved in ``<uid>.json``. Never raises."""
         return {
             "version": _RECORD_VERSION, "uid": self.uid, "owner": self.owner,
             "dataset_id": self.dataset_id, "name": self.name, "display": self.display,
@@ -628,7 +638,13 @@ class Upload:
 
     @classmethod
     def from_json(cls, spool: Path, doc: Mapping[str, Any]) -> Upload:
-        """Rebuild an upload from its record; ``ValueError``/``KeyError``/``TypeError`` if bad."""
+        """Rebuild an upload from its record.
+
+        Raises ``ValueError`` (unknown version or state, bad upload id or
+        number), ``KeyError`` (a required field missing) or ``TypeError`` (a
+        field of the wrong type) for a bad record; ``AttributeError`` when
+        ``doc`` is not a mapping.
+        """
         if doc.get("version") != _RECORD_VERSION:
             raise ValueError(f"unknown record version {doc.get('version')!r}")
         uid = str(doc["uid"])
@@ -658,7 +674,10 @@ class Upload:
         return up
 
     def record_text(self) -> str:
-        """The record as JSON text (take it on the trio thread; write it anywhere)."""
+        """The record as JSON text (take it on the trio thread; write it anywhere).
+
+        Never raises.
+        """
         return json.dumps(self.to_json(), ensure_ascii=False, indent=1)
 
     def save(self, durable: bool = False) -> None:
@@ -691,7 +710,10 @@ class Upload:
 
     def close_fd(self) -> None:
         """Blocking: close the spool file descriptor now (start-up and shutdown only;
-        the daemon detaches it with :meth:`detach_fd` and closes it in a thread)."""
+        the daemon detaches it with :meth:`detach_fd` and closes it in a thread).
+
+        Never raises (a failing ``close`` is ignored).
+        """
         for fd in self.detach_fd():
             with contextlib.suppress(OSError):
                 os.close(fd)
@@ -700,7 +722,7 @@ class Upload:
         """Take the spool file descriptors that nobody uses any more (to be closed).
 
         A descriptor a running call still uses is closed by the last user
-        (see :meth:`Uploader._spool_fd`).
+        (see :meth:`Uploader._spool_fd`). Never raises.
         """
         if self.fd is not None:
             self._stale_fds.append(self.fd)
@@ -713,7 +735,10 @@ class Upload:
     def note_written(self, offset: int, done: int, data: bytes | memoryview,
                      *, spooled: bool = True) -> None:
         """Trio side of a write of ``done`` bytes at ``offset``: in the spool file
-        (``spooled``) or accepted for it (write-behind; :meth:`note_spooled` follows)."""
+        (``spooled``) or accepted for it (write-behind; :meth:`note_spooled` follows).
+
+        Never raises (a live upload the write cannot continue is aborted).
+        """
         end = offset + done
         appended = offset == self.size
         if not appended:
@@ -730,7 +755,7 @@ class Upload:
 
     def note_spooled(self, offset: int, done: int, data: bytes | memoryview) -> None:
         """Trio side: ``done`` bytes at ``offset`` are in the spool file now (a live
-        upload may send them)."""
+        upload may send them). Never raises."""
         live = self.live
         if live is not None:
             if offset == live.available:
@@ -740,7 +765,11 @@ class Upload:
                 live.abort("the file was not written sequentially")
 
     def spool_error(self) -> SpoolError:
-        """The error of the failed write-behind (to report it to the next write)."""
+        """The error of the failed write-behind (to report it to the next write).
+
+        Returns the :class:`~idsfs.errors.SpoolError` (its errno, else ``EIO``)
+        for the caller to raise; never raises itself.
+        """
         return SpoolError(f"cannot write the spool file of {self.display}: "
                           f"{self.write_error}", self.write_errno or errno.EIO)
 
@@ -758,7 +787,7 @@ class Upload:
                           f"{exc.strerror or exc}", exc.errno)
 
     def note_truncated(self, size: int) -> None:
-        """Trio side of a successful truncation to ``size``."""
+        """Trio side of a successful truncation to ``size``. Never raises."""
         if size != self.size:
             if self.live is not None:
                 self.live.abort("the file was truncated")
@@ -772,7 +801,11 @@ class Upload:
         self.mod_ms = _now_ms()
 
     def compute_crc(self) -> int:
-        """Read the whole spool and return its CRC32 (blocking; run it in a thread)."""
+        """Read the whole spool and return its CRC32 (blocking; run it in a thread).
+
+        Raises ``OSError`` when the spool file cannot be opened or read (the
+        caller makes the upload ``failed``).
+        """
         crc = 0
         buf = bytearray(_BLOCK)
         view = memoryview(buf)
@@ -827,6 +860,8 @@ class UploaderStats:
         failures: failed attempts since the mount started.
         live_aborted: live uploads given up (the file was then sent at close).
         spool_bytes: bytes in the spool now.
+
+    Constructing one never raises.
     """
 
     spool_dir: str
@@ -840,7 +875,7 @@ class UploaderStats:
     spool_bytes: int
 
     def as_dict(self) -> dict[str, Any]:
-        """JSON-able form (lists for tuples)."""
+        """JSON-able form (lists for tuples). Never raises."""
         return {"spool_dir": self.spool_dir, "writing": self.writing,
                 "in_progress": list(self.in_progress), "pending": list(self.pending),
                 "stored": self.stored, "bytes_stored": self.bytes_stored,
@@ -1017,14 +1052,20 @@ class Uploader:
                     name="lock spool directory")
 
     def stop_live(self) -> None:
-        """Abort every live upload now (before a shutdown cancels their tasks)."""
+        """Abort every live upload now (before a shutdown cancels their tasks).
+
+        Never raises.
+        """
         self._closing = True
         for up in self.uploads.values():
             self._abort_live(up, "the mount is stopping")
 
     def close_spool(self) -> None:
         """Blocking: close spool files and release the spool directory lock (tests,
-        start-up failures; :meth:`aclose` does it in a worker thread)."""
+        start-up failures; :meth:`aclose` does it in a worker thread).
+
+        Never raises (a failing ``close`` is ignored).
+        """
         _close_fds(self._detach_spool_fds())
 
     def _detach_spool_fds(self) -> list[int]:
@@ -1127,7 +1168,11 @@ class Uploader:
         return up
 
     async def adopt_handle(self, up: Upload, *, write: bool) -> None:
-        """Count a new file handle on ``up`` (a writer moves it back to ``writing``)."""
+        """Count a new file handle on ``up`` (a writer moves it back to ``writing``).
+
+        Raises only ``trio.Cancelled`` (a record that cannot be saved is
+        logged, see :meth:`try_save`).
+        """
         up.handles += 1
         if write:
             up.writers += 1
@@ -1158,7 +1203,11 @@ class Uploader:
             up.saves_done = max(up.saves_done, covers)
 
     async def try_save(self, up: Upload) -> bool:
-        """:meth:`save`, logging instead of raising; True when saved."""
+        """:meth:`save`, logging instead of raising; True when saved.
+
+        Raises only ``trio.Cancelled`` (while waiting for an earlier save of the
+        record); a :class:`~idsfs.errors.SpoolError` is logged and gives False.
+        """
         try:
             await self.save(up)
             return True
@@ -1347,7 +1396,11 @@ class Uploader:
     # ------------------------------------------------------------------ live uploads
 
     def maybe_start_live(self, up: Upload) -> None:
-        """Start the live upload of ``up`` if it qualifies (see the module docstring)."""
+        """Start the live upload of ``up`` if it qualifies (see the module docstring).
+
+        Never raises: the upload runs as a task of :meth:`run`'s nursery, and
+        its failure only means the file is sent whole at ``close``.
+        """
         if (up.live is not None or not up.live_possible or self._nursery is None
                 or self._closing or self._live_count >= self.max_live
                 or up.size < self.live_threshold or up.replace_id is not None
@@ -1475,6 +1528,8 @@ class Uploader:
         """Set ``datafileModTime`` of a datafile in ICAT (after a live upload, ``touch``).
 
         Returns False (logged) when ICAT refuses; the file itself is stored.
+        ICAT and transport errors (and ``OSError``) are not raised; a
+        cancellation waits for the call to end.
         """
         try:
             await self._bridge.run(
@@ -1773,7 +1828,13 @@ class Uploader:
         await delete_datafile(self._ids, self._bridge, datafile_id)
 
     async def delete(self, datafile_id: int) -> None:
-        """Delete a datafile through IDS (``unlink``); see :func:`delete_datafile`."""
+        """Delete a datafile through IDS (``unlink``); see :func:`delete_datafile`.
+
+        Raises the IDS and transport errors of :mod:`idsfs.errors`
+        (``IDSNotFoundError`` when it is gone already,
+        ``IDSDataNotOnlineError`` when still busy after the retries,
+        ``IDSInsufficientPrivilegesError`` without permission).
+        """
         await delete_datafile(self._ids, self._bridge, datafile_id)
 
     async def fsync(self, up: Upload) -> None:
@@ -1820,7 +1881,8 @@ class Uploader:
         Every decision and change of state is made in this call, before the
         caller yields (an ``open`` may come in meanwhile); the returned
         awaitable does the spool I/O that follows (in worker threads) and must
-        be awaited.
+        be awaited. The call never raises; the awaitable raises only
+        ``trio.Cancelled`` (spool errors are logged).
         """
         if up.handles > 0:
             return _nothing()
@@ -1856,7 +1918,9 @@ class Uploader:
 
         ``up.removed`` is set in this call; the returned awaitable deletes the
         files (in a worker thread), then takes ``up`` out of :attr:`uploads`,
-        and must be awaited.
+        and must be awaited. Neither the call nor the awaitable raises (the
+        I/O is shielded from cancellation; a file that cannot be deleted is
+        logged).
         """
         self._abort_live(up, "forgotten")
         removal = self._remove_files(up)
@@ -1897,7 +1961,12 @@ class Uploader:
     # ------------------------------------------------------------------ background
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Retry pending uploads in the background until cancelled (start in a nursery)."""
+        """Retry pending uploads in the background until cancelled (start in a nursery).
+
+        Failed attempts are not raised (they change the upload's state). Raises
+        ``trio.Cancelled`` when cancelled, its normal end; an unexpected
+        exception of an attempt or of a write-behind task (a bug) propagates.
+        """
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             task_status.started()
@@ -1925,7 +1994,13 @@ class Uploader:
                 await self.retry(up)
 
     async def retry(self, up: Upload) -> bool:
-        """One background attempt for ``up``; True when it landed."""
+        """One background attempt for ``up``; True when it landed.
+
+        A failed attempt gives False (the upload is ``pending``, ``failed`` or
+        ``conflict``), not an exception. Raises ``trio.Cancelled``, and an
+        unexpected exception of the attempt (a bug; the upload stays
+        ``pending``).
+        """
         if up.lock.locked():
             return False
         async with up.lock:
@@ -1944,14 +2019,19 @@ class Uploader:
         return True
 
     def wake(self) -> None:
-        """Make the background loop look at the uploads now (e.g. after a retry request)."""
+        """Make the background loop look at the uploads now (e.g. after a retry request).
+
+        Never raises.
+        """
         self._wakeup.set()
 
     async def aclose(self, wait: float = DEFAULT_UPLOAD_WAIT) -> list[Upload]:
         """Try the pending uploads (ignoring back-off) for up to ``wait`` seconds.
 
         Returns the uploads that remain (logged; they stay in the spool for the
-        next mount). Aborts live uploads and closes the spool.
+        next mount). Aborts live uploads and closes the spool. Failed attempts
+        are not raised; raises only ``trio.Cancelled`` and an unexpected
+        exception of an attempt (a bug, see :meth:`retry`).
         """
         self._closing = True
         for up in list(self.uploads.values()):
@@ -1997,7 +2077,7 @@ class Uploader:
     # ------------------------------------------------------------------ status
 
     def stats(self) -> UploaderStats:
-        """A snapshot for ``idsfs status``."""
+        """A snapshot for ``idsfs status``. Never raises."""
         now = self._clock()
         in_progress = []
         pending = []
@@ -2019,17 +2099,28 @@ class Uploader:
                              self._live_aborted, spool_bytes)
 
     def status(self) -> dict[str, Any]:
-        """:meth:`stats` as a JSON-able dict (the ``uploads`` section of ``idsfs status``)."""
+        """:meth:`stats` as a JSON-able dict (the ``uploads`` section of ``idsfs status``).
+
+        Never raises.
+        """
         return self.stats().as_dict()
 
     def pending_lines(self) -> list[str]:
-        """One line per upload an unmount would wait for or leave in the spool."""
+        """One line per upload an unmount would wait for or leave in the spool.
+
+        Never raises.
+        """
         return [up.line() for up in self.uploads.values()
                 if up.state != DONE and not up.cancelled]
 
 
 def icat_date(ms: int) -> str:
-    """Epoch milliseconds as an ICAT date (``2024-05-01T12:00:00.000+00:00``)."""
+    """Epoch milliseconds as an ICAT date (``2024-05-01T12:00:00.000+00:00``).
+
+    Raises ``OverflowError`` or ``OSError`` for a time outside the platform's
+    range (:func:`time.gmtime`), ``ValueError``/``TypeError`` when ``ms`` is
+    not a number.
+    """
     seconds, millis = divmod(int(ms), 1000)
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{millis:03d}+00:00"
 
