@@ -998,6 +998,8 @@ class Uploader:
         for meta in sorted(spool.glob("*.json")):
             try:
                 doc = json.loads(meta.read_text(encoding="utf-8"))
+                if not isinstance(doc, dict):
+                    raise ValueError(f"a JSON {type(doc).__name__}, not an object")
                 up = Upload.from_json(spool, doc)
                 if meta.name != f"{up.uid}.json":
                     raise ValueError("record name and upload id differ")

@@ -115,6 +115,8 @@ def test_records_found_at_start_up(tmp_path: Path) -> None:
     record("d" * 32, "done", datafile_id=9)
     record("e" * 32, "pending", owner="http://other bob")
     (spool / f"{'f' * 32}.json").write_text("{not json")
+    for i, text in enumerate(("[]", "null", "42")):  # JSON, but not a record
+        (spool / f"{str(i + 1) * 32}.json").write_text(text)
     missing = record("0" * 32, "pending")
     missing.data_path.unlink()
     u = uploader(spool)
@@ -128,6 +130,7 @@ def test_records_found_at_start_up(tmp_path: Path) -> None:
     assert (spool / f"{'e' * 32}.json").exists()  # another owner's: left alone
     assert (spool / f"{'f' * 32}.json.bad").exists()
     assert (spool / f"{'0' * 32}.json.bad").exists()
+    assert all((spool / f"{str(i + 1) * 32}.json.bad").exists() for i in range(3))
     assert len(u.pending_lines()) == 3
     assert u.status()["spool_dir"] == str(spool)
     u.close_spool()
