@@ -1389,7 +1389,11 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EXDEV)
         if kind not in (Kind.DATAFILE, Kind.SPOOL):
             raise pyfuse3.FUSEError(errno.EPERM)
-        dataset_id = node.key.id if kind is Kind.SPOOL else node.datafile.dataset_id  # type: ignore[union-attr]
+        if kind is Kind.SPOOL:
+            dataset_id = node.key.id
+        else:
+            assert node.datafile is not None  # a DATAFILE node carries its record
+            dataset_id = node.datafile.dataset_id
         try:
             new_dataset, prefix = self._place(new_parent)
         except pyfuse3.FUSEError:
