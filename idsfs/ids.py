@@ -34,6 +34,7 @@ import re
 import socket
 import ssl
 import stat
+import struct
 import threading
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, BinaryIO
@@ -296,7 +297,10 @@ class DataStream(io.RawIOBase):
     A binary file object: ``read(n)``, ``readinto(b)`` (fills ``b``
     completely unless the stream ends), ``readall()``, iteration (yields
     blocks of up to 1 MiB as ``bytes`` - not lines), ``copyto(file)`` and use
-    as a context manager. Never holds the whole body in memory.
+    as a context manager. Never holds the whole body in memory. Large reads
+    of a plain-HTTP body with a ``Content-Length`` take the bytes from the
+    socket directly (one blocking ``recv`` per buffer, see
+    :meth:`_readinto_direct`).
 
     Attributes: ``status`` (200, or 206 for an offset), ``headers``,
     ``content_length`` (``Content-Length`` or ``None`` when chunked),
@@ -338,6 +342,10 @@ class DataStream(io.RawIOBase):
         self._aborted = False
         self._lock = threading.Lock()  # orders abort() against the end of the body
         self._sock = _socket_of(self._fp, raw)
+        # Direct reads (see _readinto_direct): "untried", "on" (the socket is
+        # blocking, its timeout saved in _saved_timeout) or "off".
+        self._direct = "untried"
+        self._saved_timeout: float | None = None
 
     # -- python-icat / http.client compatibility
     @property
@@ -393,7 +401,12 @@ class DataStream(io.RawIOBase):
         if self._eof or not len(view):
             return 0
         try:
-            n = self._fp.readinto(view) if self._fp is not None else self._readinto_urllib3(view)
+            if self._direct != "off" and self._fp is not None:
+                n = self._readinto_direct(view)
+            elif self._fp is not None:
+                n = self._fp.readinto(view)
+            else:
+                n = self._readinto_urllib3(view)
         except http.client.IncompleteRead as exc:
             self._fail()
             if self._aborted:
@@ -438,6 +451,75 @@ class DataStream(io.RawIOBase):
         return ConnectionLostError(
             f"download aborted after {self.bytes_read} bytes ({self._url})", self._url
         )
+
+    def _readinto_direct(self, view: memoryview) -> int:
+        """Fill ``view`` with blocking ``recv(MSG_WAITALL)`` calls on the socket where possible.
+
+        http.client reads a body through a ``BufferedReader`` over the socket:
+        one ``recv`` (and one release and re-acquisition of the GIL) per few
+        dozen KiB. While another thread of the process is busy in Python, each
+        re-acquisition may wait, which throttled the mount's stream threads to
+        about 1 ms per MiB. Once the reader's buffer is empty, the bytes of a
+        plain-TCP body with a ``Content-Length`` are taken from the socket
+        directly: the thread blocks in the kernel until the whole view is
+        filled (the read timeout becomes the socket's ``SO_RCVTIMEO``) and
+        needs the GIL once per view. http.client's ``length`` is kept up to
+        date, and the last bytes of the body always go through http.client
+        (the socket's timeout restored first), which ends the response as
+        usual, so the connection can go back to the pool.
+        """
+        fp = self._fp
+        assert fp is not None
+        left = fp.length
+        sock = self._sock
+        if self._direct == "untried" and (
+            left is None or fp.chunked or sock is None or isinstance(sock, ssl.SSLSocket)
+            or not hasattr(fp.fp, "readinto1")
+        ):
+            self._direct = "off"
+        if self._direct == "off" or left is None or left <= len(view):
+            self._direct_end()
+            return int(fp.readinto(view))
+        assert sock is not None
+        total = 0
+        if self._direct == "untried":
+            # Empty the reader's buffer first: one call returns the buffered bytes
+            # only (fewer than asked: the buffer is empty afterwards), or reads the
+            # socket once when nothing is buffered.
+            total = fp.fp.readinto1(view)
+            if not total:
+                return 0  # the body ended early: the caller reports it
+            fp.length = left = left - total
+            if total == len(view):
+                return total  # more may be buffered: try again at the next call
+            timeout = sock.gettimeout()
+            self._saved_timeout = timeout
+            if timeout:
+                seconds = int(timeout)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack(
+                    "ll", seconds, int((timeout - seconds) * 1e6)))
+            sock.settimeout(None)
+            self._direct = "on"
+        while total < len(view):
+            try:
+                n = sock.recv_into(view[total:], 0, socket.MSG_WAITALL)
+            except BlockingIOError as exc:  # SO_RCVTIMEO expired without a byte
+                raise TimeoutError("the server sent nothing within the read timeout") from exc
+            if not n:
+                break
+            total += n
+            fp.length = left = left - n
+        return total
+
+    def _direct_end(self) -> None:
+        """Give the socket its timeout back before http.client reads again."""
+        on = self._direct == "on"
+        self._direct = "off"
+        if not on or self._sock is None:
+            return
+        with contextlib.suppress(OSError):
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 0, 0))
+            self._sock.settimeout(self._saved_timeout)
 
     def _readinto_urllib3(self, view: memoryview) -> int:
         total = 0
