@@ -17,7 +17,8 @@ interleaved, ``--repeat`` times (medians and [min-max] are printed):
 * **cold**: ``dd bs=1M`` of the file through a fresh mount (``--cache-size``,
   kernel readahead as the daemon sets it): throughput, the IDS requests the
   emulator counted, CPU seconds per GB of the daemon (and of its FUSE thread and
-  its stream threads), of ``dd`` and of the emulator;
+  its stream threads), of ``dd`` and of the emulator, and the time the daemon's
+  and the emulator's threads spent runnable but waiting for a CPU;
 * **first byte**: ``open`` + the first 4 KiB ``read`` of a file not read yet;
 * **warm**: the same ``dd`` again (kernel page cache, kept across opens);
 * **RSS**: the daemon's peak resident memory (``VmHWM``) while ``dd`` copies the
@@ -162,7 +163,9 @@ def transfer_read(emu: bk.EmulatorProcess, session: str, df: int, cache_size: in
     result: list[float] = []
 
     async def main() -> None:
-        transfer = Transfer(ids, ThreadBridge(16), BlockCache(cache_size), restore_wait=60)
+        # with the daemon's allocator tuning (block buffers recycled from the heap)
+        transfer = Transfer(ids, ThreadBridge(16), BlockCache(cache_size), restore_wait=60,
+                            malloc_tuning=True)
         async with trio.open_nursery() as nursery:
             await nursery.start(transfer.run)
             reader = await transfer.open(record)
@@ -240,6 +243,23 @@ def status_kib(pid: int, key: str) -> int:
     raise KeyError(key)
 
 
+def runq_wait(pid: int) -> float:
+    """Seconds the threads of ``pid`` have spent runnable but waiting for a CPU
+    (``/proc/<pid>/task/*/schedstat``, second field); 0.0 where unavailable."""
+    total = 0
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0.0
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat", encoding="ascii") as f:
+                total += int(f.read().split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    return total / 1e9
+
+
 def ids_requests(emu: bk.EmulatorProcess) -> dict[str, int]:
     return {name: c.get("requests", 0) for name, c in emu.counters().items()
             if name.startswith("ids/") and c.get("requests", 0)}
@@ -285,6 +305,7 @@ def main() -> int:
         curl, curl_ttfb, curl_emu, curl_foreign = S(), S(), S(), S()
         alone, ceiling, ceiling_cpu = S(), S(), S()
         cold, warm, mount_ttfb, foreign = S(), S(), S(), S()
+        daemon_wait, emu_wait = S(), S()
         cpu: dict[str, bk.Series] = {k: S() for k in
                                      ("daemon", "fuse thread", "stream threads", "dd", "emulator")}
         requests_seen = []
@@ -312,9 +333,12 @@ def main() -> int:
             emu.reset_counters()
             quiet()
             threads0 = bk.thread_cpu(m_.pid)
+            waits0 = runq_wait(m_.pid), runq_wait(emu.process.pid)
             with bk.Measure.run({"daemon": m_.pid, "emulator": emu.process.pid}) as m:
                 seconds, size = bk.dd(path)
             by_thread = bk.thread_cpu_delta(threads0, bk.thread_cpu(m_.pid))
+            daemon_wait.add((runq_wait(m_.pid) - waits0[0]) / seconds)
+            emu_wait.add((runq_wait(emu.process.pid) - waits0[1]) / seconds)
             cold.add(size / seconds)
             foreign.add(m.foreign)
             cpu["daemon"].add(m.cpu["daemon"] / gb)
@@ -375,6 +399,8 @@ def main() -> int:
         print(f"  mount, warm (dd 1M)   {warm.fmt(MB, unit=' MB/s')}")
         print("  CPU-s/GB of a cold read: " + ", ".join(
             f"{name} {series.fmt(1, 2)}" for name, series in cpu.items()))
+        print(f"  waiting for a CPU (run queue) during a cold read, per second of it: daemon "
+              f"threads {daemon_wait.fmt(1, 2, ' s')}, emulator {emu_wait.fmt(1, 2, ' s')}")
         print(f"  foreign CPU during the cold reads {foreign.fmt(1, 2, ' s')}, during curl "
               f"{curl_foreign.fmt(1, 2, ' s')}")
         print(f"  ratio cold / curl {ratio.fmt(1, 2)}, cold / pyfuse3 ceiling "
