@@ -1206,7 +1206,7 @@ class Transfer:
             if token is None:
                 return
             try:
-                token.run_sync_soon(self._finish_claim, opened, claim, error)
+                token.run_sync_soon(self._finish_claim_safely, opened, claim, error)
             except trio.RunFinishedError:
                 return
             if at_eof:
@@ -1245,6 +1245,22 @@ class Transfer:
             log.warning("datafile %d: the IDS sends more bytes than its fileSize %d; "
                         "the rest is ignored", opened.key.datafile_id, opened.key.size)
         ds.close()
+
+    def _finish_claim_safely(self, opened: _Open, claim: _Claim,
+                             error: BaseException | None) -> None:
+        """:meth:`_finish_claim` as a ``run_sync_soon`` callback: it must not raise.
+
+        An exception escaping such a callback would crash the trio run
+        (``TrioInternalError``); a bug here fails the waiting reads instead.
+        """
+        try:
+            self._finish_claim(opened, claim, error)
+        except Exception as exc:
+            log.exception("handing a fetched block over failed")
+            if not claim.event.is_set():
+                claim.error = TransferError(f"internal error: {exc}", opened.key.datafile_id)
+                claim.finished = True
+                claim.event.set()
 
     def _finish_claim(self, opened: _Open, claim: _Claim, error: BaseException | None) -> None:
         """Trio thread: hand a finished (or failed) claim to whoever waits for it."""

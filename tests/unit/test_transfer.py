@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
+import logging
 import random
 
 import pytest
@@ -613,3 +614,29 @@ def test_malloc_is_tuned_only_when_asked(world: World, monkeypatch: pytest.Monke
     assert calls == []  # a library leaves its host process's allocator alone
     make_transfer(world.client(), capacity=8 * MiB, malloc_tuning=True)
     assert calls == [4 * MiB]
+
+
+def test_a_failing_block_hand_over_fails_the_read_not_the_trio_run(
+        world: World, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    # The hand-over of a fetched block runs as a run_sync_soon callback, where an
+    # exception would crash trio (TrioInternalError): a bug there fails the read.
+    data = random_bytes(4 * BS)
+    df = world.put("handover.bin", data)
+    transfer = make_transfer(world.client(), block_size=BS, max_readahead=0)
+
+    def broken(*args: object) -> None:
+        raise RuntimeError("bug in the hand-over")
+
+    async def body() -> None:
+        async with running_transfer(transfer):
+            reader = await transfer.open(df)
+            monkeypatch.setattr(transfer, "_finish_claim", broken)
+            with pytest.raises(TransferError, match="internal error: bug in the hand-over"):
+                await reader.read(0, BS)
+            monkeypatch.undo()
+            assert bytes(await reader.read(0, BS)) == data[:BS]  # the next read works
+            await reader.close()
+
+    with caplog.at_level(logging.ERROR, logger="idsfs.transfer"):
+        run(body)
+    assert "handing a fetched block over failed" in caplog.text
