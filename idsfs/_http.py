@@ -27,6 +27,8 @@ from urllib.parse import urlencode
 
 import requests
 import requests.adapters
+import urllib3.connection
+import urllib3.connectionpool
 import urllib3.exceptions
 
 from idsfs.errors import (
@@ -88,6 +90,28 @@ for _name in ("urllib3.connectionpool", "urllib3.connection", "urllib3.poolmanag
     logging.getLogger(_name).addFilter(_RedactingFilter())
 
 
+class _PlainConnection(urllib3.connection.HTTPConnection):
+    """A plain HTTP connection that sends body items offering ``sendfile_to(sock)``
+    (a put of a regular file, see ``idsfs.ids._FileRegion``) with ``sendfile``.
+
+    Everything else is sent as by urllib3. The socket keeps the timeout urllib3
+    gave it for sending (``socket.sendfile`` honours it).
+    """
+
+    def send(self, data: Any) -> None:
+        sender = getattr(data, "sendfile_to", None)
+        if sender is not None and type(self.sock) is socket.socket:
+            sender(self.sock)
+            return
+        super().send(data)
+
+
+class _PlainPool(urllib3.connectionpool.HTTPConnectionPool):
+    """urllib3's HTTP pool with :class:`_PlainConnection` connections."""
+
+    ConnectionCls = _PlainConnection
+
+
 class _SSLContextAdapter(requests.adapters.HTTPAdapter):
     """An HTTPAdapter whose HTTPS connections use a given ``ssl.SSLContext``.
 
@@ -104,6 +128,8 @@ class _SSLContextAdapter(requests.adapters.HTTPAdapter):
         if self._ssl_context is not None:
             kwargs["ssl_context"] = self._ssl_context
         super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = {
+            **self.poolmanager.pool_classes_by_scheme, "http": _PlainPool}
 
     def proxy_manager_for(self, proxy: str, **proxy_kwargs: Any) -> Any:
         if self._ssl_context is not None:

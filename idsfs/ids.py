@@ -663,14 +663,23 @@ def _socket_of(fp: http.client.HTTPResponse | None, raw: Any) -> socket.socket |
 
 
 class _PutBody:
-    """Iterable of body blocks read from the input, computing CRC32 and size."""
+    """Iterable of body blocks read from the input, computing CRC32 and size.
 
-    def __init__(self, source: Any, blocksize: int = BLOCK_SIZE) -> None:
+    A regular file is one :class:`_FileRegion` item (sent with ``sendfile``
+    on a plain HTTP connection). ``crc`` is a CRC32 the caller computed for
+    such a file: it is taken as the body's CRC32 and the bytes are not read.
+    """
+
+    def __init__(self, source: Any, blocksize: int = BLOCK_SIZE,
+                 crc: int | None = None) -> None:
         self.source = source
         self.blocksize = blocksize
-        self.crc32 = 0
+        self.fixed_crc = crc is not None
+        self.crc32 = crc if crc is not None else 0
         self.size = 0
         self.length = _regular_file_length(source)
+        #: how many bytes went out through ``sendfile`` (the rest was read here)
+        self.sendfile_bytes = 0
 
     def __len__(self) -> int:
         # Only defined (non-zero) for regular files: requests then sends a
@@ -682,7 +691,9 @@ class _PutBody:
 
     def __iter__(self) -> Iterator[Any]:
         src = self.source
-        if self.length:
+        if self.length and _is_plain_file(src):
+            yield _FileRegion(self, src, src.tell(), self.length)
+        elif self.length:  # a wrapper (e.g. reporting progress): read through it
             yield from self._iter_exact(src, self.length)
         elif isinstance(src, bytes | bytearray | memoryview):
             view = memoryview(src).cast("B")
@@ -725,9 +736,94 @@ class _PutBody:
             yield self._account(view[:n])
 
     def _account(self, view: memoryview) -> memoryview:
-        self.crc32 = crc32(view, self.crc32)
+        if not self.fixed_crc:
+            self.crc32 = crc32(view, self.crc32)
         self.size += len(view)
         return view
+
+
+class _FileRegion:
+    """The body of a put of a regular file: ``length`` bytes from ``offset``.
+
+    :mod:`idsfs._http`'s plain HTTP connections call :meth:`sendfile_to`,
+    which hands the bytes to the kernel with ``sendfile`` (no copy through
+    Python). Any other connection (TLS, a foreign ``requests`` session) finds
+    no buffer and iterates it instead: blocks read from the file. Either way
+    the bytes are accounted in the :class:`_PutBody` (size; CRC32 unless the
+    caller gave it). ``ValueError`` when the file turns out shorter than it was.
+    """
+
+    def __init__(self, body: _PutBody, file: Any, offset: int, length: int) -> None:
+        self.body = body
+        self.file = file
+        self.offset = offset
+        self.length = length
+
+    def __bool__(self) -> bool:
+        return True
+
+    def _shrank(self, left: int) -> ValueError:
+        return ValueError(f"put input file shrank during the upload ({left} bytes short)")
+
+    def _read_blocks(self) -> Iterator[tuple[int, memoryview]]:
+        """(offset, block) read from the file with ``pread``; the file position follows."""
+        body = self.body
+        fd = self.file.fileno()
+        view = memoryview(bytearray(min(body.blocksize, self.length)))
+        pos, end = self.offset, self.offset + self.length
+        while pos < end:
+            n = os.preadv(fd, [view[:min(end - pos, len(view))]], pos)
+            if not n:
+                raise self._shrank(end - pos)
+            yield pos, view[:n]
+            pos += n
+
+    def __iter__(self) -> Iterator[memoryview]:
+        for _, block in self._read_blocks():
+            yield self.body._account(block)
+        self.file.seek(self.offset + self.length)
+
+    def sendfile_to(self, sock: socket.socket) -> None:
+        """Send the region on ``sock`` with ``sendfile`` (plain TCP only).
+
+        With a CRC32 given by the caller the file is not read at all;
+        otherwise each block is read (for its CRC32) and then sent from the
+        file. Raises ``ValueError`` when the file shrank, ``OSError`` (e.g.
+        ``TimeoutError`` after the socket's timeout) when sending fails.
+        """
+        body = self.body
+        if body.fixed_crc:
+            sent = sock.sendfile(self.file, self.offset, self.length)
+            body.size += sent
+            body.sendfile_bytes += sent
+            if sent < self.length:
+                raise self._shrank(self.length - sent)
+            return
+        for pos, block in self._read_blocks():
+            body._account(block)
+            sent = sock.sendfile(self.file, pos, len(block))
+            body.sendfile_bytes += sent
+            if sent < len(block):
+                raise self._shrank(self.offset + self.length - pos - sent)
+
+
+def _is_plain_file(source: Any) -> bool:
+    """True for a file object of ``open(..., "rb")`` (or ``"r+b"``...): its bytes are
+    those of its descriptor, so they may be sent from there (no wrapper that
+    watches or changes what is read)."""
+    if isinstance(source, io.BufferedReader | io.BufferedRandom):
+        source = source.raw
+    return isinstance(source, io.FileIO)
+
+
+def _is_regular_file(source: Any) -> bool:
+    """True for a plain binary file object on a regular file (what ``crc32=`` needs)."""
+    if not _is_plain_file(source):
+        return False
+    try:
+        return stat.S_ISREG(os.fstat(source.fileno()).st_mode)
+    except (OSError, ValueError, io.UnsupportedOperation):
+        return False
 
 
 def _regular_file_length(source: Any) -> int | None:
@@ -1250,6 +1346,8 @@ class IDSClient:
         doi: str | None = None,
         datafileCreateTime: int | None = None,
         datafileModTime: int | None = None,
+        *,
+        crc32: int | None = None,
     ) -> int:
         """Upload ``inputStream`` as a new datafile ``name`` in dataset
         ``datasetId``; return the new datafile id.
@@ -1262,8 +1360,18 @@ class IDSClient:
         is the id of the (wrong) datafile the server registered. The times are epoch
         milliseconds. Never retried (a retry could create a second datafile).
 
+        A regular file (opened in binary mode) is sent from its position to
+        its end with ``Content-Length``, as ``curl -T`` does; over plain HTTP
+        with ``sendfile`` (the bytes do not pass through Python). Beyond
+        python-icat, keyword-only ``crc32`` is the CRC32 (as
+        :func:`zlib.crc32`) of those bytes, computed beforehand by the
+        caller: the file is then not read at all, and the server's checksum
+        is compared with ``crc32``, so a file that changes while it is sent,
+        or a wrong ``crc32``, raises the mismatch error above.
+
         Raises ``ValueError`` when ``inputStream`` is None or a regular file
-        shrinks while it is sent, ``TypeError`` for text (``str``) input,
+        shrinks while it is sent, or when ``crc32`` is given for anything but
+        a regular binary file, ``TypeError`` for text (``str``) input,
         ``ValueError``/``TypeError`` for ids that are not integer ids,
         ``RuntimeError`` without a sessionId,
         :class:`~idsfs.errors.IDSResponseError` for a mismatch (above) or an
@@ -1289,7 +1397,12 @@ class IDSClient:
             raise ValueError("Input stream is null")
         if isinstance(inputStream, str):
             raise TypeError("put needs binary data, not str")
-        body = _PutBody(inputStream)
+        if crc32 is not None:
+            if not _is_regular_file(inputStream):
+                raise ValueError("put: crc32 is only accepted with a regular file opened "
+                                 "in binary mode")
+            crc32 = int(crc32) & 0xFFFFFFFF
+        body = _PutBody(inputStream, crc=crc32)
         response = self._call(
             "PUT",
             "put",
@@ -1309,8 +1422,8 @@ class IDSClient:
         mismatch: IDSResponseError | None = None
         if checksum != crc:
             mismatch = IDSResponseError(
-                f"checksum error: server computed {checksum:08x}, sent data has {crc:08x} "
-                f"(datafile id {new_id})"
+                f"checksum error: server computed {checksum:08x}, sent data has {crc:08x}"
+                f"{' (given by the caller)' if body.fixed_crc else ''} (datafile id {new_id})"
             )
         size = doc.get("size")
         if mismatch is None and isinstance(size, int) and size != body.size:
