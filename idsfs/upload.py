@@ -447,10 +447,25 @@ def _save_now(up: Upload) -> None:
         log.warning("%s (the upload goes on from memory)", exc)
 
 
-def _pwrite_batch(fd: int, items: list[tuple[int, bytes | memoryview]]
-                  ) -> tuple[int, OSError | None, int]:
+def _pwrite_crc(fd: int, offset: int, data: bytes | memoryview, crc: tuple[int, int] | None
+                ) -> tuple[int, OSError | None, tuple[int, int] | None]:
+    """:func:`_pwrite_all` that also carries the running CRC32 (see :func:`_pwrite_batch`)."""
+    done, exc = _pwrite_all(fd, offset, data)
+    if exc is not None or crc is None or offset != crc[1]:
+        return done, exc, None
+    return done, None, (crc32(data, crc[0]), crc[1] + done)
+
+
+def _pwrite_batch(fd: int, items: list[tuple[int, bytes | memoryview]],
+                  crc: tuple[int, int] | None = None
+                  ) -> tuple[int, OSError | None, int, tuple[int, int] | None]:
     """Write queued ``(offset, data)`` items in order: (items written, the error that
-    stopped the next one, the spool file's size after the error)."""
+    stopped the next one, the spool file's size after the error, the running CRC32).
+
+    ``crc`` is ``(CRC32, end)`` of the spool's bytes before ``end`` (see
+    :attr:`Upload.seq_crc`): it is carried over each item written at ``end``;
+    the result is None from the first item written anywhere else.
+    """
     for i, (offset, data) in enumerate(items):
         done, exc = _pwrite_all(fd, offset, data)
         if exc is not None:
@@ -458,8 +473,10 @@ def _pwrite_batch(fd: int, items: list[tuple[int, bytes | memoryview]]
                 size = os.fstat(fd).st_size
             except OSError:
                 size = offset + done
-            return i, exc, size
-    return len(items), None, 0
+            return i, exc, size, None
+        if crc is not None:
+            crc = (crc32(data, crc[0]), crc[1] + done) if offset == crc[1] else None
+    return len(items), None, 0, crc
 
 
 def _close_fds(fds: list[int]) -> None:
@@ -578,6 +595,13 @@ class Upload:
         self.drain_progress = trio.Event()
         self.write_errno: int | None = None
         self._stale_fds: list[int] = []
+        #: CRC32 of the spool's bytes before ``seq_end``, carried along while the file
+        #: is only appended to (computed by the spool writes; None once it is not)
+        self.seq_crc: int | None = 0
+        self.seq_end = 0
+        #: changes each time ``seq_crc`` is given up or restarted (a running spool
+        #: write's result then no longer applies)
+        self.seq_epoch = 0
 
     # ------------------------------------------------------------------ paths
 
@@ -671,6 +695,7 @@ class Upload:
         up.created = float(doc.get("created") or time.time())
         if up.datafile_id is not None:
             up.uploaded_generation = 0  # what is stored is the spool as it is
+        up.drop_seq_crc()  # not computed in this run: the bytes are read again for it
         return up
 
     def record_text(self) -> str:
@@ -743,6 +768,7 @@ class Upload:
         appended = offset == self.size
         if not appended:
             self.sequential = False
+            self.drop_seq_crc()
             if self.live is not None:
                 self.live.abort("the file was not written sequentially")
         if spooled:
@@ -781,6 +807,7 @@ class Upload:
         self.size = max(self.size, offset + done)
         self.write_error = f"writing the spool failed: {exc.strerror or exc}"
         self.write_errno = exc.errno
+        self.drop_seq_crc()
         if self.live is not None:
             self.live.abort(self.write_error)
         return SpoolError(f"cannot write the spool file of {self.display}: "
@@ -795,10 +822,54 @@ class Upload:
         if size == 0:
             self.write_error = None  # written again from the start
             self.write_errno = None
+            self.seq_epoch += 1
+            self.seq_crc, self.seq_end = 0, 0
+        elif size != self.size:
+            self.drop_seq_crc()
         self.size = size
         self.generation += 1
         self.crc = None
         self.mod_ms = _now_ms()
+
+    def drop_seq_crc(self) -> None:
+        """Give up the running CRC32 (the spool was changed other than by appending).
+
+        Never raises.
+        """
+        self.seq_epoch += 1
+        self.seq_crc = None
+
+    def seq_crc_state(self) -> tuple[int, int] | None:
+        """``(CRC32, end)`` to hand to a spool write, or None. Never raises.
+
+        While a live upload runs it is given up: the live ``put`` computes the
+        CRC32 itself, and if it is aborted the file is read again at ``close``.
+        """
+        if self.live is not None and self.seq_crc is not None:
+            self.drop_seq_crc()
+        return None if self.seq_crc is None else (self.seq_crc, self.seq_end)
+
+    def note_seq_crc(self, epoch: int, state: tuple[int, int] | None) -> None:
+        """Trio side: a spool write started at ``epoch`` carried the CRC32 to ``state``.
+
+        Never raises.
+        """
+        if epoch != self.seq_epoch or self.seq_crc is None:
+            return
+        if state is None:
+            self.drop_seq_crc()
+        else:
+            self.seq_crc, self.seq_end = state
+
+    @property
+    def spool_crc(self) -> int | None:
+        """CRC32 of the whole spool file when the writes carried it to its end, else None.
+
+        Only valid once the writes behind are in the spool file. Never raises.
+        """
+        if self.seq_crc is not None and self.seq_end == self.size:
+            return self.seq_crc & 0xFFFFFFFF
+        return None
 
     def compute_crc(self) -> int:
         """Read the whole spool and return its CRC32 (blocking; run it in a thread).
@@ -1286,12 +1357,15 @@ class Uploader:
             nursery = self._nursery
             if nursery is None or self._closing:
                 await self._drained(up)
+                epoch = up.seq_epoch
+                seed = up.seq_crc_state() if offset == up.size else None
                 async with self._spool_fd(up) as fd:
-                    done, exc = await self._bridge.run(
-                        _pwrite_all, fd, offset, data, abandon_on_cancel=False,
+                    done, exc, state = await self._bridge.run(
+                        _pwrite_crc, fd, offset, data, seed, abandon_on_cancel=False,
                         name="spool write")
                 if exc is not None:
                     raise up.note_write_failed(offset, done, exc) from exc
+                up.note_seq_crc(epoch, state)
                 up.note_written(offset, done, data)
             else:
                 if up.write_error is not None and up.write_errno is not None:
@@ -1323,10 +1397,12 @@ class Uploader:
             try:
                 while up.queue:
                     batch = list(up.queue)
+                    epoch = up.seq_epoch
                     async with self._spool_fd(up) as fd:
-                        written, exc, real_size = await self._bridge.run(
-                            _pwrite_batch, fd, batch, abandon_on_cancel=False,
-                            name="spool write")
+                        written, exc, real_size, state = await self._bridge.run(
+                            _pwrite_batch, fd, batch, up.seq_crc_state(),
+                            abandon_on_cancel=False, name="spool write")
+                    up.note_seq_crc(epoch, state)
                     for offset, data in batch[:written]:
                         up.queue.popleft()
                         up.queued_bytes -= len(data)
@@ -1714,6 +1790,10 @@ class Uploader:
                 wrong = getattr(exc, "datafile_id", None)
                 if isinstance(wrong, int):
                     # registered, but not with our bytes: remove it, then retry later
+                    # (the bytes are read again for their CRC32: the one carried along
+                    # by the writes is not trusted any more)
+                    up.drop_seq_crc()
+                    up.crc = None
                     up.maybe_landed = False
                     up.cleanup_ids.append(wrong)
                     await self._persist(up)
@@ -1799,17 +1879,28 @@ class Uploader:
                 await live.done.wait()
                 up.live = None
         assert up.format_id is not None
-        call = functools.partial(self._put_file, up, target, up.format_id)
+        # The writes carried the CRC32 along (all of them are in the spool: the
+        # commit waited for them, and holds the lock that writes need).
+        crc = up.spool_crc
+        if crc is not None:
+            up.crc = crc
+        call = functools.partial(self._put_file, up, target, up.format_id, crc)
         return await self._bridge.run(call, abandon_on_cancel=False, name="IDS put")
 
-    def _put_file(self, up: Upload, target: str, format_id: int) -> int:
-        """Blocking: ``put`` the whole spool file (Content-Length, as ``curl -T``)."""
+    def _put_file(self, up: Upload, target: str, format_id: int, crc: int | None) -> int:
+        """Blocking: ``put`` the whole spool file (Content-Length, as ``curl -T``; sent
+        with ``sendfile``, not read at all when its CRC32 ``crc`` is known)."""
         with open(up.data_path, "rb", buffering=0) as f:
             size = os.fstat(f.fileno()).st_size
             if size != up.size:
                 raise OSError(errno.EIO, f"spool file has {size} bytes, {up.size} expected")
-            return self._ids.put(f if size else b"", target, up.dataset_id, format_id,
-                                 datafileCreateTime=up.create_ms, datafileModTime=up.mod_ms)
+            if not size:
+                return self._ids.put(b"", target, up.dataset_id, format_id,
+                                     datafileCreateTime=up.create_ms,
+                                     datafileModTime=up.mod_ms)
+            return self._ids.put(f, target, up.dataset_id, format_id,
+                                 datafileCreateTime=up.create_ms, datafileModTime=up.mod_ms,
+                                 crc32=crc)
 
     async def _session_changed(self, used: str | None) -> bool:
         if self._ids.sessionId != used:

@@ -327,3 +327,58 @@ def test_write_behind_returns_before_the_disk_and_reports_its_error_later(
 
     trio.run(main)
     u.close_spool()
+
+
+@pytest.mark.parametrize("behind", [True, False], ids=["write-behind", "direct"])
+def test_writes_carry_the_spool_crc32_while_only_appending(tmp_path: Path, behind: bool) -> None:
+    import random
+    import zlib
+
+    spool = tmp_path / "spool"
+    u = uploader(spool)
+    rnd = random.Random(5)
+
+    async def append(up: Upload, n: int) -> None:
+        await u.write(up, up.size, rnd.randbytes(n))
+
+    async def check(up: Upload) -> None:
+        await u.fsync(up)  # the writes behind are in the spool file
+        assert up.spool_crc == zlib.crc32(up.data_path.read_bytes())
+
+    async def scenario() -> None:
+        up = await u.create(dataset_id=1, name="f", display="ds/f", format_id=1)
+        assert up.spool_crc == 0
+        for _ in range(40):
+            await append(up, rnd.choice([1, 7, 4096, 65536, 1 << 20]))
+        await check(up)
+        await u.write(up, 3, b"xyz")  # anywhere but the end: the bytes must be read again
+        await u.fsync(up)
+        assert up.spool_crc is None
+        await append(up, 100)
+        assert up.spool_crc is None
+        await u.truncate(up, 0)  # written again from the start: carried again
+        for _ in range(10):
+            await append(up, rnd.randrange(1, 300000))
+        await check(up)
+        await u.truncate(up, up.size)  # the same size changes nothing
+        await check(up)
+        await u.truncate(up, up.size - 10)
+        assert up.spool_crc is None
+        await u.truncate(up, 0)
+        await u.write(up, 10, b"hole")  # a hole before it
+        await u.fsync(up)
+        assert up.spool_crc is None
+        up.cancelled = True
+        await u.released(up)
+
+    async def main() -> None:
+        if not behind:
+            await scenario()
+            return
+        async with trio.open_nursery() as nursery:
+            await nursery.start(u.run)
+            await scenario()
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    u.close_spool()
