@@ -1411,6 +1411,7 @@ class Transfer:
                 if stream.broken or stream.closed:
                     ds.close()
                     raise TransferError(f"datafile {ident}: stream closed while opening", ident)
+                ds.fill_whole = True  # the FUSE thread keeps the GIL busy: one wait per block
                 stream.ds = ds
                 return
         finally:

@@ -1,5 +1,6 @@
-"""DataStream's direct socket reads (the body taken with recv(MSG_WAITALL) once
-http.client's buffer is empty), which the transfer's stream threads use: exact
+"""DataStream's direct socket reads (the body taken with blocking recv, with
+MSG_WAITALL when ``fill_whole`` is set as the transfer's stream threads do, once
+http.client's buffer is empty): exact
 bytes, the connection given back to the pool with its timeout, read timeouts
 and abort() of a blocked read."""
 
@@ -30,15 +31,17 @@ def _read_all(ds, chunk: int) -> bytes:
         out += buf[:n]
 
 
+@pytest.mark.parametrize("fill_whole", [True, False])
 @pytest.mark.parametrize("chunk", [1 << 20, 64 << 10, 1000])
-def test_direct_reads_give_the_exact_body_and_keep_the_connection(world: World,
-                                                                  chunk: int) -> None:
+def test_direct_reads_give_the_exact_body_and_keep_the_connection(world: World, chunk: int,
+                                                                  fill_whole: bool) -> None:
     data = random_bytes(3 * MiB + 12345)
-    df = world.put(f"direct-{chunk}.bin", data)
+    df = world.put(f"direct-{chunk}-{fill_whole}.bin", data)
     client = world.client(timeout=(5.0, 7.5))
     try:
         sel = DataSelection({"datafileIds": [df.id]})
         ds = client.getData(sel)
+        ds.fill_whole = fill_whole
         sock = ds._sock
         assert sock is not None
         port = sock.getsockname()
@@ -54,13 +57,15 @@ def test_direct_reads_give_the_exact_body_and_keep_the_connection(world: World,
         client.close()
 
 
-def test_a_stalled_body_times_out_after_the_read_timeout(world: World) -> None:
+@pytest.mark.parametrize("fill_whole", [True, False])
+def test_a_stalled_body_times_out_after_the_read_timeout(world: World, fill_whole: bool) -> None:
     data = random_bytes(4 * MiB)
-    df = world.put("direct-stall.bin", data)
+    df = world.put(f"direct-stall-{fill_whole}.bin", data)
     client = world.client(timeout=(5.0, 0.5))
     try:
         world.emu.faults.stall(after_bytes=2 * MiB + 100, endpoint="ids/getData", count=1)
         ds = client.getData(DataSelection({"datafileIds": [df.id]}))
+        ds.fill_whole = fill_whole
         buf = bytearray(MiB)
         assert ds.readinto(buf) == MiB and bytes(buf) == data[:MiB]
         assert ds.readinto(buf) == MiB and bytes(buf) == data[MiB:2 * MiB]
@@ -76,13 +81,15 @@ def test_a_stalled_body_times_out_after_the_read_timeout(world: World) -> None:
         client.close()
 
 
-def test_abort_breaks_off_a_blocked_direct_read(world: World) -> None:
+@pytest.mark.parametrize("fill_whole", [True, False])
+def test_abort_breaks_off_a_blocked_direct_read(world: World, fill_whole: bool) -> None:
     data = random_bytes(4 * MiB)
-    df = world.put("direct-abort.bin", data)
+    df = world.put(f"direct-abort-{fill_whole}.bin", data)
     client = world.client(timeout=(5.0, 30.0))
     try:
         world.emu.faults.stall(after_bytes=MiB + 100, endpoint="ids/getData", count=1)
         ds = client.getData(DataSelection({"datafileIds": [df.id]}))
+        ds.fill_whole = fill_whole
         buf = bytearray(MiB)
         assert ds.readinto(buf) == MiB  # direct reads are on from here
         errors: list[BaseException] = []
