@@ -507,7 +507,7 @@ class BlockCache:
             self._waits += 1
             await flight.done.wait()
             if flight.error is not None:
-                raise flight.error
+                raise flight.error.with_traceback(None)  # shared by every waiter
             if flight.data is not None:
                 return flight.data
             # The fetching task was cancelled: look again, and fetch if nobody else does.

@@ -527,7 +527,7 @@ class Catalog:
         if flight is not None:
             await flight.done.wait()
             if flight.error is not None:
-                raise flight.error
+                raise flight.error.with_traceback(None)  # shared by every waiter
             if flight.ok:
                 return self._listings.get(key)
             # the fetch was cancelled: fetch again (below)

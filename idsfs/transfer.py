@@ -927,7 +927,7 @@ class Transfer:
         if self._nursery is None or self._stopped:
             raise TransferError("the mount is shutting down", opened.key.datafile_id)
         if opened.spoiled is not None:
-            raise opened.spoiled
+            raise opened.spoiled.with_traceback(None)  # shared: its traceback must not grow
         claim = opened.claims.get(offset)
         if claim is not None and claim.length == length and claim.finished:
             if claim.error is None and claim.buf is not None:
@@ -947,7 +947,7 @@ class Transfer:
             claim.cancelled = True
             raise
         if claim.error is not None:
-            raise claim.error
+            raise claim.error.with_traceback(None)  # shared by every waiter
         assert claim.buf is not None
         return claim.buf
 
@@ -1429,7 +1429,7 @@ class Transfer:
         while True:
             now = trio.current_time()
             if remote.failure is not None and now - remote.failed_at < FAILED_RESTORE_HOLD:
-                raise remote.failure
+                raise remote.failure.with_traceback(None)  # shared: keep it from growing
             pid = remote.prepared_id
             if pid is None:
                 async with remote.prep_lock:
@@ -1472,7 +1472,7 @@ class Transfer:
         try:
             while True:
                 if remote.failure is not None and remote.failed_at >= began:
-                    raise remote.failure
+                    raise remote.failure.with_traceback(None)
                 if remote.online or remote.prepared_id != pid:
                     return
                 polled = remote.polls > polls_before
