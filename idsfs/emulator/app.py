@@ -15,6 +15,7 @@ answer 501 ``NOT_IMPLEMENTED``; uncaught exceptions answer 500 with IDS
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import shutil
@@ -171,6 +172,8 @@ class Emulator:
         ids_api = _optional_module("ids_api")
         if ids_api is not None and self.catalogue is not None and self.storage is not None:
             ids_api.register(self.router, self.catalogue, self.storage, settings, self.faults)
+            if self.storage.two_level:
+                self._resume_outstanding_writes(ids_api)
         from idsfs.emulator import admin
 
         admin.register(self.router, self)
@@ -187,6 +190,39 @@ class Emulator:
 
         server.start()
         logger.info("emulator listening: icat=%s ids=%s", self.icat_url, self.ids_url)
+
+    def _resume_outstanding_writes(self, ids_api: Any) -> None:
+        """Queue again the writes to archive a previous run left outstanding (its markers).
+
+        An item that no longer exists loses its marker. Never raises (a failure is logged:
+        the marker stays, and archive requests for that item stay refused, as before).
+        """
+        from idsfs.emulator.storage import DeferredOp
+
+        assert self.storage is not None
+        try:
+            ids = self.storage.outstanding_writes()
+        except OSError as exc:
+            logger.error("cannot read the write markers: %s", exc)
+            return
+        by_dataset = self.storage.unit == "DATASET"
+        for item_id in ids:
+            try:
+                items = ids_api.storage_items(self.catalogue, self.storage,
+                                              [item_id] if by_dataset else [],
+                                              [] if by_dataset else [item_id])
+            except LookupError:
+                logger.info("write marker of %d: no such item any more; removed", item_id)
+                with contextlib.suppress(OSError):
+                    self.storage.drop_outstanding_write(item_id)
+                continue
+            except Exception:
+                logger.exception("cannot queue the outstanding write of %d", item_id)
+                continue
+            for item in items:
+                self.storage.queue(item, DeferredOp.WRITE)
+        if ids:
+            logger.info("queued %d outstanding write(s) to archive again", len(ids))
 
     def stop(self) -> None:
         """Stop serving and close everything (idempotent); a temporary data dir is removed.

@@ -8,7 +8,9 @@ Layout under ``data_dir`` (everything survives a restart):
   ``archive/<invId>/<dsId>.zip``, entries named ``ids/<fac>/<inv>/<visit>/<ds>/<datafile>``.
   Storage unit DATAFILE: a copy of each file at ``archive/<location>``.
 * ``markers/<id>`` — "a write to archive is outstanding" markers (an archive request is refused,
-  silently, while one exists, so data that never reached the archive is never dropped).
+  silently, while one exists, so data that never reached the archive is never dropped). The
+  queue lives in memory: at start-up the emulator queues the write of every marked item again
+  (:meth:`outstanding_writes`).
 * ``prepared/`` — prepared-id records (:mod:`idsfs.emulator.prepared`).
 
 "Online" is decided by presence in main storage: the dataset directory ``main/<invId>/<dsId>``
@@ -539,6 +541,22 @@ class Storage:
 
     def _remove_marker(self, item_id: int) -> None:
         self._marker(item_id).unlink(missing_ok=True)
+
+    def outstanding_writes(self) -> list[int]:
+        """The ids (datasets or datafiles, by storage unit) with a write marker, sorted.
+
+        After a restart these are the writes to archive that were queued or running when the
+        server stopped (the queue itself lives in memory). Raises ``OSError`` when the marker
+        directory cannot be read.
+        """
+        return sorted(int(p.name) for p in self.marker_dir.iterdir() if p.name.isdigit())
+
+    def drop_outstanding_write(self, item_id: int) -> None:
+        """Remove the write marker of ``item_id`` (an item that no longer exists).
+
+        Raises ``OSError`` when the marker exists but cannot be removed.
+        """
+        self._remove_marker(item_id)
 
     def write_outstanding(self, item_id: int) -> bool:
         """Return whether a write to archive of ``item_id`` is outstanding (marker present).

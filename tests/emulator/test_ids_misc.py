@@ -313,6 +313,40 @@ def test_restart_keeps_prepared_ids_and_files(std_factory, emulator_factory, sto
         assert status.text == "ARCHIVED"
 
 
+@pytest.mark.parametrize("storage", ["dataset", "datafile"])
+def test_restart_resumes_outstanding_writes_to_archive(std_factory, emulator_factory,
+                                                       storage) -> None:
+    # The deferred-operation queue lives in memory; the write markers on disk do not. A write
+    # to archive still outstanding when the server stops is queued again at start-up, so the
+    # marker does not block archive requests for ever and the archive gets the new file.
+    slow = {"dataset_write_delay": 60.0, "datafile_op_delay": 60.0}
+    s = std_factory(storage=storage, archived=False, **slow)
+    data_dir = s.emu.data_dir
+    new = s.upload("written late", b"bytes that must reach the archive", ds=s.ds3)
+    marked = s.ds3 if storage == "dataset" else new
+    assert s.emu.storage.write_outstanding(marked)
+    s.emu.stop()
+    emu = emulator_factory(storage=storage, data_dir=data_dir)
+    assert emu.storage.wait_idle(20)
+    assert not emu.storage.write_outstanding(marked)
+    ids = emu.ids_url
+    r = requests.post(f"{ids}/archive", data={"sessionId": s.root, "datasetIds": s.ds3},
+                      timeout=10)
+    assert r.status_code == 204, r.text
+    assert emu.storage.wait_idle(20)
+    status = requests.get(f"{ids}/getStatus", params={"sessionId": s.root,
+                                                      "datafileIds": new}, timeout=10)
+    assert status.text == "ARCHIVED"  # the archive request was honoured
+    # and the bytes come back from the archive
+    r = requests.post(f"{ids}/restore", data={"sessionId": s.root, "datafileIds": new},
+                      timeout=10)
+    assert r.status_code == 204, r.text
+    assert emu.storage.wait_idle(20)
+    r = requests.get(f"{ids}/getData", params={"sessionId": s.root, "datafileIds": new},
+                     timeout=10)
+    assert r.status_code == 200 and r.content == b"bytes that must reach the archive"
+
+
 # ------------------------------------------------------------------------------- concurrency
 
 
