@@ -571,6 +571,35 @@ def test_release_delivered_drops_blocks_of_a_sole_reader_only(world: World) -> N
     run(body)
 
 
+def test_release_delivered_counts_reads_smaller_than_a_block(world: World) -> None:
+    # The kernel's requests may be smaller than a block (128 KiB requests, 1 MiB blocks
+    # when the readahead cannot be raised): a block leaves the cache once its bytes were
+    # all delivered, in whatever order the reads arrived.
+    data = random_bytes(4 * BS)
+    df = world.put("release-small.bin", data)
+    transfer = make_transfer(world.client(), block_size=BS, max_readahead=0)
+    cache = transfer.cache
+    quarter = BS // 4
+
+    async def body() -> None:
+        async with running_transfer(transfer):
+            reader = await transfer.open(df)
+            reader.release_delivered = True
+            for i in (0, 2, 1):
+                assert bytes(await reader.read(i * quarter, quarter)) == \
+                    data[i * quarter:(i + 1) * quarter]
+                assert cache.contains(reader.key, 0)  # three quarters delivered: kept
+            assert bytes(await reader.read(3 * quarter, quarter)) == data[3 * quarter:BS]
+            assert not cache.contains(reader.key, 0)  # all of it delivered: released
+            # a read across a block boundary completes the first block only
+            assert bytes(await reader.read(BS, BS + 10)) == data[BS:2 * BS + 10]
+            assert not cache.contains(reader.key, 1) and cache.contains(reader.key, 2)
+            await reader.close()
+            assert cache.stats().released == 2
+
+    run(body)
+
+
 def test_readahead_survives_requests_arriving_slightly_out_of_order(world: World) -> None:
     data = random_bytes(40 * BS)
     df = world.put("reorder.bin", data)
