@@ -36,27 +36,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "mount"))
+import benchkit as bk
+from benchkit import EmulatorProcess, Mounted, start_emulator, start_mount, teardown_mount
 
-from mountharness import (  # noqa: E402
-    USERS,
-    EmulatorProcess,
-    Mounted,
-    start_emulator,
-    start_mount,
-    teardown_mount,
-)
-
-from idsfs.icat import ICATClient  # noqa: E402
-
-_NS_FLAG = "IDSFS_BENCH_IN_NAMESPACE"
+from idsfs.icat import ICATClient
 
 
 def populate(emu: EmulatorProcess, datasets: int, files: int) -> None:
     """Create the investigation, datasets and datafiles."""
-    icat = ICATClient(emu.icat_url)
-    icat.login("simple", {"username": "root", "password": USERS["root"]})
+    icat = bk.root_icat(emu)
     try:
         fac = icat.create({"Facility": {"name": "BENCH"}})
         itype = icat.create({"InvestigationType": {"name": "t", "facility": {"id": fac}}})
@@ -176,13 +164,9 @@ def main() -> int:
                         help="page size of the ICAT baseline (the daemon's default is 1000)")
     args = parser.parse_args()
 
-    if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
-        print("needs root and /dev/fuse", file=sys.stderr)
-        return 2
-    if os.environ.get(_NS_FLAG) != "1":
-        env = dict(os.environ, **{_NS_FLAG: "1"})
-        return subprocess.call(["unshare", "--mount", "--propagation", "private",
-                                sys.executable, __file__, *sys.argv[1:]], env=env)
+    rc = bk.enter_private_namespace(__file__, sys.argv[1:])
+    if rc is not None:
+        return rc
 
     work = Path(tempfile.mkdtemp(prefix="bench-listing-"))
     mounts: list[Mounted] = []
@@ -216,11 +200,9 @@ def main() -> int:
             teardown_mount(m)
             mounts.remove(m)
 
-        icat = ICATClient(emu.icat_url)
-        session = icat.login("simple", {"username": "alice", "password": USERS["alice"]})
+        session = bk.login(emu, "alice")
         urls = icat_queries(emu, session, args.page_size)
         baseline_icat = [curl_queries(urls, work) for _ in range(args.repeat)]
-        icat.close()
 
         local = work / "local"
         local_tree(local, args.datasets, args.files)
