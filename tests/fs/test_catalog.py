@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import trio
+from fshelp import FakeClock
 
 from idsfs.aio import ThreadBridge
 from idsfs.catalog import ROOT_KEY, Catalog, Kind, Node, NodeKey
@@ -21,19 +22,6 @@ from idsfs.errors import ICATResponseError
 from idsfs.icat import ICATClient
 
 TTL = 10.0
-
-
-class FakeClock:
-    """A monotonic clock the test moves by hand."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 @dataclass
