@@ -512,6 +512,10 @@ OPTIONS: tuple[OptionSpec, ...] = (
     OptionSpec("upload_wait", ("--upload-wait",), "upload_wait", parse_duration,
                "how long an unmount waits for pending uploads; what remains stays in the "
                "spool for the next mount (default: 60s)", "SECONDS", group="writing"),
+    OptionSpec("cached_writes", ("--cached-writes",), "cached_writes", parse_bool,
+               "let writes go through the kernel page cache (needed only to map a file "
+               "being written with mmap MAP_SHARED; cp is about half as fast; default: "
+               "writes go straight to the daemon)", group="writing"),
     OptionSpec("live_upload", ("--live-upload",), "live_upload", parse_size,
                "start the upload of a file written from its start while it is being "
                "written, once SIZE bytes are in the spool (0: upload only at close; "
@@ -650,6 +654,8 @@ class Config(_ClientOptions):
     upload_wait: float = 60.0
     #: first delay before retrying a failed upload, seconds
     upload_retry: float = 5.0
+    #: writes through the kernel page cache instead of straight to the daemon (direct I/O)
+    cached_writes: bool = False
     #: bytes in the spool before a sequentially written file's upload starts (0: at close)
     live_upload: int = 4 << 20
     #: request tracing

@@ -24,8 +24,10 @@
    (``--restore-wait``) and ``fs.Operations`` (uid, gid, read-only).
 5. **Mount**: ``pyfuse3.init`` with ``fsname=<ICAT URL or -o fsname>``,
    ``subtype=idsfs``, ``default_permissions``, ``ro`` for read-only mounts
-   and the ``-o`` VFS options; never ``direct_io`` (it serialises reads and
-   breaks shared mmap).
+   and the ``-o`` VFS options. Datafiles are read through the kernel page
+   cache (no ``direct_io``, which would send every read to the daemon and break
+   shared mmap); files being written are opened with ``direct_io`` unless
+   ``--cached-writes`` (see ``idsfs.fs``, "Writing").
 6. **Serve**: ``pyfuse3.main`` runs in ``trio.run`` next to three tasks:
    the readiness probe (``stat`` + ``statvfs`` of the mount point through a
    worker thread; then the kernel readahead of the mount is raised by writing
@@ -857,12 +859,13 @@ class Daemon:
         self.operations = fs.Operations(self.catalog, self.transfer, uid=cfg.uid, gid=cfg.gid,
                                         read_only=self.read_only, block_size=cfg.block_size,
                                         uploader=self.uploader, replace=cfg.replace_datafiles,
-                                        dataset_type=cfg.dataset_type, notify_kernel=True)
+                                        dataset_type=cfg.dataset_type, notify_kernel=True,
+                                        direct_write=not cfg.cached_writes)
         if cfg.debug:
             trace_operations(self.operations)
 
     def fuse_options(self) -> set[str]:
-        """The option set given to ``pyfuse3.init`` (never ``direct_io``). Never raises."""
+        """The option set given to ``pyfuse3.init``. Never raises."""
         cfg = self.config
         opts = {f"fsname={cfg.effective_fsname}", "subtype=idsfs", "default_permissions"}
         opts.add("ro" if self.read_only else "rw")

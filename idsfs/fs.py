@@ -35,7 +35,12 @@ changed (docs/semantics.md, "Writing", is the user's view):
   file takes the writes; the new file is a *local entry* of the catalogue
   (``SPOOL`` node, inode from the counter, attributes from the upload, entry and
   attribute timeouts 0) until it is a datafile. ``read``, ``getattr`` and
-  truncation (``setattr`` size) of it use the spool.
+  truncation (``setattr`` size) of it use the spool. Handles on spool files
+  are opened with ``direct_io`` (unless ``direct_write`` is off): each
+  ``write`` arrives here straight from the writer's buffer, without a copy into
+  the kernel's page cache first (about twice as fast for ``cp`` on two cores),
+  reads of them come here too, and the kernel refuses ``mmap`` with
+  ``MAP_SHARED`` of them (``ENODEV``).
 * **When the upload happens.** ``flush`` (every ``close`` of every descriptor)
   uploads when the file was written or truncated since it was last stored and
   no other handle opened it for writing; ``close`` then returns 0 only once IDS
@@ -340,6 +345,9 @@ class Operations(pyfuse3.Operations):
         dataset_type: the DatasetType name of datasets made with ``mkdir``.
         notify_kernel: tell the kernel about entries that changed (only with
             a real mount: ``pyfuse3.invalidate_entry_async`` needs one).
+        direct_write: open files being written (and spool files) with
+            ``direct_io``: writes and reads of them go straight to the daemon,
+            bypassing the kernel page cache (see "Writing").
 
     Raises:
         ValueError: ``block_size`` is not positive.
@@ -362,12 +370,14 @@ class Operations(pyfuse3.Operations):
         replace: bool = False,
         dataset_type: str = DEFAULT_DATASET_TYPE,
         notify_kernel: bool = False,
+        direct_write: bool = True,
     ) -> None:
         super().__init__()
         if block_size < 1:
             raise ValueError(f"block_size must be positive, not {block_size!r}")
         self._catalog = catalog
         self._transfer = transfer
+        self._direct_write = direct_write
         self._uid = os.getuid() if uid is None else uid
         self._gid = os.getgid() if gid is None else gid
         self._read_only = read_only or uploader is None
@@ -856,7 +866,11 @@ class Operations(pyfuse3.Operations):
         else:
             fh = await self._handle(entry, up, write=False)
         entry.node = node
-        return pyfuse3.FileInfo(fh=fh, keep_cache=False)
+        return self._spool_info(fh)
+
+    def _spool_info(self, fh: int) -> pyfuse3.FileInfo:
+        """The FileInfo of a handle on a spool file (see "Writing"). Never raises."""
+        return pyfuse3.FileInfo(fh=fh, keep_cache=False, direct_io=self._direct_write)
 
     async def _open_replace(self, entry: _Inode, node: Node, flags: int) -> pyfuse3.FileInfo:
         """Open an existing datafile for writing: refused, or (replace) a new upload."""
@@ -877,7 +891,7 @@ class Operations(pyfuse3.Operations):
         entry.node = spool
         fh = await self._handle(entry, up, write=True)
         self._invalidate_entry(node.parent, node.name)
-        return pyfuse3.FileInfo(fh=fh, keep_cache=False)
+        return self._spool_info(fh)
 
     async def _before_change(self, up: Upload, new_size: int | None = None) -> None:
         """Before the first change of a replacing upload: fetch the old bytes (unless the
@@ -1187,7 +1201,7 @@ class Operations(pyfuse3.Operations):
         assert node is not None
         inode = self._remember(node)
         fh = await self._handle(inode, up, write=True)
-        return pyfuse3.FileInfo(fh=fh, keep_cache=False), self._attributes(node, 1)
+        return self._spool_info(fh), self._attributes(node, 1)
 
     @_handler
     async def setattr(self, inode: int, attr: Any, fields: Any, fh: int | None,

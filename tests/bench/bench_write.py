@@ -76,9 +76,9 @@ class FS(pyfuse3.Operations):
         raise pyfuse3.FUSEError(errno.ENOENT)
     async def create(self, parent, name, mode, flags, ctx):
         os.ftruncate(FD, 0)
-        return pyfuse3.FileInfo(fh=2), await self.getattr(2)
+        return pyfuse3.FileInfo(fh=2, direct_io=True), await self.getattr(2)
     async def open(self, inode, flags, ctx):
-        return pyfuse3.FileInfo(fh=2)
+        return pyfuse3.FileInfo(fh=2, direct_io=True)
     async def setattr(self, inode, attr, fields, fh, ctx):
         return await self.getattr(inode)
     async def getxattr(self, inode, name, ctx):

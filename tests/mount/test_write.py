@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import io
+import mmap
 import os
 import tarfile
 import time
@@ -175,6 +176,37 @@ def test_replace_option(mount, servers, tmp_path: Path) -> None:
     servers.assert_stored(ds, "tiny.txt", b"replaced content\nappended\n")
     assert target.read_bytes() == b"replaced content\nappended\n"
     assert not [n for n in servers.names(ds) if n.startswith(".idsfs-")]
+
+
+@pytest.mark.parametrize("cached", [False, True], ids=["direct", "cached-writes"])
+def test_writes_bypass_the_page_cache_unless_cached_writes(mount, servers, tmp_path: Path,
+                                                            cached: bool) -> None:
+    """Files being written are direct I/O: a shared mapping of one is refused (ENODEV),
+    a private one works; with --cached-writes a program may write through a shared map."""
+    args = ("--cached-writes",) if cached else ()
+    m = mount(servers.emu, *write_args(tmp_path / "spool"), *args)
+    ds = servers.dataset_id("1", "raw")
+    path = m.path / RAW / "mapped.bin"
+    data = os.urandom(3 * mmap.PAGESIZE + 100)
+    with open(path, "w+b") as f:
+        f.truncate(len(data))
+        if cached:
+            with mmap.mmap(f.fileno(), len(data)) as shared:
+                shared[:] = data
+                shared.flush()
+        else:
+            with pytest.raises(OSError) as exc:
+                mmap.mmap(f.fileno(), len(data))
+            assert exc.value.errno == errno.ENODEV
+            f.write(data)
+            f.flush()
+            with mmap.mmap(f.fileno(), len(data), flags=mmap.MAP_PRIVATE) as private:
+                assert private[:] == data
+    servers.assert_stored(ds, "mapped.bin", data)
+    assert path.read_bytes() == data
+    # the datafile it became is read through the page cache: shared maps work
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+        assert mapped[:] == data
 
 
 @pytest.mark.parametrize("how", ["-o ro", "server"])
