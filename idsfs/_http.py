@@ -21,7 +21,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 from urllib.parse import urlencode
 
@@ -92,7 +92,9 @@ for _name in ("urllib3.connectionpool", "urllib3.connection", "urllib3.poolmanag
 
 class _PlainConnection(urllib3.connection.HTTPConnection):
     """A plain HTTP connection that sends body items offering ``sendfile_to(sock)``
-    (a put of a regular file, see ``idsfs.ids._FileRegion``) with ``sendfile``.
+    with ``sendfile``: a put of a regular file (``idsfs.ids._FileRegion``, with
+    Content-Length), and the ``idsfs.ids.FileChunk`` items of a chunked put body
+    (framed here; see :meth:`request`).
 
     Everything else is sent as by urllib3. The socket keeps the timeout urllib3
     gave it for sending (``socket.sendfile`` honours it).
@@ -104,6 +106,26 @@ class _PlainConnection(urllib3.connection.HTTPConnection):
             sender(self.sock)
             return
         super().send(data)
+
+    def request(self, method: str, url: str, body: Any = None, headers: Any = None,
+                **kwargs: Any) -> None:
+        """urllib3's ``request``; the items of a chunked body that offer
+        ``sendfile_to`` (``idsfs.ids.FileChunk``) are framed and sent here, the
+        others go to urllib3 as usual. Raises what urllib3's ``request`` raises
+        and ``ValueError`` from a chunk whose file is shorter than the chunk."""
+        if kwargs.get("chunked") and getattr(body, "chunks_may_sendfile", False):
+            body = self._send_file_chunks(body)
+        super().request(method, url, body=body, headers=headers, **kwargs)
+
+    def _send_file_chunks(self, body: Iterable[Any]) -> Iterator[Any]:
+        for chunk in body:
+            sender = getattr(chunk, "sendfile_to", None)
+            if sender is None or type(self.sock) is not socket.socket:
+                yield chunk
+                continue
+            self.send(b"%x\r\n" % len(chunk))
+            sender(self.sock)
+            self.send(b"\r\n")
 
 
 class _PlainPool(urllib3.connectionpool.HTTPConnectionPool):

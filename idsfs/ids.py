@@ -57,7 +57,7 @@ from idsfs.errors import (
     redact,
 )
 
-__all__ = ["DataSelection", "DataStream", "IDSClient", "Version"]
+__all__ = ["DataSelection", "DataStream", "FileChunk", "IDSClient", "Version"]
 
 log = logging.getLogger("idsfs.ids")
 
@@ -670,13 +670,55 @@ def _socket_of(fp: http.client.HTTPResponse | None, raw: Any) -> socket.socket |
 # put body
 
 
+class FileChunk:
+    """A block of a ``put`` body given as an iterable, whose bytes are also in a file.
+
+    ``IDSClient.put`` computes the CRC32 from ``data``; on a plain HTTP
+    connection it then sends the bytes from ``file`` (a binary file object
+    with ``fileno()``) at ``offset`` with ``sendfile``, which saves copying
+    them twice through Python and the socket. Elsewhere (TLS, a proxy) it
+    sends ``data``. The file must hold exactly ``data`` at ``offset`` until
+    the ``put`` returns; when it turns out shorter the ``put`` fails with
+    ``ValueError``. Made by callers of ``put``; never raises.
+    """
+
+    __slots__ = ("data", "file", "offset")
+
+    def __init__(self, data: bytes | memoryview, file: Any, offset: int) -> None:
+        self.data = data
+        self.file = file
+        self.offset = offset
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __bytes__(self) -> bytes:
+        return bytes(self.data)
+
+    def sendfile_to(self, sock: socket.socket) -> None:
+        """Send the chunk's bytes on ``sock`` from the file with ``sendfile``.
+
+        Raises ``ValueError`` when the file is shorter than the chunk,
+        ``OSError`` (e.g. ``TimeoutError``) when sending fails.
+        """
+        sent = sock.sendfile(self.file, self.offset, len(self.data))
+        if sent < len(self.data):
+            raise ValueError(f"put input file shrank during the upload "
+                             f"({len(self.data) - sent} bytes short)")
+
+
 class _PutBody:
     """Iterable of body blocks read from the input, computing CRC32 and size.
 
     A regular file is one :class:`_FileRegion` item (sent with ``sendfile``
     on a plain HTTP connection). ``crc`` is a CRC32 the caller computed for
     such a file: it is taken as the body's CRC32 and the bytes are not read.
+    Items of an iterable input that are :class:`FileChunk` pass through as
+    they are (after their CRC32 is taken): the connection sends them, framed,
+    with ``sendfile`` (``chunks_may_sendfile``, see ``idsfs._http``).
     """
+
+    chunks_may_sendfile = True
 
     def __init__(self, source: Any, blocksize: int = BLOCK_SIZE,
                  crc: int | None = None) -> None:
@@ -729,7 +771,11 @@ class _PutBody:
             for block in src:
                 if isinstance(block, str):
                     raise TypeError("put input iterable must yield bytes, got str")
-                if block:
+                if isinstance(block, FileChunk):
+                    if len(block):
+                        self._account(memoryview(block.data).cast("B"))
+                        yield block
+                elif block:
                     yield self._account(memoryview(block).cast("B"))
 
     def _iter_exact(self, src: Any, length: int) -> Iterator[memoryview]:

@@ -170,7 +170,7 @@ from idsfs.errors import (
     UploadFailedError,
 )
 from idsfs.icat import ICATClient, quote
-from idsfs.ids import DataSelection, IDSClient
+from idsfs.ids import DataSelection, FileChunk, IDSClient
 
 __all__ = [
     "DEFAULT_DATAFILE_FORMAT",
@@ -315,9 +315,11 @@ class _LiveStream:
     The trio thread reports progress (:meth:`advance`, with the bytes just
     written), the end (:meth:`finish`) or gives up (:meth:`abort`); the worker
     thread running the ``put`` iterates :meth:`body`, which waits for bytes to
-    be written. The bytes handed over are sent from memory (up to
-    :data:`_LIVE_MEMORY` of them; the rest is read back from the spool file),
-    which saves reading back what was just written.
+    be written. The bytes handed over (up to :data:`_LIVE_MEMORY` of them)
+    give the CRC32 without reading the spool file back, and go out as
+    :class:`~idsfs.ids.FileChunk` items: on plain HTTP the kernel sends them
+    from the spool file with ``sendfile`` (no copy through Python); the rest
+    is read back from the spool file.
     """
 
     def __init__(self, path: Path, stall: float) -> None:
@@ -365,8 +367,9 @@ class _LiveStream:
             return True
 
     # worker side
-    def body(self) -> Iterator[memoryview]:
-        fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+    def body(self) -> Iterator[memoryview | FileChunk]:
+        spool = open(self.path, "rb", buffering=0)  # noqa: SIM115 - closed below
+        fd = spool.fileno()
         try:
             buf = bytearray(_BLOCK)
             view = memoryview(buf)
@@ -392,9 +395,10 @@ class _LiveStream:
                         self._held_bytes -= len(held)
                     elif self._held:
                         upto = min(upto, self._held[0][0])
-                if held is not None:  # sent from memory: what was just written
+                if held is not None:  # what was just written: CRC32 from memory
+                    chunk = FileChunk(held, spool, self.sent)
                     self.sent += len(held)
-                    yield memoryview(held)
+                    yield chunk
                     continue
                 want = min(len(view), upto - self.sent)
                 n = os.preadv(fd, [view[:want]], self.sent)
@@ -403,7 +407,7 @@ class _LiveStream:
                 self.sent += n
                 yield view[:n]
         finally:
-            os.close(fd)
+            spool.close()
 
 
 # ----------------------------------------------------------------------------- blocking halves

@@ -8,6 +8,7 @@ import os
 import threading
 import time
 import zipfile
+import zlib
 
 import pytest
 
@@ -20,7 +21,7 @@ from idsfs.errors import (
     TransportTimeoutError,
     TruncatedStreamError,
 )
-from idsfs.ids import DataSelection
+from idsfs.ids import DataSelection, FileChunk
 
 BIG = os.urandom(3 * 1024 * 1024 + 123)
 
@@ -230,6 +231,36 @@ def test_upload_with_progress(world, tmp_path) -> None:
         other = upload(world.ids, f, "again.bin", world.ds3, world.fmt)
     with world.ids.getData(sel(datafile=[other])) as stream:
         assert stream.read() == BIG
+
+
+def test_put_sends_file_chunks_with_sendfile(world, tmp_path, monkeypatch) -> None:
+    """FileChunk items of an iterable body: CRC32 from their data, bytes sent from their
+    file with sendfile (framed as chunks), other items as usual; a file shorter than its
+    chunk fails the put and nothing is stored."""
+    path = tmp_path / "spool.bin"
+    path.write_bytes(BIG)
+    sent: list[int] = []
+    real = FileChunk.sendfile_to
+
+    def counting(self: FileChunk, sock) -> None:
+        sent.append(len(self))
+        real(self, sock)
+
+    monkeypatch.setattr(FileChunk, "sendfile_to", counting)
+    with open(path, "rb", buffering=0) as f:
+        items = [FileChunk(BIG[:1000], f, 0), b"", memoryview(BIG)[1000:5000],
+                 FileChunk(b"", f, 5000), FileChunk(BIG[5000:], f, 5000)]
+        new_id = world.ids.put(iter(items), "chunks.bin", world.ds3, world.fmt)
+    assert sent == [1000, len(BIG) - 5000]
+    with world.ids.getData(sel(datafile=[new_id])) as stream:
+        assert stream.read() == BIG
+    assert world.icat.get("Datafile", new_id).checksum == f"{zlib.crc32(BIG):x}"
+    with open(path, "rb", buffering=0) as f, pytest.raises(ValueError, match="shrank"):
+        world.ids.put(iter([FileChunk(BIG + b"more", f, 0)]), "short.bin", world.ds3,
+                      world.fmt)
+    names = world.icat.search(f"SELECT df.name FROM Datafile df WHERE df.dataset.id = "
+                              f"{world.ds3}")
+    assert "short.bin" not in names
 
 
 def test_put_of_regular_file_uses_content_length(world, tmp_path) -> None:
