@@ -273,13 +273,10 @@ def main() -> int:
                         help="size of the datafile copied for the RSS figure (default 2G)")
     parser.add_argument("--cache-size", type=parse_size, default=256 << 20,
                         help="--cache-size of the mounts (default 256M)")
-    parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--readahead-kb", type=int, default=8192,
                         help="read_ahead_kb of the pyfuse3 baseline (the daemon's default: 8192)")
-    parser.add_argument("--mount-option", action="append", default=[],
-                        help="extra idsfs mount argument (repeatable), e.g. --readahead=16M")
-    parser.add_argument("--quiet-wait", action="store_true",
-                        help="wait for an idle machine before each measurement")
+    bk.add_mount_bench_options(
+        parser, "extra idsfs mount argument (repeatable), e.g. --readahead=16M")
     args = parser.parse_args()
     rc = bk.enter_private_namespace(__file__, sys.argv[1:])
     if rc is not None:
@@ -290,7 +287,7 @@ def main() -> int:
     mounts: list[bk.Mounted] = []
     emu = bk.start_emulator(work / "emulator", demo=False)
     mount_args = ["--cache-size", str(args.cache_size), *args.mount_option]
-    quiet = bk.wait_quiet if args.quiet_wait else (lambda: 0.0)
+    quiet = bk.quiet_waiter(args.quiet_wait)
     try:
         t0 = time.perf_counter()
         stored = populate(emu, work, {"cold.bin": args.size, "rss.bin": args.rss_size,

@@ -148,12 +148,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", type=parse_size, default=1 << 30,
                         help="size of the copied file (default 1G)")
-    parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--min-ratio", type=float, default=0.8)
-    parser.add_argument("--mount-option", action="append", default=[],
-                        help="extra idsfs mount argument (repeatable)")
-    parser.add_argument("--quiet-wait", action="store_true",
-                        help="wait for an idle machine before each measurement")
+    bk.add_mount_bench_options(parser, "extra idsfs mount argument (repeatable)")
     args = parser.parse_args()
     rc = bk.enter_private_namespace(__file__, sys.argv[1:])
     if rc is not None:
@@ -163,7 +159,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="bench-write-"))
     mounts: list[bk.Mounted] = []
     emu = bk.start_emulator(work / "emulator", demo=False)
-    quiet = bk.wait_quiet if args.quiet_wait else (lambda: 0.0)
+    quiet = bk.quiet_waiter(args.quiet_wait)
     try:
         icat = bk.root_icat(emu)
         inv = bk.make_investigation(icat, "write")

@@ -27,6 +27,7 @@ measurement).
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import os
 import statistics
@@ -35,7 +36,7 @@ import sys
 import tempfile
 import time
 import zlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +62,7 @@ __all__ = [
     "MiB",
     "Mounted",
     "Series",
+    "add_mount_bench_options",
     "busy_seconds",
     "cpu_seconds",
     "curl_get",
@@ -72,6 +74,7 @@ __all__ = [
     "make_investigation",
     "make_source",
     "median_ratio",
+    "quiet_waiter",
     "start_emulator",
     "start_mount",
     "teardown_mount",
@@ -174,6 +177,19 @@ def wait_quiet(max_cores: float = 0.1, window: float = 1.0, timeout: float = 600
             return time.monotonic() - start
         if time.monotonic() - start > timeout:
             return timeout
+
+
+def add_mount_bench_options(parser: argparse.ArgumentParser, mount_option_help: str) -> None:
+    """The options every mount benchmark has: ``--repeat``, ``--mount-option``, ``--quiet-wait``."""
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--mount-option", action="append", default=[], help=mount_option_help)
+    parser.add_argument("--quiet-wait", action="store_true",
+                        help="wait for an idle machine before each measurement")
+
+
+def quiet_waiter(quiet_wait: bool) -> Callable[[], float]:
+    """:func:`wait_quiet` when ``--quiet-wait`` was given, else a function that waits not."""
+    return wait_quiet if quiet_wait else (lambda: 0.0)
 
 
 @dataclass
