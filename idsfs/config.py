@@ -514,7 +514,7 @@ OPTIONS: tuple[OptionSpec, ...] = (
                "spool for the next mount (default: 60s)", "SECONDS", group="writing"),
     OptionSpec("cached_writes", ("--cached-writes",), "cached_writes", parse_bool,
                "let writes go through the kernel page cache (needed only to map a file "
-               "being written with mmap MAP_SHARED; cp is about half as fast; default: "
+               "being written with mmap MAP_SHARED; cp needs about 3 times the CPU; default: "
                "writes go straight to the daemon)", group="writing"),
     OptionSpec("live_upload", ("--live-upload",), "live_upload", parse_size,
                "start the upload of a file written from its start while it is being "
