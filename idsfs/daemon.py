@@ -25,9 +25,9 @@
 5. **Mount**: ``pyfuse3.init`` with ``fsname=<ICAT URL or -o fsname>``,
    ``subtype=idsfs``, ``default_permissions``, ``ro`` for read-only mounts
    and the ``-o`` VFS options. Datafiles are read through the kernel page
-   cache (no ``direct_io``, which would send every read to the daemon and break
-   shared mmap); files being written are opened with ``direct_io`` unless
-   ``--cached-writes`` (see ``idsfs.fs``, "Writing").
+   cache (``direct_io`` only with ``--direct-reads``: it sends every read to
+   the daemon and breaks shared mmap); files being written are opened with
+   ``direct_io`` unless ``--cached-writes`` (see ``idsfs.fs``, "Writing").
 6. **Serve**: ``pyfuse3.main`` runs in ``trio.run`` next to three tasks:
    the readiness probe (``stat`` + ``statvfs`` of the mount point through a
    worker thread; then the kernel readahead of the mount is raised by writing
@@ -860,7 +860,8 @@ class Daemon:
                                         read_only=self.read_only, block_size=cfg.block_size,
                                         uploader=self.uploader, replace=cfg.replace_datafiles,
                                         dataset_type=cfg.dataset_type, notify_kernel=True,
-                                        direct_write=not cfg.cached_writes)
+                                        direct_write=not cfg.cached_writes,
+                                        direct_read=cfg.direct_reads)
         if cfg.debug:
             trace_operations(self.operations)
 

@@ -349,6 +349,8 @@ class Operations(pyfuse3.Operations):
         direct_write: open files being written (and spool files) with
             ``direct_io``: writes and reads of them go straight to the daemon,
             bypassing the kernel page cache (see "Writing").
+        direct_read: open datafiles for reading with ``direct_io``: every read
+            comes here (no kernel page cache, no ``keep_cache``, no shared mmap).
 
     Raises:
         ValueError: ``block_size`` is not positive.
@@ -372,6 +374,7 @@ class Operations(pyfuse3.Operations):
         dataset_type: str = DEFAULT_DATASET_TYPE,
         notify_kernel: bool = False,
         direct_write: bool = True,
+        direct_read: bool = False,
     ) -> None:
         super().__init__()
         if block_size < 1:
@@ -379,6 +382,7 @@ class Operations(pyfuse3.Operations):
         self._catalog = catalog
         self._transfer = transfer
         self._direct_write = direct_write
+        self._direct_read = direct_read
         self._uid = os.getuid() if uid is None else uid
         self._gid = os.getgid() if gid is None else gid
         self._read_only = read_only or uploader is None
@@ -836,6 +840,8 @@ class Operations(pyfuse3.Operations):
         entry.opens += 1
         fh = next(self._next_fh)
         self._files[fh] = _FileHandle(inode, reader)
+        if self._direct_read:
+            return pyfuse3.FileInfo(fh=fh, keep_cache=False, direct_io=True)
         return pyfuse3.FileInfo(fh=fh, keep_cache=keep_cache)
 
     async def _handle(self, entry: _Inode, up: Upload, write: bool) -> int:

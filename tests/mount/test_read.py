@@ -7,6 +7,7 @@ import concurrent.futures
 import errno
 import filecmp
 import hashlib
+import json
 import mmap
 import os
 import subprocess
@@ -14,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from mountharness import demo_files
+from mountharness import demo_files, idsfs_command
 
 from idsfs.emulator import demo
 
@@ -34,6 +35,12 @@ def expected(emu, spec: demo.FileSpec, offset: int = 0, length: int | None = Non
 
 def get_data_requests(emu) -> int:
     return emu.counters().get("ids/getData", {}).get("requests", 0)
+
+
+def bytes_served(m) -> int:
+    """Bytes the daemon's block cache has answered reads with (``idsfs status``)."""
+    status = json.loads(run(*idsfs_command(), "status", "--json", m.path).stdout)
+    return status["cache"]["bytes_served"]
 
 
 def test_cat_and_sha256sum_of_every_file(mount, demo_emulator) -> None:
@@ -142,6 +149,33 @@ def test_reopen_reads_from_the_page_cache(mount, emulator_process) -> None:
     for _ in range(3):
         assert path.read_bytes() == expected(emu, spec)
     assert get_data_requests(emu) == requests  # keep_cache: nothing asked again
+
+
+def test_direct_reads_bypass_the_page_cache(mount, emulator_process, tmp_path: Path) -> None:
+    """--direct-reads: right bytes through cp, dd at offsets and read-back; every read
+    reaches the daemon (a second read is served from its block cache, no new getData);
+    shared mappings are refused (ENODEV), private ones work."""
+    emu = emulator_process(demo_large_size=5 * 1024 * 1024 + 77)
+    m = mount(emu, "--direct-reads")
+    spec = demo_files(emu)[RAW / "large.bin"]
+    data = expected(emu, spec)
+    path = m.path / RAW / "large.bin"
+    run("cp", path, tmp_path / "copy")
+    assert (tmp_path / "copy").read_bytes() == data
+    out = run("dd", f"if={path}", "of=/dev/stdout", "bs=4096", "skip=300", "count=5",
+              "status=none").stdout
+    assert out == data[300 * 4096:305 * 4096]
+    requests = get_data_requests(emu)
+    served = bytes_served(m)
+    assert _read_file(path) == data
+    assert get_data_requests(emu) == requests  # from the block cache
+    assert bytes_served(m) >= served + len(data)  # the kernel asked the daemon again
+    with open(path, "rb") as f:
+        with pytest.raises(OSError) as exc:
+            mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        assert exc.value.errno == errno.ENODEV
+        with mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ) as mapped:
+            assert mapped[1_000_000:1_000_100] == data[1_000_000:1_000_100]
 
 
 def test_archived_files_are_restored_once_and_read(mount, emulator_process) -> None:
