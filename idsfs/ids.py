@@ -670,6 +670,11 @@ def _socket_of(fp: http.client.HTTPResponse | None, raw: Any) -> socket.socket |
 # put body
 
 
+def _shrank(left: int) -> ValueError:
+    """The error of a put whose input file turned out ``left`` bytes shorter than expected."""
+    return ValueError(f"put input file shrank during the upload ({left} bytes short)")
+
+
 class FileChunk:
     """A block of a ``put`` body given as an iterable, whose bytes are also in a file.
 
@@ -703,8 +708,7 @@ class FileChunk:
         """
         sent = sock.sendfile(self.file, self.offset, len(self.data))
         if sent < len(self.data):
-            raise ValueError(f"put input file shrank during the upload "
-                             f"({len(self.data) - sent} bytes short)")
+            raise _shrank(len(self.data) - sent)
 
 
 class _PutBody:
@@ -785,7 +789,7 @@ class _PutBody:
         while left:
             n = src.readinto(view[:min(left, len(view))])
             if not n:
-                raise ValueError(f"put input file shrank during the upload ({left} bytes short)")
+                raise _shrank(left)
             left -= n
             yield self._account(view[:n])
 
@@ -816,9 +820,6 @@ class _FileRegion:
     def __bool__(self) -> bool:
         return True
 
-    def _shrank(self, left: int) -> ValueError:
-        return ValueError(f"put input file shrank during the upload ({left} bytes short)")
-
     def _read_blocks(self) -> Iterator[tuple[int, memoryview]]:
         """(offset, block) read from the file with ``pread``; the file position follows."""
         body = self.body
@@ -828,7 +829,7 @@ class _FileRegion:
         while pos < end:
             n = os.preadv(fd, [view[:min(end - pos, len(view))]], pos)
             if not n:
-                raise self._shrank(end - pos)
+                raise _shrank(end - pos)
             yield pos, view[:n]
             pos += n
 
@@ -851,14 +852,14 @@ class _FileRegion:
             body.size += sent
             body.sendfile_bytes += sent
             if sent < self.length:
-                raise self._shrank(self.length - sent)
+                raise _shrank(self.length - sent)
             return
         for pos, block in self._read_blocks():
             body._account(block)
             sent = sock.sendfile(self.file, pos, len(block))
             body.sendfile_bytes += sent
             if sent < len(block):
-                raise self._shrank(self.offset + self.length - pos - sent)
+                raise _shrank(self.offset + self.length - pos - sent)
 
 
 def _is_plain_file(source: Any) -> bool:
