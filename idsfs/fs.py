@@ -840,9 +840,8 @@ class Operations(pyfuse3.Operations):
         entry.opens += 1
         fh = next(self._next_fh)
         self._files[fh] = _FileHandle(inode, reader)
-        if self._direct_read:
-            return pyfuse3.FileInfo(fh=fh, keep_cache=False, direct_io=True)
-        return pyfuse3.FileInfo(fh=fh, keep_cache=keep_cache)
+        direct = self._direct_read  # no page cache at all, so nothing to keep
+        return pyfuse3.FileInfo(fh=fh, keep_cache=keep_cache and not direct, direct_io=direct)
 
     async def _handle(self, entry: _Inode, up: Upload, write: bool) -> int:
         assert self._uploader is not None
