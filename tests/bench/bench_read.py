@@ -14,6 +14,10 @@ interleaved, ``--repeat`` times (medians and [min-max] are printed):
 * **pyfuse3 ceiling**: ``dd`` of a file of the same size from a minimal pyfuse3
   file system that answers every read from one buffer in memory (same kernel
   readahead, ``max_tasks``, no network): what the FUSE layer alone allows here;
+* **minimal pyfuse3 + getData**: ``dd`` of the datafile through a minimal
+  pyfuse3 file system that answers the kernel's reads from one ``getData``
+  response read on its trio thread (no block cache, no checks, no thread): what
+  the simplest design with HTTP reaches, to compare the daemon with;
 * **cold**: ``dd bs=1M`` of the file through a fresh mount (``--cache-size``,
   kernel readahead as the daemon sets it): throughput, the IDS requests the
   emulator counted, CPU seconds per GB of the daemon (and of its FUSE thread and
@@ -119,6 +123,117 @@ main()
 """
 
 
+#: A minimal pyfuse3 file system whose one file is the body of one getData
+#: response, read sequentially on the trio thread into reused 1 MiB buffers (no
+#: block cache, no checks, no thread): what the simplest pyfuse3 + HTTP design reaches.
+#: The URL (it holds a session id) comes on stdin, never in argv.
+HTTPFS = r"""
+import errno, os, stat, sys
+from urllib.parse import urlsplit
+import pyfuse3, trio
+
+MNT, SIZE = sys.argv[1], int(sys.argv[2])
+URL = urlsplit(sys.stdin.readline().strip())
+BLOCK = 1 << 20
+
+class Body:
+    def __init__(self):
+        self.blocks, self.served, self.free = {}, {}, []
+        self.arrived = trio.Event()
+
+    async def run(self):
+        sock = trio.socket.socket()
+        await sock.connect((URL.hostname, URL.port))
+        await sock.send(f"GET {URL.path}?{URL.query} HTTP/1.1\r\nHost: {URL.netloc}\r\n"
+                        "Connection: close\r\n\r\n".encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += await sock.recv(65536)
+        status, rest = head.split(b"\r\n\r\n", 1)
+        assert status.split()[1] == b"200", status
+        offset = index = 0
+        while offset < SIZE:
+            n = min(BLOCK, SIZE - offset)
+            buf = self.free.pop() if self.free and n == BLOCK else bytearray(n)
+            view = memoryview(buf)
+            got = len(rest[:n])
+            view[:got], rest = rest[:n], rest[n:]
+            while got < n:
+                r = await sock.recv_into(view[got:])
+                assert r, "the body ended early"
+                got += r
+            self.blocks[index] = buf
+            index, offset = index + 1, offset + n
+            self.arrived.set()
+            self.arrived = trio.Event()
+
+    async def read(self, off, size):
+        i = off // BLOCK
+        while i not in self.blocks:
+            await self.arrived.wait()
+        buf = self.blocks[i]
+        out = memoryview(buf)[off - i * BLOCK:off - i * BLOCK + size]
+        self.served[i] = self.served.get(i, 0) + len(out)
+        if self.served[i] >= len(buf):
+            del self.blocks[i]
+            self.free.append(buf)
+        return out
+
+class HttpFS(pyfuse3.Operations):
+    def __init__(self, nursery):
+        super().__init__()
+        self.nursery, self.body = nursery, None
+    async def getattr(self, inode, ctx=None):
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = inode
+        if inode == pyfuse3.ROOT_INODE:
+            e.st_mode, e.st_size = stat.S_IFDIR | 0o555, 0
+        elif inode == 2:
+            e.st_mode, e.st_size = stat.S_IFREG | 0o444, SIZE
+        else:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        e.attr_timeout = e.entry_timeout = 300
+        return e
+    async def lookup(self, parent, name, ctx=None):
+        if parent == pyfuse3.ROOT_INODE and name == b"file":
+            return await self.getattr(2)
+        raise pyfuse3.FUSEError(errno.ENOENT)
+    async def open(self, inode, flags, ctx):
+        if self.body is None:
+            self.body = Body()
+            self.nursery.start_soon(self.body.run)
+        return pyfuse3.FileInfo(fh=inode, keep_cache=True)
+    async def read(self, fh, off, size):
+        size = max(0, min(size, SIZE - off))
+        parts = []
+        while size:
+            part = await self.body.read(off, size)
+            parts.append(part)
+            off, size = off + len(part), size - len(part)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+def set_readahead():
+    st = os.stat(MNT)  # answered by the running loop
+    bdi = f"/sys/class/bdi/{os.major(st.st_dev)}:{os.minor(st.st_dev)}/read_ahead_kb"
+    with open(bdi, "w") as f:
+        f.write(sys.argv[3])
+    print("ready", flush=True)
+
+async def serve():
+    async with trio.open_nursery() as nursery:
+        fs.__init__(nursery)
+        nursery.start_soon(trio.to_thread.run_sync, set_readahead)
+        await pyfuse3.main(max_tasks=64)
+
+fs = HttpFS.__new__(HttpFS)
+pyfuse3.init(fs, MNT, {"fsname=httpfs", "ro"})
+try:
+    trio.run(serve)
+finally:
+    pyfuse3.close(unmount=True)
+"""
+
+
 @dataclass
 class Stored:
     path_in_mount: str  # relative to the mount point
@@ -188,20 +303,30 @@ def transfer_read(emu: bk.EmulatorProcess, session: str, df: int, cache_size: in
     return result[0]
 
 
-def memfs_read(work: Path, size: int, readahead_kb: int) -> tuple[float, float]:
-    """Mount MEMFS, ``dd`` its file once (cold); return (bytes per second, CPU s per GB)."""
-    mnt = work / "memfs"
+def baseline_read(work: Path, name: str, source: str, size: int, readahead_kb: int,
+                  stdin: str = "") -> tuple[float, float]:
+    """Mount the baseline file system ``source`` (MEMFS or HTTPFS), ``dd`` its file once.
+
+    ``stdin`` is written to the file system's standard input (HTTPFS reads its
+    URL there). Returns (bytes per second, the file system's CPU seconds per GB).
+    """
+    mnt = work / name
     mnt.mkdir(exist_ok=True)
-    script = work / "memfs.py"
-    script.write_text(MEMFS)
+    script = work / f"{name}.py"
+    script.write_text(source)
     proc = subprocess.Popen([sys.executable, str(script), str(mnt), str(size),
-                             str(readahead_kb)], stdout=subprocess.PIPE, text=True)
+                             str(readahead_kb)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
     try:
-        assert proc.stdout is not None
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write(stdin + "\n")
+        proc.stdin.close()
         if proc.stdout.readline().strip() != "ready":
-            raise RuntimeError("the pyfuse3 baseline did not mount")
+            raise RuntimeError(f"the {name} baseline did not mount")
         cpu0 = bk.cpu_seconds(proc.pid)
         seconds, got = bk.dd(mnt / "file")
+        if got != size:
+            raise RuntimeError(f"the {name} baseline gave {got} bytes, not {size}")
         return got / seconds, (bk.cpu_seconds(proc.pid) - cpu0) / (got / 1e9)
     finally:
         subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True, check=False)
@@ -300,7 +425,7 @@ def main() -> int:
                f"&datafileIds={cold_file.datafile_id}")
         S = bk.Series
         curl, curl_ttfb, curl_emu, curl_foreign = S(), S(), S(), S()
-        alone, ceiling, ceiling_cpu = S(), S(), S()
+        alone, ceiling, ceiling_cpu, minimal, minimal_cpu = S(), S(), S(), S(), S()
         cold, warm, mount_ttfb, foreign = S(), S(), S(), S()
         daemon_wait, emu_wait = S(), S()
         cpu: dict[str, bk.Series] = {k: S() for k in
@@ -318,9 +443,15 @@ def main() -> int:
             quiet()
             alone.add(transfer_read(emu, session, cold_file.datafile_id, args.cache_size))
             quiet()
-            speed, ceiling_cpu_gb = memfs_read(work, cold_file.size, args.readahead_kb)
+            speed, ceiling_cpu_gb = baseline_read(work, "memfs", MEMFS, cold_file.size,
+                                                  args.readahead_kb)
             ceiling.add(speed)
             ceiling_cpu.add(ceiling_cpu_gb)
+            quiet()
+            speed, minimal_cpu_gb = baseline_read(work, "httpfs", HTTPFS, cold_file.size,
+                                                args.readahead_kb, stdin=url)
+            minimal.add(speed)
+            minimal_cpu.add(minimal_cpu_gb)
 
             m_ = bk.start_mount(work / f"mount{i}", emu, *mount_args, register=mounts.append)
             assert m_.pid is not None
@@ -391,6 +522,8 @@ def main() -> int:
         print(f"  transfer alone        {alone.fmt(MB, unit=' MB/s')} (no FUSE)")
         print(f"  pyfuse3 from memory   {ceiling.fmt(MB, unit=' MB/s')} (the FUSE ceiling; its "
               f"CPU {ceiling_cpu.fmt(1, 2)} s/GB)")
+        print(f"  pyfuse3 + one getData {minimal.fmt(MB, unit=' MB/s')} (minimal, no cache; its "
+              f"CPU {minimal_cpu.fmt(1, 2)} s/GB)")
         print(f"  mount, cold (dd 1M)   {cold.fmt(MB, unit=' MB/s')}, first byte "
               f"{mount_ttfb.fmt(1e-3, 1, ' ms')} (open + 4 KiB read)")
         print(f"  mount, warm (dd 1M)   {warm.fmt(MB, unit=' MB/s')}")
@@ -402,7 +535,9 @@ def main() -> int:
               f"{curl_foreign.fmt(1, 2, ' s')}")
         print(f"  ratio cold / curl {ratio.fmt(1, 2)}, cold / pyfuse3 ceiling "
               f"{bk.median_ratio(cold.values, ceiling.values).fmt(1, 2)}, ceiling / curl "
-              f"{bk.median_ratio(ceiling.values, curl.values).fmt(1, 2)}")
+              f"{bk.median_ratio(ceiling.values, curl.values).fmt(1, 2)},\n"
+              f"  minimal pyfuse3 + getData / curl "
+              f"{bk.median_ratio(minimal.values, curl.values).fmt(1, 2)}")
         print(f"  IDS requests of a cold read: {requests_seen[-1]}")
         print(f"  copy of {size / 2**30:g} GiB with a 256 MiB cache: {rss_speed / MB:.0f} MB/s, "
               f"daemon RSS before {base_rss / MiB:.0f} MiB, peak {peak / MiB:.0f} MiB "
