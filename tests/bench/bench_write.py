@@ -16,6 +16,11 @@ dataset that ``alice`` may write, and measures in one run, interleaved,
 * **pyfuse3 ceiling**: ``cp`` of the file into a minimal pyfuse3 file system
   whose write handler only writes the bytes into a local file (no upload): what
   the FUSE layer plus a spool write allow on this machine;
+* **pyfuse3 + one put**: ``cp`` of the file into a minimal pyfuse3 file system
+  that sends each write at once as a chunk of one ``PUT /ids/put`` on its trio
+  thread and answers the close when the emulator has answered (no spool, no
+  CRC32, nothing kept for a retry): what the simplest pyfuse3 + HTTP design
+  reaches, to compare the daemon with;
 * **cp to a local file**, for information;
 * CPU seconds per GB of ``curl``/``cp``, of the daemon (its FUSE thread and the
   others, which upload) and of the emulator, and the CPU other processes used meanwhile
@@ -98,13 +103,100 @@ finally:
 """
 
 
-def ceiling(work: Path, src: Path) -> tuple[float, float]:
-    """``cp`` into the minimal pyfuse3 file system of :data:`MEMFS`: (seconds, its CPU s)."""
+#: A pyfuse3 file system with one writable file whose writes go, as they come,
+#: into the chunked body of one ``PUT /ids/put`` sent on the trio thread; the
+#: close waits for the answer. No spool, no CRC32, nothing kept for a retry:
+#: what the simplest pyfuse3 + HTTP design reaches. The put URL (it holds a
+#: session id) comes on stdin, never in argv.
+PUTFS = r"""
+import errno, os, stat, sys
+from urllib.parse import urlsplit
+import pyfuse3, trio
+
+URL = urlsplit(sys.stdin.readline().strip())
+
+class FS(pyfuse3.Operations):
+    def __init__(self):
+        super().__init__()
+        self.sock, self.size = None, 0
+    async def getattr(self, inode, ctx=None):
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = inode
+        a.st_mode = (stat.S_IFDIR | 0o755) if inode == 1 else (stat.S_IFREG | 0o644)
+        a.st_size = self.size if inode == 2 else 0
+        a.st_blksize = 8 << 20
+        a.attr_timeout = a.entry_timeout = 0
+        return a
+    async def lookup(self, parent, name, ctx=None):
+        if parent == 1 and name == b"f":
+            return await self.getattr(2)
+        raise pyfuse3.FUSEError(errno.ENOENT)
+    async def create(self, parent, name, mode, flags, ctx):
+        return await self.open(2, flags, ctx), await self.getattr(2)
+    async def open(self, inode, flags, ctx):
+        self.sock, self.size = trio.socket.socket(), 0
+        await self.sock.connect((URL.hostname, URL.port))
+        await self.send([f"PUT {URL.path}?{URL.query} HTTP/1.1\r\nHost: {URL.netloc}\r\n"
+                         "Content-Type: application/octet-stream\r\n"
+                         "Transfer-Encoding: chunked\r\n\r\n".encode()])
+        return pyfuse3.FileInfo(fh=2, direct_io=True)
+    async def send(self, parts):
+        views = [memoryview(p).cast("B") for p in parts]
+        while views:
+            sent = await self.sock.sendmsg(views)
+            while views and sent >= len(views[0]):
+                sent -= len(views.pop(0))
+            if views and sent:
+                views[0] = views[0][sent:]
+    async def setattr(self, inode, attr, fields, fh, ctx):
+        return await self.getattr(inode)
+    async def getxattr(self, inode, name, ctx):
+        raise pyfuse3.FUSEError(errno.ENOTSUP)
+    async def write(self, fh, off, buf):
+        if off != self.size:
+            raise pyfuse3.FUSEError(errno.ESPIPE)
+        await self.send([b"%x\r\n" % len(buf), buf, b"\r\n"])
+        self.size += len(buf)
+        return len(buf)
+    async def flush(self, fh):
+        if self.sock is None:
+            return
+        await self.send([b"0\r\n\r\n"])
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            got = await self.sock.recv(65536)
+            if not got:
+                raise pyfuse3.FUSEError(errno.EIO)
+            answer += got
+        self.sock.close()
+        self.sock = None
+        if answer.split()[1] not in (b"200", b"201"):
+            raise pyfuse3.FUSEError(errno.EIO)
+    async def release(self, fh):
+        pass
+
+pyfuse3.init(FS(), sys.argv[1], {"fsname=benchput", "default_permissions"})
+try:
+    trio.run(pyfuse3.main, 64)
+finally:
+    pyfuse3.close(unmount=True)
+"""
+
+
+def ceiling(work: Path, src: Path, source: str = MEMFS, stdin: str = "") -> tuple[float, float]:
+    """``cp`` into a minimal pyfuse3 file system (:data:`MEMFS` or :data:`PUTFS`).
+
+    ``stdin`` is written to its standard input. Returns (seconds, its CPU seconds).
+    """
     mnt = work / "memfs"
     mnt.mkdir(exist_ok=True)
     script = work / "memfs.py"
-    script.write_text(MEMFS)
-    proc = subprocess.Popen([sys.executable, str(script), str(mnt), str(work / "memfs.data")])
+    script.write_text(source)
+    proc = subprocess.Popen([sys.executable, str(script), str(mnt), str(work / "memfs.data")],
+                            stdin=subprocess.PIPE, text=True)
+    assert proc.stdin is not None
+    proc.stdin.write(stdin + "\n")
+    proc.stdin.close()
     try:
         deadline = time.monotonic() + 20
         while not os.path.ismount(mnt):
@@ -171,11 +263,11 @@ def main() -> int:
         store = Store(emu, session, dataset)
         gb = args.size / 1e9
         S = bk.Series
-        speed = {k: S() for k in ("curl", "cp", "cp0", "ceiling", "local")}
+        speed = {k: S() for k in ("curl", "cp", "cp0", "ceiling", "minimal", "local")}
         foreign = {k: S() for k in ("curl", "cp", "cp0")}
         cpu = {k: {p: S() for p in ("client", "daemon", "FUSE thread", "other threads",
                                     "emulator")} for k in ("curl", "cp", "cp0")}
-        ceiling_cpu = S()
+        ceiling_cpu, minimal_cpu = S(), S()
 
         def record(key: str, m: bk.Measure, threads: dict[str, float] | None = None) -> None:
             speed[key].add(args.size / m.seconds)
@@ -226,6 +318,15 @@ def main() -> int:
             seconds, used = ceiling(work, src)
             speed["ceiling"].add(args.size / seconds)
             ceiling_cpu.add(used / gb)
+            name = f"minimal{i}.bin"
+            query = urlencode({"sessionId": session, "name": name, "datasetId": dataset,
+                               "datafileFormatId": inv.datafile_format})
+            bk.read_into_page_cache(src)
+            quiet()
+            seconds, used = ceiling(work, src, PUTFS, f"{emu.ids_url.rstrip('/')}/put?{query}")
+            store.check_and_delete(name, args.size, crc)
+            speed["minimal"].add(args.size / seconds)
+            minimal_cpu.add(used / gb)
             bk.read_into_page_cache(src)
             quiet()
             t0 = time.perf_counter()
@@ -239,13 +340,16 @@ def main() -> int:
 
         ratio = bk.median_ratio(speed["cp"].values, speed["curl"].values)
         names = {"curl": "curl -T put", "cp": "cp into the mount", "cp0": "cp, upload at close",
-                 "ceiling": "pyfuse3 ceiling", "local": "cp to a local file"}
+                 "ceiling": "pyfuse3 ceiling", "minimal": "pyfuse3 + one put",
+                 "local": "cp to a local file"}
         print(f"\nwriting a {args.size / 2**30:g} GiB file, median [min-max] of {args.repeat} "
               f"(mount options {args.mount_option or '-'}; {bk.load_line()}):")
         for key, name in names.items():
             line = f"  {name:22s} {speed[key].fmt(MB, unit=' MB/s')}"
             if key == "ceiling":
                 line += f"; its CPU {ceiling_cpu.fmt(1, 2)} s/GB"
+            if key == "minimal":
+                line += f" (minimal, no spool); its CPU {minimal_cpu.fmt(1, 2)} s/GB"
             if key in cpu:
                 parts = [f"{p} {s.fmt(1, 2)}" for p, s in cpu[key].items() if s.values]
                 line += f"; CPU-s/GB: {', '.join(parts)}; foreign {foreign[key].fmt(1, 2, ' s')}"
@@ -254,7 +358,9 @@ def main() -> int:
         print(f"  cp / curl = {ratio.fmt(1, 2)}, cp at close / curl = "
               f"{bk.median_ratio(speed['cp0'].values, speed['curl'].values).fmt(1, 2)}, "
               f"ceiling / curl = "
-              f"{bk.median_ratio(speed['ceiling'].values, speed['curl'].values).fmt(1, 2)} "
+              f"{bk.median_ratio(speed['ceiling'].values, speed['curl'].values).fmt(1, 2)}, "
+              f"minimal pyfuse3 + put / curl = "
+              f"{bk.median_ratio(speed['minimal'].values, speed['curl'].values).fmt(1, 2)} "
               f"(target cp / curl >= {args.min_ratio}): {verdict}")
         return 0 if verdict == "PASS" else 1
     finally:
