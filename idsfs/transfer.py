@@ -232,8 +232,8 @@ def tune_malloc(heap_keep: int) -> bool:
     0.3 CPU-seconds per GB read, measured. This sets ``M_MMAP_THRESHOLD`` to
     32 MiB (blocks come from the heap, where freed blocks are reused) and
     ``M_TRIM_THRESHOLD`` to ``heap_keep`` bytes (free heap kept before it is
-    given back). Process-wide; returns False where it is not glibc. Never
-    raises.
+    given back; at least 64 MiB, at most what a C ``int`` holds, just under
+    2 GiB). Process-wide; returns False where it is not glibc. Never raises.
     """
     try:
         import ctypes
@@ -244,11 +244,14 @@ def tune_malloc(heap_keep: int) -> bool:
             return False
         libc = ctypes.CDLL(name)
         mallopt = libc.mallopt
+        mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+        mallopt.restype = ctypes.c_int
     except (ImportError, OSError, AttributeError):
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3
+    int_max = 2**31 - 1  # mallopt takes an int: a larger value would wrap around
     ok = mallopt(m_mmap_threshold, 32 << 20) == 1
-    return bool(mallopt(m_trim_threshold, max(heap_keep, 64 << 20)) == 1 and ok)
+    return bool(mallopt(m_trim_threshold, min(max(heap_keep, 64 << 20), int_max)) == 1 and ok)
 
 
 def _is_busy(exc: ServerError) -> bool:

@@ -650,6 +650,37 @@ def test_malloc_is_tuned_only_when_asked(world: World, monkeypatch: pytest.Monke
     assert calls == [4 * MiB]
 
 
+#: Run in a child (the settings are process-wide): tune_malloc(argv[1]), then
+#: 200 MiB of 1 MiB buffers are made and freed; prints the share of them the
+#: heap still holds (1.0: kept for reuse, less: trimmed, given back).
+_KEEP_PROBE = """
+import sys
+from idsfs.transfer import tune_malloc
+def rss():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+assert tune_malloc(int(sys.argv[1]))
+base = rss()
+blocks = [bytearray(1 << 20) for _ in range(200)]
+peak = rss()
+del blocks
+print((rss() - base) / (peak - base))
+"""
+
+
+@pytest.mark.parametrize("cache_size", [1 << 30, 8 << 30, 10**30])
+def test_tune_malloc_keeps_freed_blocks_for_caches_of_any_size(cache_size: int) -> None:
+    # mallopt takes a C int: 8 GiB used to wrap around to 0 (everything freed
+    # trimmed at once, the opposite of the intent), 10**30 raised ArgumentError.
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _KEEP_PROBE, str(cache_size // 2)],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert float(done.stdout) > 0.9
+
+
 def test_a_failing_block_hand_over_fails_the_read_not_the_trio_run(
         world: World, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     # The hand-over of a fetched block runs as a run_sync_soon callback, where an
