@@ -141,6 +141,8 @@ _FRAMING_HEADERS = frozenset({"content-length", "transfer-encoding", "connection
 _NO_BODY_STATUSES = frozenset({204, 304})
 _UUID_RE = re.compile(r"[0-9a-fA-F]{8}(?:-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}")
 _SECRET_PARAMS_RE = re.compile(r"((?:^|[?&\s])(?:sessionId|preparedId)=)[^&\s]*", re.IGNORECASE)
+#: ICAT's ``session/{sessionId}`` path: whatever the id looks like, it is a secret.
+_SESSION_PATH_RE = re.compile(r"(/session/)[^/?#\s]+")
 
 
 class HTTPError(Exception):
@@ -560,11 +562,13 @@ class Request:
 
 
 def redact(text: str) -> str:
-    """Hide ``sessionId``/``preparedId`` values and anything UUID-shaped in ``text``.
+    """Hide ``sessionId``/``preparedId`` values, the id of a ``/session/ID`` path
+    and anything UUID-shaped in ``text``.
 
     Never raises.
     """
     text = _SECRET_PARAMS_RE.sub(r"\1***", text)
+    text = _SESSION_PATH_RE.sub(r"\1***", text)
     return _UUID_RE.sub("***", text)
 
 

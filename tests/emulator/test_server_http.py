@@ -636,3 +636,6 @@ def test_debug_log_redacts_session_ids(server, caplog):
 def test_redact():
     assert redact("/x?sessionId=abc&preparedId=def&a=1") == "/x?sessionId=***&preparedId=***&a=1"
     assert redact("session/0d9a3706-80d4-4d29-9ff3-4d65d4308a24") == "session/***"
+    # a session id that is not UUID-shaped (a client may send anything) is hidden too
+    assert redact("GET /icat/session/NotAUuidSecret42 -> 403") == "GET /icat/session/*** -> 403"
+    assert redact("/icat/session/s3cret?x=1") == "/icat/session/***?x=1"
