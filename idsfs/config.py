@@ -65,6 +65,7 @@ import logging
 import math
 import os
 import re
+import stat
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -203,16 +204,24 @@ class Secret:
         raise TypeError("a Secret cannot be pickled")
 
     @classmethod
-    def from_file(cls, path: Path | str, *, what: str, origin: str | None = None) -> Secret:
+    def from_file(cls, path: Path | str, *, what: str, origin: str | None = None,
+                  private: bool = True) -> Secret:
         """Read a secret from ``path``: its first line, surrounding whitespace removed.
 
         ``what`` names the option in error messages; ``origin`` is what ``repr``
         shows (default ``"file PATH"``). Raises :class:`ConfigError` when the
-        file cannot be read or is empty.
+        file cannot be read, is empty, or (with ``private``) is a regular file
+        its group or others may read (a pipe such as ``<(pass show icat)`` is
+        fine). systemd credentials pass ``private=False``: systemd keeps their
+        directory private to the service.
         """
         p = Path(path)
         try:
-            text = p.read_text(encoding="utf-8")
+            with open(p, "rb") as f:
+                st = os.fstat(f.fileno())
+                if private and stat.S_ISREG(st.st_mode) and st.st_mode & 0o044:
+                    raise ConfigError(f"{what}: {p} is not private: {_readers(p, st)}")
+                text = f.read().decode("utf-8")
         except OSError as exc:
             raise ConfigError(f"{what}: cannot read {p}: {exc.strerror or exc}") from exc
         except UnicodeDecodeError as exc:
@@ -916,7 +925,8 @@ def env_layer(environ: Mapping[str, str]) -> Layer:
             path = Path(directory) / name
             if path.exists():
                 what = f"systemd credential {name}"
-                layer[key] = (Secret.from_file(path, what=what, origin=what), what)
+                layer[key] = (Secret.from_file(path, what=what, origin=what, private=False),
+                              what)
     return layer
 
 
@@ -985,6 +995,14 @@ class ConfigFiles:
     sections: Mapping[str, Mapping[str, tuple[str, Path]]] = field(default_factory=dict)
 
 
+def _readers(path: Path, st: os.stat_result) -> str:
+    """The end of the error for a secret file others may read (its mode has 0o044)."""
+    who = "group and others" if st.st_mode & 0o044 == 0o044 else \
+        "others" if st.st_mode & 0o004 else "its group"
+    return (f"{who} may read it (mode {st.st_mode & 0o777:04o}); make it private with: "
+            f"chmod 600 {path}")
+
+
 def _check_trust(path: Path, st: os.stat_result, uid: int) -> None:
     if st.st_uid not in (uid, 0):
         raise ConfigError(f"config file {path} belongs to uid {st.st_uid}, not to you (uid "
@@ -1041,11 +1059,7 @@ def read_config_files(paths: Sequence[Path | str], *, explicit: bool = False,
             raise ConfigError(f"config file {path}: {first}") from None
         if st.st_mode & 0o044 and any(parser.has_option(sec, "password")
                                       for sec in parser.sections()):
-            who = "group and others" if st.st_mode & 0o044 == 0o044 else \
-                "others" if st.st_mode & 0o004 else "its group"
-            raise ConfigError(
-                f"config file {path} holds a password but {who} may read it (mode "
-                f"{st.st_mode & 0o777:04o}); make it private with: chmod 600 {path}")
+            raise ConfigError(f"config file {path} holds a password but {_readers(path, st)}")
         for sec in parser.sections():
             target = sections.setdefault(sec, {})
             for key in parser.options(sec):

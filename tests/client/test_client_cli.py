@@ -52,6 +52,7 @@ def test_get_put_with_session_env(world, tmp_path) -> None:
 def test_login_with_password_file(world, tmp_path) -> None:
     pw = tmp_path / "pw"
     pw.write_text("alice-secret\n")
+    pw.chmod(0o600)
     r = idsfs("get", "--ids", world.emu.ids_url, "--user", "alice", "--password-file", str(pw),
               "--datafile", str(world.df[1]), "-o", str(tmp_path / "a"))
     assert r.returncode == 0, r.stderr
@@ -125,6 +126,7 @@ def test_unusable_icat_url_from_the_ids_is_a_clear_error(canned, tmp_path) -> No
     canned.answer("/ids/getIcatUrl", 200, "ftp://icat.example.org/icat")
     pw = tmp_path / "pw"
     pw.write_text("alice-secret\n")
+    pw.chmod(0o600)
     r = idsfs("get", "--ids", canned.url + "/ids", "--user", "alice", "--password-file",
               str(pw), "--datafile", "1", "-o", str(tmp_path / "a"))
     assert r.returncode == 1, r.stderr

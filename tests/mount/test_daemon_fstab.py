@@ -141,6 +141,7 @@ def test_icat_url_as_the_source(site, tmp_path: Path) -> None:
     where = site.dir("ids")
     pw = tmp_path / "pw"
     pw.write_text(USERS["bob"] + "\n")
+    pw.chmod(0o600)
     url = site.emulator.icat_url
     fstab = site.fstab(f"{url} {where} fuse.idsfs ro,user=bob,password_file={pw},"
                        f"ids={site.emulator.ids_url} 0 0")

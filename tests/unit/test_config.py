@@ -44,6 +44,7 @@ def pwfile(tmp_path: Path) -> Path:
 def sidfile(tmp_path: Path) -> Path:
     path = tmp_path / "sid"
     path.write_text("  " + SESSION + "  \n")
+    path.chmod(0o600)
     return path
 
 
@@ -270,8 +271,40 @@ def test_unreadable_and_empty_secret_files(tmp_path: Path) -> None:
                    str(tmp_path / "missing"), str(tmp_path / "m")])
     empty = tmp_path / "empty"
     empty.write_text("\n")
+    empty.chmod(0o600)
     with pytest.raises(ConfigError, match="is empty"):
         parse_cli(["--icat", "http://h", "--session-file", str(empty), str(tmp_path / "m")])
+
+
+@pytest.mark.parametrize(("mode", "who"), [(0o644, "group and others"), (0o604, "others"),
+                                           (0o640, "its group")])
+def test_secret_files_others_may_read_are_refused(tmp_path: Path, mode: int, who: str) -> None:
+    secret = tmp_path / "pw"
+    secret.write_text(PASSWORD + "\n")
+    secret.chmod(mode)
+    for option in ("--password-file", "--session-file"):
+        with pytest.raises(ConfigError) as info:
+            parse_cli(["--icat", "http://h", "--user", "a", option, str(secret),
+                       str(tmp_path / "m")])
+        assert str(info.value) == (f"{option}: {secret} is not private: {who} may read it "
+                                   f"(mode {mode:04o}); make it private with: chmod 600 {secret}")
+        assert PASSWORD not in str(info.value)
+    secret.chmod(0o400)  # read-only for its owner is fine
+    assert parse_cli(["--icat", "http://h", "--user", "a", "--password-file", str(secret),
+                      str(tmp_path / "m")]).password.reveal() == PASSWORD
+
+
+def test_a_pipe_is_a_secret_file(tmp_path: Path) -> None:
+    # --password-file <(pass show icat): a pipe, whatever its mode says
+    read_end, write_end = os.pipe()
+    try:
+        os.write(write_end, (PASSWORD + "\n").encode())
+        os.close(write_end)
+        config = parse_cli(["--icat", "http://h", "--user", "a", "--password-file",
+                            f"/dev/fd/{read_end}", str(tmp_path / "m")])
+    finally:
+        os.close(read_end)
+    assert config.password.reveal() == PASSWORD
 
 
 def test_password_is_not_an_option() -> None:
