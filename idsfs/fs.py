@@ -1320,13 +1320,17 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EISDIR)
         up: Upload | None = node.local
         if up is not None:
-            stored = up.datafile_id
             await uploader.discard(up)
+            # read after discard: an upload in flight (a file closed unwritten is
+            # stored in the background) may have stored it meanwhile, and shown it
+            stored = up.datafile_id
             self._catalog.remove_local(node.key)
             if stored is not None:
                 self._catalog.remove_datafile(up.dataset_id, stored)
-            log.info("deleted %s (not stored%s)", up.display,
-                     f"; its datafile {stored} too" if stored else "")
+            if stored is None:
+                log.info("deleted %s (not stored)", up.display)
+            else:
+                log.info("deleted %s and its datafile %d", up.display, stored)
             return
         record = node.datafile
         if record is None:
@@ -1397,6 +1401,18 @@ class Operations(pyfuse3.Operations):
             return
         if target is not None and flags & pyfuse3.RENAME_NOREPLACE:
             raise pyfuse3.FUSEError(errno.EEXIST)
+        await self._rename(uploader, node, old_parent, new_parent, name_new, target)
+        # the kernel keeps the inode of the renamed entry (no new lookup): point
+        # it at the new place, where open and getxattr look for it
+        inode = self._inodes.get(self.ino_of(node.key))
+        if inode is not None:
+            moved = await self._catalog.lookup(new_parent.key, name_new)
+            if moved is not None and moved.key == node.key:
+                inode.node = moved
+
+    async def _rename(self, uploader: Uploader, node: Node, old_parent: Node, new_parent: Node,
+                      name_new: bytes, target: Node | None) -> None:
+        """The rename of :meth:`rename` once its arguments are checked."""
         kind = node.key.kind
         if kind is Kind.DATASET:
             if new_parent.key != old_parent.key:
@@ -1440,8 +1456,8 @@ class Operations(pyfuse3.Operations):
         """Delete the file ``node`` (the replaced target of a rename)."""
         up: Upload | None = node.local
         if up is not None:
-            stored = up.datafile_id
             await uploader.discard(up)
+            stored = up.datafile_id  # after discard: see unlink
             self._catalog.remove_local(node.key)
             if stored is not None:
                 self._catalog.remove_datafile(up.dataset_id, stored, keep_dirs=False)
@@ -1456,9 +1472,12 @@ class Operations(pyfuse3.Operations):
         """Rename a file written here: its upload's name, and its datafile if stored."""
         await uploader.rename(up, new_name, self._path_of(new_parent, text))
         self._catalog.remove_local(node.key)
-        if up.cancelled or up.removed or up.uid not in uploader.uploads:
+        if up.cancelled:
             return
-        self._catalog.add_local(self._spool_node(up, new_parent, text))
+        if not up.removed and up.uid in uploader.uploads:
+            self._catalog.add_local(self._spool_node(up, new_parent, text))
+        # else it was stored (in the background) and forgotten meanwhile: only its
+        # datafile, renamed in ICAT by uploader.rename, is left to show
         if up.datafile_id is not None and up.temp_name is None:
             self._catalog.remove_datafile(up.dataset_id, up.datafile_id, keep_dirs=True)
             with contextlib.suppress(errors.IdsfsError):

@@ -2051,7 +2051,7 @@ class Uploader:
                 with contextlib.suppress(IDSNotFoundError):
                     await self._delete_datafile(did)
             up.cancelled = True
-            if up.handles <= 0:
+            if up.handles <= 0 and not up.removed:
                 await self.forget(up)
             # else: the open handles keep the spool until the last one is closed
 
@@ -2107,7 +2107,9 @@ class Uploader:
                 await self._commit_locked(up, foreground=False)
             except UploadFailedError:
                 return False
-        if up.handles == 0 and up.landed:
+        if up.handles == 0 and up.landed and not (up.cancelled or up.removed):
+            # (an unlink may have come in right after the lock was let go: its
+            # discard deleted the datafile and forgot the upload already)
             up.state = DONE
             removal = self.forget(up)
             if self.on_changed is not None:

@@ -167,6 +167,73 @@ def test_rename_within_dataset_and_refusals(fresh_emu, wtree) -> None:
     t.run(body)
 
 
+def test_a_renamed_file_is_found_at_its_new_place_through_its_inode(fresh_emu, wtree) -> None:
+    # The kernel keeps the inode of a renamed entry and asks no new lookup:
+    # open, read and getxattr of that inode must find the file where it went.
+    t = wtree(fresh_emu)
+
+    async def body(t: WriteTree) -> None:
+        ds_ino = await t.ino(DS)
+        assert await t.write_file(f"{DS}/a.txt", b"A") == 0
+        ino = await t.ino(f"{DS}/a.txt")
+        sub = await t.ops.mkdir(ds_ino, b"sub", 0o755, t.ctx)
+        for parent, name, icat_name in ((sub.st_ino, b"a.txt", b"sub/a.txt"),
+                                        (ds_ino, b"b.txt", b"b.txt")):
+            old_parent = ds_ino if parent == sub.st_ino else sub.st_ino
+            old_name = b"a.txt"
+            await t.ops.rename(old_parent, old_name, parent, name, 0, t.ctx)
+            assert await t.ops.getxattr(ino, b"user.ids.name", t.ctx) == icat_name
+            info = await t.ops.open(ino, os.O_RDONLY, t.ctx)
+            try:
+                assert bytes(await t.ops.read(info.fh, 0, 10)) == b"A"
+            finally:
+                await t.ops.release(info.fh)
+
+    t.run(body)
+
+
+async def _background_upload_started(t: WriteTree, name: str) -> None:
+    """Wait until the uploader is storing ``name``, closed unwritten (in the background)."""
+    import trio
+
+    with trio.fail_after(5):
+        while not any(up.in_progress and up.name == name for up in t.uploader.uploads.values()):
+            await trio.sleep(0.005)
+
+
+def test_unlink_and_rename_while_an_unwritten_file_is_stored(fresh_emu, wtree) -> None:
+    # touch f; rm f (vim's swap-file probe, mktemp, rsync of empty files): the
+    # file closed unwritten is stored in the background, and the unlink or
+    # rename that follows must not leave its entry behind.
+    t = wtree(fresh_emu)
+
+    async def body(t: WriteTree) -> None:
+        ds = await dataset_id(t)
+        ds_ino = await t.ino(DS)
+        fresh_emu.faults.latency(0.3, "ids/put")
+        fh, _ = await t.create(f"{DS}/ghost")
+        assert await t.close(fh) == 0
+        await _background_upload_started(t, "ghost")
+        await t.ops.unlink(ds_ino, b"ghost", t.ctx)
+        assert "ghost" not in await t.names(DS)
+        assert datafiles_named(fresh_emu, ds, "ghost") == []
+        fh, _ = await t.create(f"{DS}/ghost")       # the name is free again
+        assert await t.close(fh) == 0
+
+        fh, _ = await t.create(f"{DS}/.e1.XXXXXX")
+        assert await t.close(fh) == 0
+        await _background_upload_started(t, ".e1.XXXXXX")
+        await t.ops.rename(ds_ino, b".e1.XXXXXX", ds_ino, b"e1", 0, t.ctx)
+        names = await t.names(DS)
+        assert "e1" in names and ".e1.XXXXXX" not in names
+        assert datafiles_named(fresh_emu, ds, ".e1.XXXXXX") == []
+        (row,) = datafiles_named(fresh_emu, ds, "e1")
+        assert stored_bytes(fresh_emu, row[0]) == b""
+        assert await t.read_file(f"{DS}/e1") == b""
+
+    t.run(body)
+
+
 def test_rename_with_replace_replaces_the_target(fresh_emu, wtree) -> None:
     t = wtree(fresh_emu, replace=True)
 
