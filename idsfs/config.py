@@ -477,7 +477,8 @@ OPTIONS: tuple[OptionSpec, ...] = (
     OptionSpec("default_permissions", (), "default_permissions", parse_bool,
                "let the kernel check permissions from the modes (always on)"),
     OptionSpec("fsname", (), "fsname", _parse_str,
-               "file system name shown by mount and df (default: the ICAT URL)", "NAME"),
+               "file system name shown by mount and df (default: the ICAT URL given, else the IDS "
+               "URL)", "NAME"),
     OptionSpec("uid", ("--uid",), "uid", _parse_int,
                "owner of every file (default: the mounting user)", "UID"),
     OptionSpec("gid", ("--gid",), "gid", _parse_int,

@@ -90,7 +90,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
                       help=f"file holding an ICAT session id (else ${ENV_SESSION})")
     conn.add_argument("--timeout", metavar="SECONDS",
                       help="read timeout of each request (default: 120)")
-    conn.add_argument("--retries", metavar="N", type=int, default=5,
+    conn.add_argument("--retries", metavar="N", type=_count, default=5,
                       help="attempts after a dropped connection (default: 5)")
     conn.add_argument("--insecure", action="store_const", const=True, default=None,
                       help="do not verify TLS certificates")
@@ -102,6 +102,17 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     bar.add_argument("--no-progress", dest="progress", action="store_false",
                      help="never show a progress bar")
     out.add_argument("-v", "--verbose", action="store_true", help="log requests to stderr")
+
+
+def _count(text: str) -> int:
+    """argparse type: a whole number >= 0 (``ArgumentTypeError`` otherwise)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more: {text!r}")
+    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -333,23 +344,41 @@ def _run_get(args: argparse.Namespace, ids: IDSClient) -> int:
 def _output_path(
     ids: IDSClient, selection: DataSelection, args: argparse.Namespace, zipped: bool
 ) -> Path:
+    """Where ``get`` writes: ``-o FILE``, or the server's file name in ``-o DIR`` / here.
+
+    Raises :class:`UsageError` for a directory that does not exist (``-o new/``
+    or the parent of ``-o new/file``) and for an existing file without
+    ``-f``.
+    """
     if args.output and not Path(args.output).is_dir():
-        return Path(args.output)
-    directory = Path(args.output) if args.output else Path.cwd()
-    if zipped:
-        name = "ids-download.zip"
+        if args.output.endswith("/"):
+            raise UsageError(f"-o {args.output}: no such directory")
+        dest = Path(args.output)
+        if not dest.parent.is_dir():
+            raise UsageError(f"-o {args.output}: no such directory: {dest.parent}")
     else:
-        with ids.getData(selection) as probe:
-            name = filename_from_headers(probe) or f"datafile-{min(selection.dfIds)}"
-    safe = os.path.basename(name.replace("\\", "/")) or "download"
-    if safe in (".", ".."):
-        safe = "download"
-    return directory / safe
+        directory = Path(args.output) if args.output else Path.cwd()
+        if zipped:
+            name = "ids-download.zip"
+        else:
+            with ids.getData(selection) as probe:
+                name = filename_from_headers(probe) or f"datafile-{min(selection.dfIds)}"
+        safe = os.path.basename(name.replace("\\", "/")) or "download"
+        if safe in (".", ".."):
+            safe = "download"
+        dest = directory / safe
+    if dest.exists() and not args.force:
+        raise UsageError(f"{dest} exists: use -f/--force to replace it")
+    return dest
 
 
 def _run_put(args: argparse.Namespace, ids: IDSClient) -> int:
+    if not args.file.exists():
+        raise UsageError(f"{args.file}: no such file")
     if not args.file.is_file():
         raise UsageError(f"{args.file} is not a regular file")
+    if args.name == "":
+        raise UsageError("--name '': a datafile name must not be empty")
     bar = _Bar(args.progress, "put")
     try:
         new_id = upload(ids, args.file, args.name, args.dataset, args.datafile_format,

@@ -35,7 +35,11 @@ def test_get_put_with_session_env(world, tmp_path) -> None:
     assert r.returncode == 0, r.stderr
     assert out.read_bytes() == src.read_bytes()
     r = idsfs("get", "--datafile", str(new_id), "-o", str(out), env=env)
-    assert r.returncode == 1 and "exists" in r.stderr
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip() == f"idsfs get: {out} exists: use -f/--force to replace it"
+    out.write_bytes(b"old")
+    r = idsfs("get", "--datafile", str(new_id), "-o", str(out), "-f", env=env)
+    assert r.returncode == 0 and out.read_bytes() == src.read_bytes()
     r = idsfs("get", "--dataset", str(world.ds1), "--dataset", str(world.ds2), env=env,
               cwd=tmp_path)
     assert r.returncode == 0, r.stderr
@@ -68,9 +72,24 @@ def test_usage_errors(world, tmp_path) -> None:
     assert r.returncode == 2 and "credentials" in r.stderr
     r = idsfs("get", "--ids", world.emu.ids_url, env={"IDSFS_SESSION_ID": world.root})
     assert r.returncode == 2 and "select" in r.stderr
+    env = {"IDSFS_SESSION_ID": world.root}
     r = idsfs("put", str(tmp_path / "missing"), "--dataset", "1", "--format", "1",
-              "--ids", world.emu.ids_url, env={"IDSFS_SESSION_ID": world.root})
-    assert r.returncode == 2
+              "--ids", world.emu.ids_url, env=env)
+    assert r.returncode == 2 and r.stderr.strip() == \
+        f"idsfs put: {tmp_path / 'missing'}: no such file"
+    src = tmp_path / "data.bin"
+    src.write_bytes(b"x")
+    r = idsfs("put", str(src), "--name", "", "--dataset", "1", "--format", "1",
+              "--ids", world.emu.ids_url, env=env)
+    assert r.returncode == 2 and "--name '': a datafile name must not be empty" in r.stderr
+    # -o into a directory that does not exist: an error, not a file named like it
+    for output in (f"{tmp_path}/newdir/", f"{tmp_path}/no/such/file"):
+        r = idsfs("get", "--datafile", str(world.df[1]), "-o", output, "--ids",
+                  world.emu.ids_url, env=env)
+        assert r.returncode == 2 and "no such directory" in r.stderr, r.stderr
+        assert not (tmp_path / "newdir").exists() and not (tmp_path / "no").exists()
+    r = idsfs("get", "--datafile", "1", "--retries", "-1", "--ids", world.emu.ids_url, env=env)
+    assert r.returncode == 2 and "must be 0 or more" in r.stderr
 
 
 # ------------------------------------------------------------------ two-level storage
