@@ -1180,6 +1180,10 @@ class Daemon:
                 current = await self.bridge.run(self.icat.session_info, name="status session")
             self._note_session(current.userName, current.remainingMinutes * 60.0)
             info.update(user=current.userName, checked="live")
+        except ICATSessionError as exc:
+            # ICAT said so: the session is gone, whatever the estimate says
+            info.update(error=_describe_error(exc), checked="live", expired=True)
+            self._note_session(None, 0.0)
         except (IdsfsError, trio.TooSlowError) as exc:
             info["error"] = (_describe_error(exc) if isinstance(exc, IdsfsError)
                              else "ICAT did not answer within 3 s")

@@ -23,6 +23,8 @@ Results are the frozen dataclasses of :mod:`idsfs.model`; errors are the
   doing anything, so repeating even a write is safe in that case.
 * Listeners registered with :meth:`ICATClient.add_session_listener` are told
   the new session id (e.g. to update an ``IDSClient.sessionId``).
+* A session given by the caller (no credentials) that ICAT refuses is logged
+  once, as a warning, the first time a call is refused.
 
 Thread safety: one client may be used from several threads; login, refresh
 and re-login are serialised by a lock, the calls themselves run in parallel.
@@ -141,6 +143,7 @@ class ICATClient:
         self._lifetime: float | None = None
         self._refresh_margin = refresh_margin
         self._listeners: list[Callable[[str | None], None]] = []
+        self._lost_reported: str | None = None  # the adopted session last seen expire
         self._login_secrets: tuple[str, ...] = ()
         self._transport = _http.Transport(
             logger=log,
@@ -360,6 +363,10 @@ class ICATClient:
             return call()
         except ICATSessionError:
             if self._auth is None:
+                if sid is not None and sid != self._lost_reported:
+                    self._lost_reported = sid  # said once per session, not per call
+                    log.warning("ICAT refuses the session (expired or logged out) and there "
+                                "are no credentials to log in again")
                 raise
             self._relogin(sid)
             return call()

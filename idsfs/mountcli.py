@@ -460,12 +460,18 @@ def format_status(status: dict[str, Any]) -> str:
     lines.append(f"  IDS        {status.get('ids_url')}")
     session = status.get("session") or {}
     text = f"user {session.get('user') or '?'}"
-    if session.get("remaining") is not None:
+    if session.get("expired"):
+        text += ", EXPIRED"
+    elif session.get("remaining") is not None:
         text += f", {_human_duration(session['remaining'])} left"
         if session.get("checked") == "estimated":
             text += " (estimated)"
     text += ", logged in by the daemon" if session.get("owned") else ", adopted session"
-    if session.get("error"):
+    if session.get("expired"):
+        text += f" ({session['error']})"
+        if not session.get("owned"):
+            text += ": remount with a new session"
+    elif session.get("error"):
         text += f"; check failed: {session['error']}"
     lines.append(f"  session    {text}")
     config = status.get("config") or {}

@@ -28,6 +28,7 @@ from mountharness import (
 )
 
 from idsfs.daemon import find_mount, probe_mount
+from idsfs.mountcli import query_status
 
 RAW = "DEMO/DEMO-2024-001/1/raw"
 
@@ -418,6 +419,31 @@ def test_session_file_mount_keeps_the_session(mount, emulator_process, tmp_path:
     info = requests.get(f"{emu.icat_url}/session/{sid}", timeout=30)
     assert info.status_code == 200
     assert sid not in m.log_text()
+
+
+def test_an_expired_adopted_session_is_said_at_once(mount, emulator_process,
+                                                    tmp_path: Path) -> None:
+    # No credentials to log in again: EACCES, one warning in the log when ICAT
+    # first refuses (not at the next refresh, up to 30 minutes later), and
+    # idsfs status says the session is gone instead of estimating time left.
+    emu = emulator_process()
+    sid = login(emu)
+    sid_file = password_file(tmp_path, sid, "sid")
+    m = mount(emu, "--session-file", str(sid_file), "--metadata-ttl", "0", credentials=False)
+    assert "DEMO-2024-001" in os.listdir(m.path / "DEMO")
+    assert emu.expire_sessions() >= 1
+    with pytest.raises(PermissionError):
+        os.listdir(m.path / "DEMO")
+    with pytest.raises(PermissionError):
+        os.listdir(m.path / "DEMO")
+    assert wait_until(lambda: "ICAT refuses the session" in m.log_text(), 10)
+    assert m.log_text().count("ICAT refuses the session") == 1
+    done = run_idsfs("status", str(m.path))
+    assert done.returncode == 0, done.stderr
+    assert "EXPIRED" in done.stdout and "remount with a new session" in done.stdout
+    assert " left" not in done.stdout.split("session", 1)[1].splitlines()[0]
+    assert query_status(m.path)["session"]["expired"] is True
+    assert sid not in m.log_text() + done.stdout
 
 
 def test_secrets_never_in_argv_or_logs(mount, emulator_process, tmp_path: Path) -> None:
