@@ -243,9 +243,17 @@ def _busy_message(path: str) -> str:
             f"now with: idsfs umount --lazy {shlex.quote(path)}")
 
 
+class _Hung(Exception):
+    """The daemon's control socket took the request but no answer came in time."""
+
+
 def _stop_through_channel(socket_path: Path, path: str, lazy: bool, timeout: float,
                           wait: float, progress: Any) -> tuple[int, str] | None:
-    """Ask the daemon to stop and wait for it; None when the channel cannot be used."""
+    """Ask the daemon to stop and wait for it; None when the channel cannot be used.
+
+    Raises :class:`_Hung` when the daemon took the request but did not answer
+    within ``timeout`` (stopped, or stuck) and the mount is still there.
+    """
     from idsfs.control import ControlClient, ControlError
 
     try:
@@ -255,11 +263,13 @@ def _stop_through_channel(socket_path: Path, path: str, lazy: bool, timeout: flo
     with client:
         try:
             reply = client.request({"request": "stop", "lazy": lazy}, timeout=timeout)
-        except ControlError:
+        except ControlError as exc:
             from idsfs.daemon import find_mount
 
             if find_mount(path) is None:  # the answer was slow, but the unmount happened
                 return 0, ""
+            if getattr(exc, "timed_out", False):
+                raise _Hung from exc
             return None
         if not reply.get("ok"):
             if reply.get("error") == "busy":
@@ -325,14 +335,18 @@ def unmount(mountpoint: str | Path, *, lazy: bool = False, timeout: float = 5.0,
     if not entry.is_fuse:
         return 1, f"{path} is not a FUSE mount (it is {entry.fstype}); use umount(8)"
     socket_path = _control_socket(entry)
+    hung = False
     if socket_path is not None:
-        result = _stop_through_channel(socket_path, path, lazy, timeout, wait, progress)
+        try:
+            result = _stop_through_channel(socket_path, path, lazy, timeout, wait, progress)
+        except _Hung:
+            result, hung = None, True  # no need to wait for a probe as well
         if result is not None:
             status, message = result
             if lazy and status == 0 and not message:
                 message = f"detached {path} (it goes away when no longer used)"
             return status, message
-    state = probe_mount(path, timeout=timeout)
+    state = None if hung else probe_mount(path, timeout=timeout)
     if state == 0:
         done = _fusermount(entry.mountpoint, lazy)
         if done.returncode != 0 and find_mount(path) is None:
