@@ -24,6 +24,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import secrets
 import select
 import shlex
@@ -592,20 +593,82 @@ def _sloppy(texts: list[str]) -> tuple[list[str], list[str]]:
     return ([",".join(kept)] if kept else []), dropped
 
 
-def _spec_layer(spec: str, via_mount_fuse: bool) -> Layer:
+def _fstab_unescape(field: str) -> str:
+    """An fstab field with its octal escapes (``\\040`` for a space) decoded."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def _mount_fstab(pid: int) -> str | None:
+    """The fstab the mount(8) among the first ancestors of ``pid`` reads, or None.
+
+    mount.fuse3 runs ``idsfs SPEC DIR`` through ``/bin/sh -c`` for the
+    ``idsfs#SPEC ... fuse`` and ``SPEC ... fuse.idsfs`` lines alike: only the
+    fstab line tells which one it was. ``--fstab FILE``/``-T FILE``, else
+    ``$LIBMOUNT_FSTAB``, else /etc/fstab. Never raises.
+    """
+    for _ in range(4):
+        try:
+            with open(f"/proc/{pid}/status", encoding="utf-8") as f:
+                ppid = next(int(line.split()[1]) for line in f if line.startswith("PPid:"))
+            with open(f"/proc/{ppid}/cmdline", "rb") as f:
+                argv = [a.decode("utf-8", "surrogateescape") for a in f.read().split(b"\0")]
+        except (OSError, StopIteration, ValueError):
+            return None
+        if argv and os.path.basename(argv[0]) == "mount":
+            for i, arg in enumerate(argv[1:], 1):
+                if arg in ("--fstab", "-T") and i + 1 < len(argv):
+                    return argv[i + 1]
+                if arg.startswith("--fstab="):
+                    return arg[len("--fstab="):]
+                if arg.startswith("-T") and len(arg) > 2:
+                    return arg[2:]
+            return os.environ.get("LIBMOUNT_FSTAB") or "/etc/fstab"
+        pid = ppid
+    return None
+
+
+def _fstab_source(directory: str, fstab: str | None) -> str | None:
+    """The source field, as written, of ``fstab``'s idsfs line for ``directory``.
+
+    Never raises (None when there is no such line or the file cannot be read).
+    """
+    if fstab is None:
+        return None
+    try:
+        with open(fstab, encoding="utf-8", errors="surrogateescape") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    where = os.path.realpath(directory)
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 3 or fields[0].startswith("#"):
+            continue
+        source, target, fstype = (_fstab_unescape(x) for x in fields[:3])
+        idsfs_line = fstype == "fuse.idsfs" or (fstype == "fuse" and source.startswith("idsfs#"))
+        if idsfs_line and os.path.realpath(target) == where:
+            return source
+    return None
+
+
+def _spec_layer(spec: str, via_mount_fuse: bool, directory: str = "") -> Layer:
     """What the fstab source says: a config section, an ICAT URL, or nothing.
 
     The file system name becomes the fstab source as written (``SECTION``, or
-    ``idsfs#SECTION`` when mount.fuse3 ran ``idsfs SECTION``), so that
-    ``mount -a`` recognises the entry as mounted.
+    ``idsfs#SECTION``), so that ``mount -a`` recognises the entry as mounted.
+    When mount.fuse3 ran ``idsfs SECTION DIR`` (``via_mount_fuse``) the line
+    is looked up in mount(8)'s fstab; without one it is ``idsfs#SECTION``.
     """
     value = spec.strip()
     if value.startswith("idsfs#"):
         value = value[len("idsfs#"):]
     if value in ("", "none", "idsfs"):
         return {}
-    layer: Layer = {"fsname": (f"idsfs#{value}" if via_mount_fuse else value,
-                               "mount source")}
+    fsname = value
+    if via_mount_fuse:
+        written = _fstab_source(directory, _mount_fstab(os.getpid()))
+        fsname = written if written in (value, f"idsfs#{value}") else f"idsfs#{value}"
+    layer: Layer = {"fsname": (fsname, "mount source")}
     if value.startswith(("http://", "https://")):
         layer["icat_url"] = (value, "mount source")
     else:
@@ -695,7 +758,7 @@ def mount_helper(argv: list[str] | None = None, prog: str = "mount.idsfs") -> in
     defaults: Layer = {"read_only": (False, "-o rw")} if saw_rw else {}
     try:
         config = assemble(directory, [env_layer(os.environ),
-                                      _spec_layer(spec, prog == "idsfs"),
+                                      _spec_layer(spec, prog == "idsfs", directory),
                                       parse_mount_options(options),
                                       {"foreground": (False, prog)}], defaults=defaults)
     except ConfigError as exc:

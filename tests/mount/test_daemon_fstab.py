@@ -124,6 +124,14 @@ def test_fuse_idsfs_line_through_mount_fuse3(site) -> None:
         site.adopt(where)
         assert "DEMO" in os.listdir(where)
         assert query_status(where)["read_only"] is True
+        # mount.fuse3 runs "idsfs facility DIR" for this line as for an
+        # "idsfs#facility ... fuse" one: the source is the line's, as written,
+        # so that mount -a sees the entry mounted and leaves it alone
+        assert find_mount(where).source == "facility"
+        pid = query_status(where)["pid"]
+        again = run("mount", "--fstab", str(fstab), "-a")
+        assert again.returncode == 0, again.stderr
+        assert query_status(where)["pid"] == pid
 
 
 def test_config_section_read_only_beats_mounts_rw(site) -> None:
