@@ -882,6 +882,10 @@ def parse_mount_options(texts: Iterable[str]) -> Layer:
                 raise ConfigError("-o max_read: not supported (the mount fails with it)")
             if key == "subtype":
                 raise ConfigError("-o subtype: fixed to idsfs")
+            if key in ("password", "session", "session_id", "sessionid"):
+                raise ConfigError(f"-o {key}: secrets are never given as options (ps and "
+                                  f"/proc/mounts show them to everyone): use "
+                                  f"{'password' if key == 'password' else 'session'}_file=FILE")
             spec = _BY_OKEY.get(key)
             if spec is None:
                 raise ConfigError(f"-o {key}: unknown mount option (see idsfs mount --help)")

@@ -402,6 +402,8 @@ def query_status(mountpoint: str | Path, timeout: float = 10.0) -> dict[str, Any
     path = str(mountpoint)
     entry = find_mount(path)
     if entry is None:
+        if not os.path.lexists(path):
+            raise StatusError(f"{path} does not exist")
         raise StatusError(f"{path} is not mounted")
     if entry.fstype != "fuse.idsfs":
         raise StatusError(f"{path} is not an idsfs mount (it is {entry.fstype})")

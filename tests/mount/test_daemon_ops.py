@@ -119,6 +119,8 @@ def test_status_shows_restores_waiting(mount, emulator_process) -> None:
 def test_status_errors(mount, tmp_path: Path) -> None:
     done = run_idsfs("status", str(tmp_path))
     assert done.returncode == 1 and "is not mounted" in done.stderr
+    done = run_idsfs("status", str(tmp_path / "nowhere"))
+    assert done.returncode == 1 and f"{tmp_path / 'nowhere'} does not exist" in done.stderr
     m = mount()
     m.kill(signal.SIGKILL)
     m.wait_exit(20)

@@ -360,6 +360,10 @@ def test_secret_equality_and_errors() -> None:
     (["-o", "max_read=131072"], r"-o max_read: not supported"),
     (["-o", "subtype=foo"], r"-o subtype: fixed to idsfs"),
     (["-o", "frobnicate"], r"-o frobnicate: unknown mount option"),
+    (["-o", "password=hunter2"], r"^-o password: secrets are never given as options \(ps "
+                                 r"and /proc/mounts show them to everyone\): use "
+                                 r"password_file=FILE$"),
+    (["-o", "session=abc"], r"^-o session: secrets .*: use session_file=FILE$"),
     (["-o", "cache_size"], r"-o cache_size: needs a value"),
     (["-o", "cache_size=lots"], r"-o cache_size: not a size"),
     (["-o", "debug=perhaps"], r"-o debug: not a yes/no value"),
