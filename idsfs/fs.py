@@ -167,6 +167,8 @@ def _fuse_error(operation: str, exc: Exception) -> pyfuse3.FUSEError:
                   exc_info=exc)
     elif code == errno.EIO:
         log.warning("%s: %s: %s", operation, type(exc).__name__, exc)
+    elif code in (errno.ENODATA, errno.EBUSY):  # the archive's state, worth a line
+        log.info("%s: %s (%s)", operation, errno.errorcode[code], exc)
     else:
         log.debug("%s: %s (%s)", operation, errno.errorcode.get(code, code), exc)
     return pyfuse3.FUSEError(code)

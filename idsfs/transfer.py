@@ -137,6 +137,7 @@ from idsfs.errors import (
     ChecksumMismatchError,
     DataBusyError,
     IDSDataNotOnlineError,
+    IdsfsError,
     IDSInsufficientPrivilegesError,
     IDSInternalError,
     IDSNotFoundError,
@@ -151,6 +152,7 @@ from idsfs.ids import DataSelection, DataStream, IDSClient
 
 __all__ = [
     "ARCHIVED",
+    "FAILED_READ_HOLD",
     "FAILED_RESTORE_HOLD",
     "MAX_STREAMS_PER_FILE",
     "ONLINE",
@@ -177,6 +179,12 @@ RESTORE_FAILED = "RESTORE_FAILED"
 
 #: Seconds a recorded "Restore failed" answers new reads before the file is prepared again.
 FAILED_RESTORE_HOLD = 10.0
+#: Seconds a failed read of an open datafile answers the reads of the same
+#: range that come next, at once, with the same error: the kernel repeats a
+#: failed readahead read for one page, and readers that waited for the same
+#: pages ask again; without this each of them would wait (``restore_wait``,
+#: ``busy_wait``, the read timeout) once more.
+FAILED_READ_HOLD = 2.0
 #: Idle streams kept per datafile version (more are closed, oldest first).
 MAX_STREAMS_PER_FILE = 4
 #: PreparedIds remembered (datafile id -> preparedId), least recently used dropped.
@@ -252,6 +260,19 @@ def tune_malloc(heap_keep: int) -> bool:
     int_max = 2**31 - 1  # mallopt takes an int: a larger value would wrap around
     ok = mallopt(m_mmap_threshold, 32 << 20) == 1
     return bool(mallopt(m_trim_threshold, min(max(heap_keep, 64 << 20), int_max)) == 1 and ok)
+
+
+def _again(error: IdsfsError) -> IdsfsError:
+    """A new exception like ``error`` (same type, message and attributes), caused by it.
+
+    Raising the one stored instance again from several reads would pile their
+    tracebacks onto it. Never raises.
+    """
+    again = type(error).__new__(type(error), *error.args)
+    again.args = error.args
+    again.__dict__.update(error.__dict__)
+    again.__cause__ = error
+    return again
 
 
 def _is_busy(exc: ServerError) -> bool:
@@ -493,7 +514,8 @@ class _Stream:
 class _Open:
     """One version of a datafile that readers have open: its streams."""
 
-    __slots__ = ("checksum", "claims", "fetch", "key", "readers", "remote", "spoiled", "streams")
+    __slots__ = ("checksum", "claims", "failed", "fetch", "key", "readers", "remote", "spoiled",
+                 "streams")
 
     def __init__(self, key: FileKey, remote: _Remote, checksum: str | None) -> None:
         self.key = key
@@ -504,6 +526,8 @@ class _Open:
         self.claims: dict[int, _Claim] = {}  # outstanding claims by offset
         self.fetch: Callable[[int, int], Awaitable[bytearray]] | None = None
         self.spoiled: ChecksumMismatchError | None = None  # fails every later read
+        # the last failed read: when, its range, its error
+        self.failed: tuple[float, int, int, IdsfsError] | None = None
 
 
 class _PumpResult:
@@ -1791,7 +1815,16 @@ class Reader:
         opened = self._opened
         assert opened.fetch is not None
         cache = self._transfer.cache
-        view = await cache.get_range(self.key, offset, size, opened.fetch)
+        if opened.failed is not None:
+            when, start, stop, error = opened.failed
+            if trio.current_time() - when < FAILED_READ_HOLD and offset < stop \
+                    and start < offset + max(size, 1):
+                raise _again(error)
+        try:
+            view = await cache.get_range(self.key, offset, size, opened.fetch)
+        except IdsfsError as exc:
+            opened.failed = (trio.current_time(), offset, offset + max(size, 1), exc)
+            raise
         if self.release_delivered and opened.readers == 1 and len(view):
             self._delivered(offset, offset + len(view))
         return view

@@ -213,6 +213,32 @@ def _os_read(path: Path, size: int = 1 << 20) -> bytes:
         os.close(fd)
 
 
+def test_a_failing_read_waits_restore_wait_once_for_all_its_readers(
+        mount, emulator_process) -> None:
+    # The kernel repeats a failed readahead read for one page, and readers that
+    # waited for the same pages each ask again: without the daemon's hold of a
+    # failed read, one reader waited 2 x --restore-wait and the k-th parallel
+    # reader k x.
+    import concurrent.futures
+
+    emu = emulator_process(storage="dataset", restore_delay=8.0)
+    m = mount(emu, "--restore-wait", "1s")
+    rel = next(rel for rel in demo_files(emu) if rel.is_relative_to(ARCHIVED))
+
+    def timed_failure() -> float:
+        start = time.monotonic()
+        with pytest.raises(OSError) as info:
+            _os_read(m.path / rel)
+        assert info.value.errno == errno.ENODATA
+        return time.monotonic() - start
+
+    assert 1.0 <= timed_failure() < 1.8
+    time.sleep(2.5)  # past the hold: the next readers wait again, once
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        took = list(pool.map(lambda _: timed_failure(), range(4)))
+    assert max(took) < 1.8, took
+
+
 def test_restore_wait_then_enodata(mount, emulator_process) -> None:
     emu = emulator_process(storage="dataset", restore_delay=3.0)
     m = mount(emu, "--restore-wait", "0.3s")

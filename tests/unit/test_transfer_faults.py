@@ -72,7 +72,9 @@ def test_every_stream_dropped_still_completes_with_progress(world: World) -> Non
     assert 5 <= count(world, "ids/getData") <= 7
 
 
-def test_stream_without_progress_fails_with_eio(world: World) -> None:
+def test_stream_without_progress_fails_with_eio(world: World,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(transfer_mod, "FAILED_READ_HOLD", 0.1)
     data = random_bytes(300 * KiB)
     df = world.put("dead.bin", data)
     transfer = make_transfer(world.client(), block_size=BS, resume_retries=3)
@@ -91,6 +93,10 @@ def test_stream_without_progress_fails_with_eio(world: World) -> None:
             # three streams in a row without a byte: the first and two resumes
             assert count(world, "ids/getData") == 3
             world.emu.faults.clear()
+            with pytest.raises(IncompleteDownloadError):  # at once, during the hold
+                await reader.read(2 * BS, 10)
+            assert count(world, "ids/getData") == 3
+            await trio.sleep(0.1)
             # nothing wrong was cached: the next read works
             assert bytes(await reader.read(2 * BS, 10)) == data[2 * BS:2 * BS + 10]
             await reader.close()
@@ -376,6 +382,39 @@ def test_restore_timeout_then_later_read_without_new_restore(emulator_factory) -
     assert transfer.stats().restore_timeouts >= 1
 
 
+def test_a_failed_read_answers_the_same_range_at_once_for_a_while(
+        emulator_factory, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The kernel repeats a failed readahead read for one page, and readers that
+    # waited for the same pages ask again: one wait for them all, not one each.
+    world = make_world(emulator_factory(storage="datafile", restore_delay=3.0))
+    df = world.put("held.bin", random_bytes(4 * BS))
+    world.archive(df)
+    monkeypatch.setattr(transfer_mod, "FAILED_READ_HOLD", 0.6)
+    transfer = make_transfer(world.client(), block_size=BS, restore_wait=0.25)
+
+    async def timed_failure(reader, offset: int, size: int) -> float:
+        start = trio.current_time()
+        with pytest.raises(RestoreTimeoutError) as info:
+            await reader.read(offset, size)
+        assert info.value.errno == errno.ENODATA and info.value.datafile_id == df.id
+        return trio.current_time() - start
+
+    async def body() -> None:
+        async with running_transfer(transfer):
+            first = await transfer.open(df)
+            second = await transfer.open(df)        # another reader of the same file
+            assert await timed_failure(first, 0, 2 * BS) >= 0.25
+            assert await timed_failure(first, 0, 4096) < 0.1     # the kernel's page retry
+            assert await timed_failure(second, BS, 4096) < 0.1   # a reader that waited
+            assert await timed_failure(second, 3 * BS, 10) >= 0.25  # another range waits
+            await trio.sleep(0.6)
+            assert await timed_failure(first, 0, 4096) >= 0.25   # the hold is over
+            await first.close()
+            await second.close()
+
+    run(body)
+
+
 def test_restore_wait_zero_polls_once(two_level: World) -> None:
     world = two_level
     df = world.put("zero.bin", random_bytes(1000))
@@ -404,6 +443,7 @@ def test_restore_failure_is_eio_then_retried_after_the_hold(
     world.archive(df)
     world.emu.storage.fail_next_restores(1)
     monkeypatch.setattr(transfer_mod, "FAILED_RESTORE_HOLD", 0.5)
+    monkeypatch.setattr(transfer_mod, "FAILED_READ_HOLD", 0.2)
     transfer = make_transfer(world.client(), block_size=BS)
 
     async def body() -> None:
