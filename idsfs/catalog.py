@@ -1058,6 +1058,17 @@ class Catalog:
 
     # ------------------------------------------------------------------ cache
 
+    def time_left(self, key: NodeKey) -> float:
+        """Seconds until the cached listing of directory ``key`` expires (0 when none).
+
+        What the kernel may cache an answer from that listing for (a name, or
+        its absence): never longer than the listing itself. Raises nothing.
+        """
+        listing = self._listings.get(key)
+        if listing is None:
+            return 0.0
+        return max(0.0, min(self._ttl, listing.fetched + self._ttl - self._clock()))
+
     def _fresh(self, key: NodeKey) -> Listing | None:
         listing = self._listings.get(key)
         if listing is None or self._clock() - listing.fetched >= self._ttl:

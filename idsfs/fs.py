@@ -524,12 +524,12 @@ class Operations(pyfuse3.Operations):
         attr.st_gid = self._gid
         return attr
 
-    def _negative(self) -> pyfuse3.EntryAttributes:
-        """A lookup miss the kernel may cache for the metadata TTL."""
+    def _negative(self, timeout: float) -> pyfuse3.EntryAttributes:
+        """A lookup miss the kernel may cache for ``timeout`` seconds."""
         attr = pyfuse3.EntryAttributes()
         attr.st_ino = 0
-        attr.entry_timeout = self._ttl
-        attr.attr_timeout = self._ttl
+        attr.entry_timeout = timeout
+        attr.attr_timeout = timeout
         return attr
 
     async def _entry(self, node: Node) -> pyfuse3.EntryAttributes:
@@ -547,8 +547,8 @@ class Operations(pyfuse3.Operations):
     ) -> pyfuse3.EntryAttributes:
         """Look ``name`` up in directory ``parent_inode`` (``.`` and ``..`` included).
 
-        A name that is not there gives a negative entry (cached for the
-        metadata TTL), not an error. Raises ``pyfuse3.FUSEError`` only:
+        A name that is not there gives a negative entry, not an error. The
+        kernel may keep either answer until the parent's listing expires. Raises ``pyfuse3.FUSEError`` only:
         ``ENOENT`` for an unknown inode (or a ``..`` whose directory is gone),
         ``ENOTDIR`` when the parent is not a directory; catalogue errors
         through :data:`ERRNO_TABLE`.
@@ -561,9 +561,16 @@ class Operations(pyfuse3.Operations):
         if name == b"..":
             return await self._entry(await self._parent_node(parent.node))
         node = await self._catalog.lookup(parent.node.key, name)
+        # the kernel keeps the answer no longer than the listing it came from
+        # (else a name added meanwhile stays unseen for up to twice the TTL)
+        left = self._catalog.time_left(parent.node.key)
         if node is None:
-            return self._negative()
-        return await self._entry(node)
+            return self._negative(left)
+        attr = await self._entry(node)
+        if attr.entry_timeout > left:
+            attr.entry_timeout = left
+            attr.attr_timeout = min(attr.attr_timeout, left)
+        return attr
 
     async def _parent_node(self, node: Node) -> Node:
         key = node.parent
