@@ -548,7 +548,8 @@ class Operations(pyfuse3.Operations):
         """Look ``name`` up in directory ``parent_inode`` (``.`` and ``..`` included).
 
         A name that is not there gives a negative entry, not an error. The
-        kernel may keep either answer until the parent's listing expires. Raises ``pyfuse3.FUSEError`` only:
+        kernel may keep either answer until the parent's listing expires.
+        Raises ``pyfuse3.FUSEError`` only:
         ``ENOENT`` for an unknown inode (or a ``..`` whose directory is gone),
         ``ENOTDIR`` when the parent is not a directory; catalogue errors
         through :data:`ERRNO_TABLE`.
