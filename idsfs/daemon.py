@@ -879,6 +879,10 @@ class Daemon:
         """``pyfuse3.init``: the kernel mount exists afterwards. Raises StartupError."""
         import pyfuse3
 
+        with contextlib.suppress(OSError), os.scandir(self.config.mountpoint) as entries:
+            if next(entries, None) is not None:
+                log.warning("the mount point %s is not empty: what it holds is hidden while "
+                            "the archive is mounted on it", self.config.mountpoint)
         try:
             pyfuse3.init(self.operations, str(self.config.mountpoint), self.fuse_options())
         except RuntimeError as exc:

@@ -421,6 +421,20 @@ def test_session_file_mount_keeps_the_session(mount, emulator_process, tmp_path:
     assert sid not in m.log_text()
 
 
+def test_a_non_empty_mount_point_is_mounted_with_a_warning(mount, tmp_path: Path) -> None:
+    # fuse3 mounts over a non-empty directory (hiding it); the log says so
+    mp = tmp_path / "busy"
+    mp.mkdir()
+    (mp / "hidden.txt").write_text("underneath\n")
+    m = mount(None, mountpoint=mp)
+    assert "DEMO" in os.listdir(mp)
+    assert f"the mount point {mp} is not empty" in m.log_text()
+    assert m.unmount().returncode == 0
+    assert (mp / "hidden.txt").read_text() == "underneath\n"
+    quiet = mount(None)
+    assert "is not empty" not in quiet.log_text()
+
+
 def test_an_expired_adopted_session_is_said_at_once(mount, emulator_process,
                                                     tmp_path: Path) -> None:
     # No credentials to log in again: EACCES, one warning in the log when ICAT
