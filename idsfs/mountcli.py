@@ -348,7 +348,9 @@ def unmount(mountpoint: str | Path, *, lazy: bool = False, timeout: float = 5.0,
                 message = f"detached {path} (it goes away when no longer used)"
             return status, message
     state = None if hung else probe_mount(path, timeout=timeout)
-    if state == 0:
+    if state in (0, errno.EACCES, errno.EPERM):
+        # EACCES: a live mount of another user (FUSE lets only its owner in
+        # without allow_other): unmounted as such, never detached as stale
         done = _fusermount(entry.mountpoint, lazy)
         if done.returncode != 0 and find_mount(path) is None:
             return 0, ""  # unmounted meanwhile (e.g. by the daemon, asked above)
@@ -356,6 +358,9 @@ def unmount(mountpoint: str | Path, *, lazy: bool = False, timeout: float = 5.0,
             text = (done.stderr or done.stdout).strip()
             if "busy" in text.lower():
                 return 1, _busy_message(path)
+            if state != 0:
+                return 1, (f"{path} is mounted by another user ({os.strerror(state)}): only "
+                           f"they or root can unmount it")
             return 1, f"unmounting {path} failed: {text or 'status ' + str(done.returncode)}"
         return 0, f"detached {path} (it goes away when no longer used)" if lazy else ""
     reason = ("its daemon is gone (Transport endpoint is not connected)"

@@ -246,6 +246,32 @@ def test_umount_busy_answer(serve) -> None:
     assert status == 1 and "is busy" in message and "idsfs umount --lazy /mnt/ids" in message
 
 
+def test_umount_of_another_users_live_mount_is_not_taken_for_stale(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Without allow_other FUSE lets only the mounting user in: the probe of a
+    # healthy mount answers EACCES to everyone else. Their umount must say
+    # whose it is, not detach it lazily as "stale" (root's plain unmount works).
+    import errno
+
+    from idsfs import daemon
+
+    entry = daemon.MountEntry("/mnt/theirs", "fuse.idsfs", "https://icat", "user_id=1000")
+    monkeypatch.setattr(daemon, "find_mount", lambda path: entry)
+    monkeypatch.setattr(daemon, "probe_mount", lambda path, timeout: errno.EACCES)
+    monkeypatch.setattr(mountcli, "_control_socket", lambda entry: None)
+    calls: list[bool] = []
+
+    def refused(mountpoint: str, lazy: bool) -> subprocess.CompletedProcess[str]:
+        calls.append(lazy)
+        return subprocess.CompletedProcess([], 1, "", "fusermount3: entry not found in /etc/mtab")
+
+    monkeypatch.setattr(mountcli, "_fusermount", refused)
+    status, message = mountcli.unmount("/mnt/theirs")
+    assert (status, calls) == (1, [False])  # a plain unmount was tried, no lazy detach
+    assert message == ("/mnt/theirs is mounted by another user (Permission denied): only they "
+                       "or root can unmount it")
+
+
 # ------------------------------------------------------------------ status text
 
 
