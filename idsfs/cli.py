@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         module.add_arguments(p)
-        p.set_defaults(_run=module.run)
+        p.set_defaults(_run=module.run, _parser=p)
     return parser
 
 
@@ -72,7 +72,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         from idsfs.mountcli import mount_helper as helper
 
         return helper(args_list, prog="idsfs")
-    args = build_parser().parse_args(args_list)
+    args, extra = build_parser().parse_known_args(args_list)
+    if extra:  # said by the sub-command's parser: its usage, not the top level's
+        args._parser.error(f"unrecognized arguments: {' '.join(extra)}")
     return int(args._run(args) or 0)
 
 

@@ -152,3 +152,12 @@ def test_unusable_icat_url_from_the_ids_is_a_clear_error(canned, tmp_path) -> No
     assert "Traceback" not in r.stderr
     assert "ftp://icat.example.org/icat" in r.stderr and "--icat" in r.stderr
     assert not (tmp_path / "a").exists()
+
+
+def test_an_unknown_option_gets_the_sub_commands_usage() -> None:
+    for command in ("mount", "get", "emulator"):
+        r = idsfs(command, "--bogus")
+        assert r.returncode == 2
+        assert r.stderr.startswith(f"usage: idsfs {command} ")
+        assert r.stderr.rstrip().endswith(
+            f"idsfs {command}: error: unrecognized arguments: --bogus")
