@@ -129,7 +129,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.description = _DEMO_DESCRIPTION
         parser.add_argument("dir", metavar="DIR", nargs="?", default=DEFAULT_DEMO_DIR,
                             help=f"where to mount (default: ./{DEFAULT_DEMO_DIR}; created if "
-                                 f"missing)")
+                                 f"missing, and removed again at the end)")
         parser.add_argument("--storage", choices=("single", "dataset", "datafile"),
                             default="single",
                             help="emulated storage: single-level, or two-level with "
@@ -884,14 +884,14 @@ def _run_demo(args: argparse.Namespace) -> int:
         print(f"idsfs demo: --large-size: {exc}", file=sys.stderr)
         return 2
     mountpoint = Path(args.dir).absolute()
-    created = False
-    if not mountpoint.exists():
+    # the directories made here (DIR and missing parents), removed again at the end
+    created = [p for p in (mountpoint, *mountpoint.parents) if not p.exists()]
+    if created:
         try:
             mountpoint.mkdir(parents=True)
         except OSError as exc:
             print(f"idsfs demo: cannot create {mountpoint}: {exc.strerror}", file=sys.stderr)
             return 1
-        created = True
     workdir = Path(tempfile.mkdtemp(prefix="idsfs-demo-"))
     emulator: DemoEmulator | None = None
     status = 1
@@ -939,9 +939,11 @@ def _run_demo(args: argparse.Namespace) -> int:
         if emulator is not None:
             emulator.stop()
         shutil.rmtree(workdir, ignore_errors=True)
-        if created:
-            with contextlib.suppress(OSError):
-                mountpoint.rmdir()
+        for made in created:  # innermost first; one that is not empty stays
+            try:
+                made.rmdir()
+            except OSError:
+                break
 
 
 # ----------------------------------------------------------------------------- dispatch

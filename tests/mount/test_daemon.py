@@ -485,7 +485,7 @@ def test_secrets_never_in_argv_or_logs(mount, emulator_process, tmp_path: Path) 
 
 
 def test_demo_starts_shows_data_and_stops_on_ctrl_c(tmp_path: Path) -> None:
-    demo_dir = tmp_path / "ids-demo"
+    demo_dir = tmp_path / "new" / "ids-demo"  # the demo makes the missing parent too
     env = {k: v for k, v in os.environ.items() if not k.startswith("IDSFS_")}
     spools = Path("/var/cache/idsfs/spool")  # root's default spool base
 
@@ -526,7 +526,7 @@ def test_demo_starts_shows_data_and_stops_on_ctrl_c(tmp_path: Path) -> None:
             subprocess.run(["fusermount3", "-u", "-z", str(demo_dir)], check=False,
                            capture_output=True)
     assert not is_mounted(demo_dir)
-    assert not demo_dir.exists()  # it created the directory, so it removed it
+    assert not (tmp_path / "new").exists()  # it created the directories, so it removed them
     assert demo_spools() == spools_before  # its spool lived and died in its workdir
     with pytest.raises(requests.ConnectionError):
         requests.get(icat_url + "/version", timeout=5)
