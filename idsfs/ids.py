@@ -291,6 +291,25 @@ def _entity_id(obj: Any) -> int:
 # getData stream
 
 
+def _check_range(stream: DataStream, offset: int) -> None:
+    """Raise IDSResponseError (closing ``stream``) unless its body starts at ``offset``.
+
+    The IDS answers a ``Range: bytes=N-`` request with 206 (a zip, or an offset
+    past the end, with an empty 206); a 200 is the whole body from byte 0.
+    """
+    problem = None
+    if stream.status != 206:
+        problem = f"answered {stream.status}, not 206 (the body would start at byte 0)"
+    else:
+        content_range = stream.headers.get("Content-Range") or ""
+        match = re.match(r"\s*bytes\s+(\d+)-", content_range)
+        if match is not None and int(match.group(1)) != offset:
+            problem = f"sent bytes from {match.group(1)} ({content_range!r})"
+    if problem is not None:
+        stream.close()
+        raise IDSResponseError(f"getData from offset {offset}: the server {problem}")
+
+
 class DataStream(io.RawIOBase):
     """The body of a ``getData`` answer, read as it arrives.
 
@@ -1339,7 +1358,10 @@ class IDSClient:
 
         Raises ``ValueError`` for a negative offset, ``RuntimeError`` for a DataSelection
         without a sessionId, ``TypeError`` for a selection of another type,
-        :class:`~idsfs.errors.IDSDataNotOnlineError` for archived data, and the errors of every
+        :class:`~idsfs.errors.IDSDataNotOnlineError` for archived data,
+        :class:`~idsfs.errors.IDSResponseError` when an answer to an offset does
+        not start there (a 200 with the whole body, e.g. from a proxy that drops
+        ``Range``, or a ``Content-Range`` elsewhere), and the errors of every
         call.
         """
         if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
@@ -1352,7 +1374,10 @@ class IDSClient:
         response = self._call(
             "GET", "getData", params, idempotent=True, stream=True, headers=headers
         )
-        return DataStream(response, offset, self._transport.display_url(url, params))
+        stream = DataStream(response, offset, self._transport.display_url(url, params))
+        if offset > 0:
+            _check_range(stream, offset)
+        return stream
 
     def getDataUrl(
         self,

@@ -156,6 +156,26 @@ def test_truncated_content_length(canned) -> None:
     assert stream.closed or stream.read(1) == b""
 
 
+def test_an_offset_answered_from_byte_0_is_an_error_not_wrong_bytes(canned) -> None:
+    # A proxy that drops Range answers 200 with the whole body: reading it as the
+    # bytes from the offset would return wrong data without a word.
+    ids = client(canned)
+    selection = DataSelection({"datafileIds": [1]})
+    canned.answer("/ids/getData", 200, b"0123456789")
+    with pytest.raises(IDSResponseError, match=r"getData from offset 4: the server answered "
+                                               r"200, not 206"):
+        ids.getData(selection, offset=4)
+    canned.answer("/ids/getData", 206, b"23456789", {"Content-Range": "bytes 2-9/10"})
+    with pytest.raises(IDSResponseError, match=r"offset 4: the server sent bytes from 2"):
+        ids.getData(selection, offset=4)
+    canned.answer("/ids/getData", 206, b"456789")  # as the IDS answers: 206, no Content-Range
+    with ids.getData(selection, offset=4) as stream:
+        assert stream.read() == b"456789"
+    canned.answer("/ids/getData", 200, b"0123456789")
+    with ids.getData(selection) as stream:  # offset 0: 200
+        assert stream.read() == b"0123456789"
+
+
 def test_session_id_never_logged_or_shown(canned, caplog) -> None:
     caplog.set_level(logging.DEBUG)
     body = json.dumps({"code": "InsufficientPrivilegesException",
