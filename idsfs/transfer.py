@@ -1455,11 +1455,24 @@ class Transfer:
             RestoreTimeoutError: not online by ``deadline``.
             RestoreFailedError: the IDS reports the restore failed.
         """
+        rounds = 0
         while True:
             now = trio.current_time()
             if remote.failure is not None and now - remote.failed_at < FAILED_RESTORE_HOLD:
                 raise remote.failure.with_traceback(None)  # shared: keep it from growing
             pid = remote.prepared_id
+            if pid is None and rounds:
+                # the IDS forgot the preparedId this read waited for (404): prepare
+                # again, but not in a tight loop, and not past the deadline
+                if now >= deadline:
+                    self._restore_timeouts += 1
+                    raise RestoreTimeoutError(
+                        f"datafile {remote.id} was not online within {self.restore_wait:g} s "
+                        f"(the IDS forgot its preparedId, {rounds} times)", remote.id,
+                        self.restore_wait)
+                await trio.sleep(min(remote.poll_delay, deadline - now))
+                pid = remote.prepared_id  # another read may have prepared it meanwhile
+            rounds += 1
             if pid is None:
                 async with remote.prep_lock:
                     pid = remote.prepared_id

@@ -415,6 +415,31 @@ def test_a_failed_read_answers_the_same_range_at_once_for_a_while(
     run(body)
 
 
+def test_an_ids_that_forgets_every_prepared_id_does_not_spin_past_restore_wait(
+        two_level: World) -> None:
+    # isPrepared answering 404 each time (e.g. IDS nodes behind a load balancer
+    # without sticky sessions): prepared again and again, paced, until the deadline.
+    world = two_level
+    df = world.put("forgotten.bin", random_bytes(1000))
+    world.archive(df)
+    world.emu.faults.error(404, "ids/isPrepared")
+    transfer = make_transfer(world.client(), restore_wait=0.5, poll_interval=0.1,
+                             max_poll_interval=0.1)
+
+    async def body() -> None:
+        async with running_transfer(transfer):
+            world.emu.counters.reset()
+            reader = await transfer.open(df)
+            start = trio.current_time()
+            with pytest.raises(RestoreTimeoutError, match="forgot its preparedId"):
+                await reader.read(0, 10)
+            assert 0.5 <= trio.current_time() - start < 2.0
+            await reader.close()
+
+    run(body)
+    assert 3 <= count(world, "ids/prepareData") <= 8  # about one per poll interval
+
+
 def test_restore_wait_zero_polls_once(two_level: World) -> None:
     world = two_level
     df = world.put("zero.bin", random_bytes(1000))
