@@ -90,6 +90,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 import pyfuse3
+import trio
 
 from idsfs import errors, naming
 from idsfs.blockcache import DEFAULT_BLOCK_SIZE, BlockLengthError
@@ -1453,6 +1454,9 @@ class Operations(pyfuse3.Operations):
                 raise pyfuse3.FUSEError(errno.EISDIR)
             if not self._replace:
                 raise pyfuse3.FUSEError(errno.EACCES)
+            if node.local is None and target.local is None:
+                await self._rename_over(uploader, node, target, new_name)
+                return
             await self._remove_file(uploader, target)
         up: Upload | None = node.local
         if up is not None:
@@ -1461,6 +1465,37 @@ class Operations(pyfuse3.Operations):
         assert node.datafile is not None
         await self._catalog.rename_datafile(node.datafile, new_name)
         log.info("renamed datafile %d to %r", node.datafile.id, new_name)
+
+    async def _rename_over(self, uploader: Uploader, node: Node, target: Node,
+                           new_name: str) -> None:
+        """``mv stored other`` with the replace option: the old datafile goes last.
+
+        The target is first renamed aside (``.idsfs-replaced-<hex>`` in its
+        directory), then the source takes the name, then the target is deleted;
+        if the source cannot be renamed, the target gets its name back. A
+        target that cannot be deleted stays under the aside name (logged).
+        Raises the ICAT errors of the renames.
+        """
+        source, old = node.datafile, target.datafile
+        assert source is not None and old is not None
+        folder, _, _ = new_name.rpartition("/")
+        aside = f"{folder + '/' if folder else ''}.idsfs-replaced-{os.urandom(8).hex()}"
+        await self._catalog.rename_datafile(old, aside)
+        try:
+            await self._catalog.rename_datafile(source, new_name)
+        except BaseException:
+            with trio.CancelScope(shield=True), contextlib.suppress(errors.IdsfsError):
+                await self._catalog.rename_datafile(old, old.name)
+            raise
+        try:
+            await uploader.delete(old.id)
+        except errors.IdsfsError as exc:
+            log.warning("replaced datafile %d stays as %r: deleting it failed (%s)", old.id,
+                        aside, exc)
+            return
+        self._catalog.remove_datafile(old.dataset_id, old.id, keep_dirs=True)
+        log.info("renamed datafile %d to %r over datafile %d (deleted)", source.id, new_name,
+                 old.id)
 
     async def _remove_file(self, uploader: Uploader, node: Node) -> None:
         """Delete the file ``node`` (the replaced target of a rename)."""

@@ -250,6 +250,46 @@ def test_rename_with_replace_replaces_the_target(fresh_emu, wtree) -> None:
     t.run(body)
 
 
+def test_rename_over_a_datafile_keeps_it_until_the_source_has_the_name(
+        fresh_emu, wtree) -> None:
+    # mv new old (--replace): the old datafile is deleted only once the new one
+    # has its name; when that rename fails, the old one keeps its name and bytes.
+    t = wtree(fresh_emu, replace=True)
+
+    async def body(t: WriteTree) -> None:
+        ds = await dataset_id(t)
+        ds_ino = await t.ino(DS)
+        assert await t.write_file(f"{DS}/target", b"old") == 0
+        assert await t.write_file(f"{DS}/.target.tmp", b"new") == 0
+        (old,) = datafiles_named(fresh_emu, ds, "target")
+        rename = t.catalog.rename_datafile
+        calls: list[str] = []
+
+        async def failing_second(record, new_name):
+            calls.append(new_name)
+            if len(calls) == 2:  # the source's rename onto the name
+                from idsfs.errors import ICATValidationError
+                raise ICATValidationError("refused by the test")
+            return await rename(record, new_name)
+
+        with pytest.MonkeyPatch.context() as mp, pytest.raises(pyfuse3.FUSEError) as info:
+            mp.setattr(t.catalog, "rename_datafile", failing_second)
+            await t.ops.rename(ds_ino, b".target.tmp", ds_ino, b"target", 0, t.ctx)
+        assert info.value.errno == errno.EINVAL
+        assert calls[0].startswith(".idsfs-replaced-") and calls[1:] == ["target", "target"]
+        (row,) = datafiles_named(fresh_emu, ds, "target")  # back under its name, untouched
+        assert row[0] == old[0] and stored_bytes(fresh_emu, row[0]) == b"old"
+        assert datafiles_named(fresh_emu, ds, ".target.tmp")
+        await t.ops.rename(ds_ino, b".target.tmp", ds_ino, b"target", 0, t.ctx)
+        (row,) = datafiles_named(fresh_emu, ds, "target")
+        assert stored_bytes(fresh_emu, row[0]) == b"new"
+        assert icat(fresh_emu, f"SELECT df.id FROM Datafile df WHERE df.id = {old[0]}") == []
+        assert sorted(await t.names(DS)).count("target") == 1
+        assert not any(n.startswith(".idsfs-replaced-") for n in await t.names(DS))
+
+    t.run(body)
+
+
 def test_rsync_pattern_rename_of_a_just_closed_file(fresh_emu, wtree) -> None:
     """rsync: write a temporary name, close, rename (maybe before the release arrives)."""
     t = wtree(fresh_emu)
