@@ -449,6 +449,8 @@ class Catalog:
         self._listings: dict[NodeKey, Listing] = {}
         self._parents: dict[NodeKey, NodeKey] = {}
         self._flights: dict[NodeKey, _Flight] = {}
+        # changes made here to the listings of a unit (see _base_listing)
+        self._changes: dict[NodeKey, int] = {}
         self._usage: dict[NodeKey, tuple[int, int, int]] = {}
         self._totals = [0, 0, 0]
         self._next_prune = clock() + self._ttl
@@ -535,9 +537,14 @@ class Catalog:
             await other.done.wait()
         flight = _Flight()
         self._flights[unit] = flight
+        changes = self._changes.get(unit, 0)
         try:
             await self._fetch(unit)
             flight.ok = True
+            if self._changes.get(unit, 0) != changes:
+                # changed here while ICAT answered (a file stored or deleted): the
+                # answer may predate the change, so it serves this request only
+                self._expire(unit)
         except Exception as exc:
             flight.error = exc
             raise
@@ -687,17 +694,31 @@ class Catalog:
         Raises nothing.
         """
         for key in keys:
-            unit = self._unit(key)
-            if unit.kind is Kind.DATASET:
-                doomed = [k for k in self._listings
-                          if k.id == unit.id and k.kind in (Kind.DATASET, Kind.FOLDER)]
-            elif unit.kind is Kind.FACILITY:
-                doomed = [k for k in self._listings
-                          if k == unit or (k.kind is Kind.NAME and k.id == unit.id)]
-            else:
-                doomed = [unit]
-            for k in doomed:
+            self._touch(key)
+            for k in self._listings_of(self._unit(key)):
                 self._listings.pop(k, None)
+
+    def _listings_of(self, unit: NodeKey) -> list[NodeKey]:
+        """The keys of the cached listings that the fetch of ``unit`` makes."""
+        if unit.kind is Kind.DATASET:
+            return [k for k in self._listings
+                    if k.id == unit.id and k.kind in (Kind.DATASET, Kind.FOLDER)]
+        if unit.kind is Kind.FACILITY:
+            return [k for k in self._listings
+                    if k == unit or (k.kind is Kind.NAME and k.id == unit.id)]
+        return [unit]
+
+    def _touch(self, key: NodeKey) -> None:
+        """Count a change made here to the listings of ``key``'s unit."""
+        unit = self._unit(key)
+        self._changes[unit] = self._changes.get(unit, 0) + 1
+
+    def _expire(self, unit: NodeKey) -> None:
+        """Keep the listings of ``unit`` for their current users, but fetch them again next."""
+        for k in self._listings_of(unit):
+            listing = self._listings.get(k)
+            if listing is not None:
+                listing.fetched = float("-inf")
 
     def invalidate_all(self) -> None:
         """Forget every cached listing. Raises nothing."""
@@ -827,6 +848,7 @@ class Catalog:
         """
         dataset_id = record.dataset_id
         top_key = NodeKey(Kind.DATASET, dataset_id)
+        self._touch(top_key)  # also when nothing is cached: a fetch may be under way
         listing = self._listings.get(top_key)
         if listing is None:
             return None
@@ -879,6 +901,7 @@ class Catalog:
         removed node (None when it was not cached). Raises nothing (no ICAT call).
         """
         key = NodeKey(Kind.DATAFILE, datafile_id)
+        self._touch(NodeKey(Kind.DATASET, dataset_id))
         for listing_key, listing in list(self._listings.items()):
             if listing_key.id != dataset_id or listing_key.kind not in (Kind.DATASET,
                                                                         Kind.FOLDER):

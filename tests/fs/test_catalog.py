@@ -8,6 +8,7 @@ misbehaving server use a tiny ICAT stand-in instead (see there why).
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -212,3 +213,59 @@ def test_pages_whose_ids_grow_are_all_read() -> None:
 
     run(icat, body, page_size=3)
     assert [q.split(" f.id > ")[1].split()[0] for q in icat.queries] == ["0", "3", "9"]
+
+
+# ------------------------------------------------------------------ changes during a fetch
+
+
+class GatedICAT:
+    """The real ICAT client, whose searches can be held after ICAT answered them."""
+
+    def __init__(self, icat: ICATClient) -> None:
+        self._icat = icat
+        self.gate = False
+        self.answered = threading.Event()
+        self.release = threading.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._icat, name)
+
+    def search(self, query: str) -> list[Any]:
+        rows = self._icat.search(query)
+        if self.gate:
+            self.answered.set()
+            self.release.wait(30)
+        return rows
+
+
+def test_a_change_made_while_a_listing_is_fetched_is_not_undone(site: Site) -> None:
+    # ICAT answers a listing, then a file is deleted here before that answer is
+    # stored: the stored answer must not bring the file back for a whole TTL.
+    gated = GatedICAT(site.icat)
+    key = NodeKey(Kind.DATASET, site.datasets[0])
+
+    async def body(catalog: Catalog, clock: FakeClock) -> None:
+        listing = await catalog.listing(key)
+        assert listing is not None
+        top = listing.get("top.dat")
+        assert top is not None
+        clock.advance(TTL + 1)  # the next listing is fetched
+        gated.gate = True
+        seen: list[Any] = []
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(lambda: _collect(catalog, key, seen))
+            await trio.to_thread.run_sync(gated.answered.wait)
+            site.icat.delete({"Datafile": {"id": top.key.id}})  # as unlink does
+            catalog.remove_datafile(site.datasets[0], top.key.id)
+            gated.gate = False
+            gated.release.set()
+        assert seen  # that request got ICAT's answer (from before the delete)
+        again = await catalog.listing(key)
+        assert again is not None and again.get("top.dat") is None
+        assert again.get("sub") is not None
+
+    run(gated, body, metadata_ttl=TTL)
+
+
+async def _collect(catalog: Catalog, key: NodeKey, into: list[Any]) -> None:
+    into.append(await catalog.listing(key))
