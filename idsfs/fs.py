@@ -405,6 +405,7 @@ class Operations(pyfuse3.Operations):
         self._next_fh = itertools.count(1)
         # replacing uploads whose old bytes are fetched at their first change
         self._copy_from: dict[str, DatafileRecord] = {}
+        self._copying: dict[str, trio.Event] = {}  # uploads whose old bytes are being copied
         # replacing uploads opened with O_TRUNC (to be stored even if never written)
         self._truncated: set[str] = set()
         if uploader is not None:
@@ -912,15 +913,28 @@ class Operations(pyfuse3.Operations):
 
     async def _before_change(self, up: Upload, new_size: int | None = None) -> None:
         """Before the first change of a replacing upload: fetch the old bytes (unless the
-        change is a truncation to 0)."""
-        record = self._copy_from.pop(up.uid, None)
-        if record is None or new_size == 0:
+        change is a truncation to 0).
+
+        Every read, write and truncation of the file waits here while the old
+        bytes are being copied (one copy, by the first of them): a write let
+        through meanwhile would be overwritten by old bytes. Raises what
+        :meth:`_copy_down` raises (the next change tries again).
+        """
+        while (running := self._copying.get(up.uid)) is not None:
+            await running.wait()
+        record = self._copy_from.get(up.uid)
+        if record is None:
             return
+        if new_size == 0:
+            del self._copy_from[up.uid]
+            return
+        done = self._copying[up.uid] = trio.Event()
         try:
             await self._copy_down(record, up)
-        except BaseException:
-            self._copy_from[up.uid] = record
-            raise
+            del self._copy_from[up.uid]
+        finally:
+            del self._copying[up.uid]
+            done.set()
 
     async def _copy_down(self, record: DatafileRecord, up: Upload) -> None:
         """Fill a replacing upload's spool with the datafile's bytes (open without O_TRUNC)."""

@@ -318,6 +318,42 @@ def test_replace_option_stores_new_then_deletes_old(fresh_emu, wtree) -> None:
     t.run(body)
 
 
+def test_writes_during_the_copy_of_the_old_bytes_are_kept(fresh_emu, wtree) -> None:
+    # Open without O_TRUNC (--replace): the first change copies the old bytes into
+    # the spool. A write that comes meanwhile (another handle, another thread)
+    # waits for that copy instead of being overwritten by it.
+    t = wtree(fresh_emu, replace=True)
+    old = bytes(range(256)) * 4096  # 1 MiB
+
+    async def body(t: WriteTree) -> None:
+        ds = await dataset_id(t)
+        assert await t.write_file(f"{DS}/big.bin", old) == 0
+        fresh_emu.faults.latency(0.3, "ids/getData")  # a slow copy
+        first = await t.open(f"{DS}/big.bin", os.O_WRONLY)
+        second = await t.open(f"{DS}/big.bin", os.O_RDWR)
+        sizes: list[int] = []
+
+        async def late_write() -> None:
+            await trio.sleep(0.1)  # the copy has begun
+            assert await t.ops.write(second, 700_000, b"SECOND") == 6
+            sizes.append((await t.ops.getattr(await t.ino(f"{DS}/big.bin"), t.ctx)).st_size)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(late_write)
+            assert await t.ops.write(first, 10, b"FIRST") == 5
+        assert sizes == [len(old)]
+        assert bytes(await t.ops.read(second, 700_000, 6)) == b"SECOND"
+        assert await t.close(second) == 0
+        assert await t.close(first) == 0
+        expected = bytearray(old)
+        expected[10:15] = b"FIRST"
+        expected[700_000:700_006] = b"SECOND"
+        (row,) = datafiles_named(fresh_emu, ds, "big.bin")
+        assert stored_bytes(fresh_emu, row[0]) == bytes(expected)
+
+    t.run(body)
+
+
 def test_replace_keeps_the_old_datafile_when_the_upload_fails(fresh_emu, wtree) -> None:
     t = wtree(fresh_emu, replace=True)
 
