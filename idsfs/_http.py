@@ -359,9 +359,9 @@ class Transport:
                         "%s %s failed after %.3f s (%s); retry %d/%d in %.2f s",
                         method, shown, elapsed, err, attempt, attempts - 1, delay,
                     )
-                    time.sleep(delay)
-                    delay = min(delay * 2, MAX_BACKOFF)
-                    continue
+                    if not self._closed.wait(delay):  # close() ends the wait
+                        delay = min(delay * 2, MAX_BACKOFF)
+                        continue
                 self.log.info("%s %s failed after %.3f s: %s", method, shown, elapsed, err)
                 raise err from exc
 
@@ -377,9 +377,9 @@ class Transport:
                         if attempt < attempts and not self._closed.is_set():
                             self.log.info("%s %s: body lost (%s); retry %d/%d in %.2f s",
                                           method, shown, err, attempt, attempts - 1, delay)
-                            time.sleep(delay)
-                            delay = min(delay * 2, MAX_BACKOFF)
-                            continue
+                            if not self._closed.wait(delay):
+                                delay = min(delay * 2, MAX_BACKOFF)
+                                continue
                         raise err from exc
                 self.log.debug(
                     "%s %s -> %d (%.3f s)", method, shown, status, time.monotonic() - start
@@ -400,9 +400,9 @@ class Transport:
                     "%s %s -> %d %s; retry %d/%d in %.2f s",
                     method, shown, status, error.message, attempt, attempts - 1, wait,
                 )
-                time.sleep(wait)
-                delay = min(delay * 2, MAX_BACKOFF)
-                continue
+                if not self._closed.wait(wait):
+                    delay = min(delay * 2, MAX_BACKOFF)
+                    continue
             self.log.debug("%s %s -> %d %s", method, shown, status, error.message)
             raise error
         raise AssertionError("unreachable")  # pragma: no cover

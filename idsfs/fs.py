@@ -1345,17 +1345,16 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EISDIR)
         up: Upload | None = node.local
         if up is not None:
-            await uploader.discard(up)
-            # read after discard: an upload in flight (a file closed unwritten is
-            # stored in the background) may have stored it meanwhile, and shown it
-            stored = up.datafile_id
+            # (what discard deleted is known only after it: an upload in flight,
+            # e.g. a file closed unwritten stored in the background, may have
+            # stored and shown it meanwhile)
+            deleted = await uploader.discard(up)
             self._catalog.remove_local(node.key)
-            if stored is not None:
-                self._catalog.remove_datafile(up.dataset_id, stored)
-            if stored is None:
-                log.info("deleted %s (not stored)", up.display)
-            else:
-                log.info("deleted %s and its datafile %d", up.display, stored)
+            for did in deleted:
+                self._catalog.remove_datafile(up.dataset_id, did)
+            log.info("deleted %s (%s)", up.display,
+                     f"datafiles {', '.join(map(str, deleted))} too" if deleted
+                     else "not stored")
             return
         record = node.datafile
         if record is None:
@@ -1515,11 +1514,10 @@ class Operations(pyfuse3.Operations):
         """Delete the file ``node`` (the replaced target of a rename)."""
         up: Upload | None = node.local
         if up is not None:
-            await uploader.discard(up)
-            stored = up.datafile_id  # after discard: see unlink
+            deleted = await uploader.discard(up)  # see unlink
             self._catalog.remove_local(node.key)
-            if stored is not None:
-                self._catalog.remove_datafile(up.dataset_id, stored, keep_dirs=False)
+            for did in deleted:
+                self._catalog.remove_datafile(up.dataset_id, did, keep_dirs=False)
             return
         assert node.datafile is not None
         await uploader.delete(node.datafile.id)

@@ -1448,7 +1448,9 @@ class Uploader:
         want = max(0, min(size, up.size - offset))
         async with self._spool_fd(up) as fd:
             try:
-                return await self._bridge.run(os.pread, fd, want, offset, name="spool read")
+                # not abandoned on cancel: the fd may be closed once we leave
+                return await self._bridge.run(os.pread, fd, want, offset, name="spool read",
+                                              abandon_on_cancel=False)
             except OSError as exc:
                 raise SpoolError(f"cannot read the spool file of {up.display}: "
                                  f"{exc.strerror or exc}", exc.errno) from exc
@@ -1639,7 +1641,7 @@ class Uploader:
                 if fail.state == CONFLICT:
                     await self._set(up, CONFLICT, fail.reason)
                     return
-                raise UploadFailedError(fail.reason, up.state, fail.reason) from None
+                raise UploadFailedError(fail.reason, up.state, fail.reason) from fail.__cause__
             up.maybe_landed = False
             if found is None:
                 await self.try_save(up)
@@ -2030,12 +2032,15 @@ class Uploader:
 
         return remove()
 
-    async def discard(self, up: Upload) -> None:
+    async def discard(self, up: Upload) -> list[int]:
         """``unlink`` of a file not yet (or just) stored: drop the spool.
 
         A datafile it already produced (stored, or maybe stored by an attempt
-        whose outcome is unknown) is deleted through IDS too. Raises the IDS
-        or ICAT error when that fails (the upload is then kept).
+        whose outcome is unknown) is deleted through IDS too, and so is the
+        datafile a replacing upload was to replace (the file is deleted, not
+        put back as it was). Returns the ids of the datafiles deleted (or found
+        gone). Raises the IDS or ICAT error when a deletion fails (the upload
+        is then kept).
         """
         self._abort_live(up, "deleted")
         async with up.lock:
@@ -2044,16 +2049,20 @@ class Uploader:
                     found = await self._resolve(up, up.temp_name or up.name)
                 except _Fail as fail:
                     if fail.state != CONFLICT:
-                        raise UploadFailedError(fail.reason, up.state, fail.reason) from None
+                        raise UploadFailedError(fail.reason, up.state,
+                                                fail.reason) from fail.__cause__
                     found = None
                 up.datafile_id = found
-            for did in [*up.cleanup_ids, *([up.datafile_id] if up.datafile_id else [])]:
+            doomed = [*up.cleanup_ids, *([up.datafile_id] if up.datafile_id else []),
+                      *([up.replace_id] if up.replace_id is not None else [])]
+            for did in doomed:
                 with contextlib.suppress(IDSNotFoundError):
                     await self._delete_datafile(did)
             up.cancelled = True
             if up.handles <= 0 and not up.removed:
                 await self.forget(up)
             # else: the open handles keep the spool until the last one is closed
+            return doomed
 
     # ------------------------------------------------------------------ background
 

@@ -376,6 +376,30 @@ def test_replace_keeps_the_old_datafile_when_the_upload_fails(fresh_emu, wtree) 
     t.run(body)
 
 
+def test_rm_of_a_file_whose_replacement_is_pending_deletes_the_file(fresh_emu, wtree) -> None:
+    # rm removes the name: the new bytes waiting for their upload and the old
+    # datafile they were to replace both go (the old one does not come back).
+    t = wtree(fresh_emu, replace=True)
+
+    async def body(t: WriteTree) -> None:
+        ds = await dataset_id(t)
+        assert await t.write_file(f"{DS}/gone.txt", b"old content") == 0
+        (old,) = datafiles_named(fresh_emu, ds, "gone.txt")
+        t.uploader.retry_delay = 100.0
+        fresh_emu.faults.error(500, "ids/put", count=1)
+        fh = await t.open(f"{DS}/gone.txt", os.O_WRONLY | os.O_TRUNC)
+        await t.ops.write(fh, 0, b"new content")
+        assert await t.close(fh) == errno.EIO  # pending; the old datafile untouched
+        assert [r[0] for r in datafiles_named(fresh_emu, ds, "gone.txt")] == [old[0]]
+        await t.ops.unlink(await t.ino(DS), b"gone.txt", t.ctx)
+        assert datafiles_named(fresh_emu, ds, "gone.txt") == []
+        assert "gone.txt" not in await t.names(DS)
+        assert not await t.exists(f"{DS}/gone.txt")
+        assert not [p for p in t.spool.iterdir() if p.name != ".lock"]
+
+    t.run(body)
+
+
 def test_replace_resumes_after_a_crash_between_put_and_delete(fresh_emu, wtree, tmp_path) -> None:
     """A record saved after the put of the new datafile (temporary name), before the old one
     was deleted: the next mount finishes the replace without a second put."""
