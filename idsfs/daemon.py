@@ -646,6 +646,7 @@ class Daemon:
         self._nursery: Any = None
         #: (monotonic time, remaining seconds) of the last session check
         self._session_seen: tuple[float, float] | None = None
+        self._renewing: Any = None  # a trio.Lock, made on the trio thread when first needed
         self._session_user: str | None = None
 
     # -------------------------------------------------------------- status hooks
@@ -1250,17 +1251,25 @@ class Daemon:
         new id on). Returns True when ``ids.sessionId`` changed, so that the
         refused call is worth repeating once; never raises.
         """
+        import trio
+
         assert self.icat is not None and self.ids is not None
         before = self.ids.sessionId
-        try:
-            await self.bridge.run(self.icat.session_info, name="session check")
-        except IdsfsError as exc:
-            log.debug("session check failed: %s", exc)
-            if self.owns_session:
-                try:
-                    await self._login_again()
-                except IdsfsError as exc2:
-                    log.error("logging in to ICAT again failed: %s", _describe_error(exc2))
+        if self._renewing is None:
+            self._renewing = trio.Lock()
+        async with self._renewing:  # one renewal at a time: not one ICAT session per 403
+            if self.ids.sessionId != before:
+                return True  # renewed by another caller while this one waited
+            try:
+                await self.bridge.run(self.icat.session_info, name="session check")
+            except IdsfsError as exc:
+                log.debug("session check failed: %s", exc)
+                if self.owns_session:
+                    try:
+                        await self._login_again()
+                    except IdsfsError as exc2:
+                        log.error("logging in to ICAT again failed: %s",
+                                  _describe_error(exc2))
         return self.ids.sessionId != before
 
     async def _login_again(self) -> None:
