@@ -90,7 +90,7 @@ import trio
 
 from idsfs import naming
 from idsfs.aio import ThreadBridge
-from idsfs.errors import ICATError, ICATResponseError, MissingTypeError
+from idsfs.errors import ICATError, ICATResponseError, IdsfsError, MissingTypeError
 from idsfs.icat import ICATClient, quote
 from idsfs.model import parse_date
 
@@ -935,25 +935,36 @@ class Catalog:
     async def rename_datafile(self, record: DatafileRecord, new_name: str) -> Node | None:
         """Rename a datafile in ICAT and in the cached listings; return its new node.
 
-        Raises the ICAT and transport errors of :mod:`idsfs.errors`
-        (``ICATObjectExistsError`` when the name is taken in the dataset,
-        ``ICATPrivilegesError`` without UPDATE permission, ``ICATResponseError``
-        when the renamed datafile's row has a bad date). When the update
-        succeeded but the datafile cannot be fetched again, the cached listings
-        already no longer show it under the old name.
+        Raises the ICAT and transport errors of the update
+        (:mod:`idsfs.errors`: ``ICATObjectExistsError`` when the name is taken
+        in the dataset, ``ICATPrivilegesError`` without UPDATE permission).
+        Once the update succeeded nothing is raised: when the renamed datafile
+        cannot be fetched again (or its row is unusable), the dataset's
+        listings are dropped, to be fetched again when next needed, and None
+        is returned.
         """
         await self._bridge.run(self._icat.update,
                                {"Datafile": {"id": record.id, "name": new_name}},
                                abandon_on_cancel=False, name="ICAT rename datafile")
         self.remove_datafile(record.dataset_id, record.id)
-        return await self.datafile_added(record.dataset_id, record.id)
+        return await self._show_changed(record.dataset_id, record.id)
+
+    async def _show_changed(self, dataset_id: int, datafile_id: int) -> Node | None:
+        """Put a datafile changed here back into the listings; on failure drop them."""
+        try:
+            return await self.datafile_added(dataset_id, datafile_id)
+        except IdsfsError as exc:
+            log.warning("datafile %d changed in ICAT, but fetching it again failed (%s): "
+                        "its dataset is listed afresh", datafile_id, exc)
+            self.invalidate(NodeKey(Kind.DATASET, dataset_id))
+            return None
 
     async def set_datafile_mod_time(self, dataset_id: int, datafile_id: int, ms: int) -> None:
         """Set a datafile's ``datafileModTime`` (epoch ms) in ICAT and in the cached listings.
 
-        Raises the ICAT and transport errors of :mod:`idsfs.errors`
-        (``ICATPrivilegesError`` without UPDATE permission, ``ICATResponseError``
-        when the datafile's row has a bad date).
+        Raises the ICAT and transport errors of the update (:mod:`idsfs.errors`,
+        e.g. ``ICATPrivilegesError`` without UPDATE permission); after it, as
+        :meth:`rename_datafile`, nothing.
         """
         seconds, millis = divmod(int(ms), 1000)
         date = _dt.datetime.fromtimestamp(seconds, _dt.UTC).strftime("%Y-%m-%dT%H:%M:%S")
@@ -962,7 +973,7 @@ class Catalog:
             {"Datafile": {"id": datafile_id, "datafileModTime": f"{date}.{millis:03d}+00:00"}},
             abandon_on_cancel=False, name="ICAT set datafileModTime")
         self.remove_datafile(dataset_id, datafile_id, keep_dirs=False)
-        await self.datafile_added(dataset_id, datafile_id)
+        await self._show_changed(dataset_id, datafile_id)
 
     # ------------------------------------------------------------------ datasets changed here
 

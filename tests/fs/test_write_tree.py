@@ -234,6 +234,38 @@ def test_unlink_and_rename_while_an_unwritten_file_is_stored(fresh_emu, wtree) -
     t.run(body)
 
 
+def test_a_rename_done_in_icat_succeeds_even_if_reading_it_back_fails(fresh_emu, wtree) -> None:
+    # ICAT renamed it, then the query that fetches the renamed datafile fails:
+    # mv succeeded (no EIO) and the dataset is listed afresh, showing the new name.
+    t = wtree(fresh_emu)
+
+    async def body(t: WriteTree) -> None:
+        from idsfs.errors import ICATInternalError
+
+        ds = await dataset_id(t)
+        ds_ino = await t.ino(DS)
+        assert await t.write_file(f"{DS}/z1", b"Z") == 0
+        fetch = t.catalog.fetch_datafile
+        failures = []
+
+        async def failing_once(*args):
+            if not failures:
+                failures.append(args)
+                raise ICATInternalError("refused by the test")
+            return await fetch(*args)
+
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(t.catalog, "fetch_datafile", failing_once)
+            await t.ops.rename(ds_ino, b"z1", ds_ino, b"z2", 0, t.ctx)
+        assert failures
+        assert datafiles_named(fresh_emu, ds, "z2") and not datafiles_named(fresh_emu, ds, "z1")
+        names = await t.names(DS)
+        assert "z2" in names and "z1" not in names
+        assert await t.read_file(f"{DS}/z2") == b"Z"
+
+    t.run(body)
+
+
 def test_rename_with_replace_replaces_the_target(fresh_emu, wtree) -> None:
     t = wtree(fresh_emu, replace=True)
 
