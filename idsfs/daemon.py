@@ -133,6 +133,9 @@ FUSE_MAX_TASKS = 64
 #: the longest and shortest interval between session refreshes, seconds
 MAX_REFRESH_INTERVAL = 30 * 60.0
 MIN_REFRESH_INTERVAL = 0.5
+#: Seconds without reads from IDS or writes that make a daemon idle: it then
+#: gives the heap memory kept for reuse back to the system (once per idle spell).
+IDLE_TRIM_INTERVAL = 30.0
 
 
 class StartupError(IdsfsError):
@@ -917,6 +920,7 @@ class Daemon:
             nursery.start_soon(self._watch_signals, nursery.cancel_scope)
             nursery.start_soon(self._probe_ready, reporter)
             nursery.start_soon(self._keep_session)
+            nursery.start_soon(self._release_memory_when_idle)
             try:
                 await pyfuse3.main(max_tasks=FUSE_MAX_TASKS)
             except Exception as exc:  # a handler let a non-FUSEError escape
@@ -1208,6 +1212,29 @@ class Daemon:
         """Seconds between session refreshes: half the lifetime, 0.5 s to 30 min. Never raises."""
         lifetime = self.lifetime or 2 * MAX_REFRESH_INTERVAL
         return max(MIN_REFRESH_INTERVAL, min(lifetime / 2, MAX_REFRESH_INTERVAL))
+
+    async def _release_memory_when_idle(self) -> None:
+        """Every :data:`IDLE_TRIM_INTERVAL` seconds: when nothing was fetched from IDS
+        nor written since the last look, give freed heap memory back, once."""
+        import trio
+
+        from idsfs.transfer import release_free_memory
+
+        seen: tuple[Any, ...] | None = None
+        released = False
+        while True:
+            await trio.sleep(IDLE_TRIM_INTERVAL)
+            activity: tuple[Any, ...] = (self.transfer.stats().bytes_fetched,)
+            if self.uploader is not None:
+                up = self.uploader.stats()
+                activity += (up.stored, up.writing, up.spool_bytes)
+            if activity != seen:
+                seen, released = activity, False
+                continue
+            if not released:
+                released = True
+                await self.bridge.run(release_free_memory, name="release free memory")
+                log.debug("idle: free heap memory given back")
 
     async def _keep_session(self) -> None:
         """Refresh the ICAT session before it expires; log in again if it was lost."""

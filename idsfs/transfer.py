@@ -164,6 +164,7 @@ __all__ = [
     "StreamInfo",
     "Transfer",
     "TransferStats",
+    "release_free_memory",
     "tune_malloc",
 ]
 
@@ -260,6 +261,30 @@ def tune_malloc(heap_keep: int) -> bool:
     int_max = 2**31 - 1  # mallopt takes an int: a larger value would wrap around
     ok = mallopt(m_mmap_threshold, 32 << 20) == 1
     return bool(mallopt(m_trim_threshold, min(max(heap_keep, 64 << 20), int_max)) == 1 and ok)
+
+
+def release_free_memory() -> bool:
+    """Give the free memory of every malloc heap back to the system (glibc ``malloc_trim``).
+
+    :func:`tune_malloc` makes glibc keep freed block buffers for reuse; a
+    daemon that has gone idle calls this to hand them back (its RSS then shows
+    what is in use). Walks the heaps: run it in a worker thread. Returns False
+    where it is not glibc. Never raises.
+    """
+    try:
+        import ctypes
+        import ctypes.util
+
+        name = ctypes.util.find_library("c")
+        if not name:
+            return False
+        trim = ctypes.CDLL(name).malloc_trim
+        trim.argtypes = [ctypes.c_size_t]
+        trim.restype = ctypes.c_int
+    except (ImportError, OSError, AttributeError):
+        return False
+    trim(0)
+    return True
 
 
 def _again(error: IdsfsError) -> IdsfsError:

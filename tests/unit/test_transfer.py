@@ -683,6 +683,22 @@ def test_tune_malloc_keeps_freed_blocks_for_caches_of_any_size(cache_size: int) 
     assert float(done.stdout) > 0.9
 
 
+def test_release_free_memory_gives_the_kept_buffers_back() -> None:
+    # what an idle daemon does: the heap kept freed buffers for reuse, now they go
+    import subprocess
+    import sys
+
+    probe = _KEEP_PROBE.replace("print(", "kept = (") + (
+        "from idsfs.transfer import release_free_memory\n"
+        "assert release_free_memory()\n"
+        "print(kept, (rss() - base) / (peak - base))\n")
+    done = subprocess.run([sys.executable, "-c", probe, str(1 << 30)],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    kept, after = map(float, done.stdout.split())
+    assert kept > 0.9 and after < 0.2
+
+
 def test_a_failing_block_hand_over_fails_the_read_not_the_trio_run(
         world: World, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     # The hand-over of a fetched block runs as a run_sync_soon callback, where an
