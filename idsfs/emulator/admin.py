@@ -197,10 +197,14 @@ def _register_storage(router: Router, emulator: Emulator) -> None:
             raise _bad(str(exc)) from exc
 
     def archive(request: Request) -> Response:
+        from idsfs.emulator.locks import AlreadyLockedError
+
         try:
             storage.archive_now(items(request))
         except ValueError as exc:
             raise _bad(str(exc)) from exc
+        except AlreadyLockedError as exc:  # e.g. a getData stream holds it: try later
+            raise HTTPError(409, {"code": "LOCKED", "message": str(exc)}) from exc
         return empty_response()
 
     def restore(request: Request) -> Response:

@@ -47,6 +47,21 @@ def test_archive_restore_wait_idle(emulator_factory, storage, http):
     assert got.content == b"admin hook data"
 
 
+def test_archive_of_a_locked_dataset_is_a_clear_409(emulator_factory, http):
+    emu = emulator_factory(storage="dataset")
+    sid, ds, df = setup_file(emu)
+    http.get(emu.admin_url + "/storage/wait-idle")
+    emu.faults.stall(after_bytes=4, endpoint="ids/getData")
+    with http.get(emu.ids_url + "/getData", params={"sessionId": sid, "datafileIds": df},
+                  stream=True) as held:  # an open download holds a shared lock
+        assert held.status_code == 200
+        r = http.post(emu.admin_url + "/storage/archive", data={"datasetIds": ds})
+        assert r.status_code == 409 and r.json() == {"code": "LOCKED",
+                                                     "message": f"dataset {ds} is locked"}
+        emu.faults.clear()
+    assert status(emu, sid, ds) == "ONLINE"
+
+
 def test_fail_next_restore(emulator_factory, http):
     emu = emulator_factory(storage="dataset")
     sid, ds, _ = setup_file(emu)
