@@ -64,15 +64,17 @@ from idsfs.ids import IDSClient
 
 MB, MiB = bk.MB, bk.MiB
 
-#: A pyfuse3 file system with one file served from memory (the ceiling baseline).
-MEMFS = r"""
+#: What the baseline file systems share: a read-only root holding one file,
+#: ``file`` (inode 2) of ``argv[2]`` bytes, mounted on ``argv[1]`` with the
+#: kernel readahead ``argv[3]`` KiB; ``run(fs, fsname, on_start)`` serves it
+#: and prints "ready" once the mount answers.
+ONE_FILE_FS = r"""
 import errno, os, stat, sys
 import pyfuse3, trio
 
-SIZE = int(sys.argv[2])
-DATA = memoryview(bytes(range(256)) * (1 << 12))  # 1 MiB pattern
+MNT, SIZE, READAHEAD_KB = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 
-class MemFS(pyfuse3.Operations):
+class OneFile(pyfuse3.Operations):
     async def getattr(self, inode, ctx=None):
         e = pyfuse3.EntryAttributes()
         e.st_ino = inode
@@ -88,6 +90,36 @@ class MemFS(pyfuse3.Operations):
         if parent == pyfuse3.ROOT_INODE and name == b"file":
             return await self.getattr(2)
         raise pyfuse3.FUSEError(errno.ENOENT)
+
+def set_readahead():
+    st = os.stat(MNT)  # answered by the running loop
+    bdi = f"/sys/class/bdi/{os.major(st.st_dev)}:{os.minor(st.st_dev)}/read_ahead_kb"
+    try:
+        with open(bdi, "w") as f:
+            f.write(READAHEAD_KB)
+    except OSError:
+        pass
+    print("ready", flush=True)
+
+def run(fs, fsname, on_start=None):
+    async def serve():
+        async with trio.open_nursery() as nursery:
+            if on_start is not None:
+                on_start(nursery)
+            nursery.start_soon(trio.to_thread.run_sync, set_readahead)
+            await pyfuse3.main(max_tasks=64)
+    pyfuse3.init(fs, MNT, {f"fsname={fsname}", "ro"})
+    try:
+        trio.run(serve)
+    finally:
+        pyfuse3.close(unmount=True)
+"""
+
+#: A pyfuse3 file system with one file served from memory (the ceiling baseline).
+MEMFS = ONE_FILE_FS + r"""
+DATA = memoryview(bytes(range(256)) * (1 << 12))  # 1 MiB pattern
+
+class MemFS(OneFile):
     async def open(self, inode, flags, ctx):
         return pyfuse3.FileInfo(fh=inode, keep_cache=True)
     async def read(self, fh, off, size):
@@ -97,42 +129,16 @@ class MemFS(pyfuse3.Operations):
             return DATA[start:start + size]
         return bytes(size)
 
-def set_readahead():
-    st = os.stat(sys.argv[1])  # answered by the running loop
-    bdi = f"/sys/class/bdi/{os.major(st.st_dev)}:{os.minor(st.st_dev)}/read_ahead_kb"
-    try:
-        with open(bdi, "w") as f:
-            f.write(sys.argv[3])
-    except OSError:
-        pass
-    print("ready", flush=True)
-
-async def serve():
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(trio.to_thread.run_sync, set_readahead)
-        await pyfuse3.main(max_tasks=64)
-
-def main():
-    pyfuse3.init(MemFS(), sys.argv[1], {"fsname=memfs", "ro"})
-    try:
-        trio.run(serve)
-    finally:
-        pyfuse3.close(unmount=True)
-
-main()
+run(MemFS(), "memfs")
 """
-
 
 #: A minimal pyfuse3 file system whose one file is the body of one getData
 #: response, read sequentially on the trio thread into reused 1 MiB buffers (no
 #: block cache, no checks, no thread): what the simplest pyfuse3 + HTTP design reaches.
 #: The URL (it holds a session id) comes on stdin, never in argv.
-HTTPFS = r"""
-import errno, os, stat, sys
+HTTPFS = ONE_FILE_FS + r"""
 from urllib.parse import urlsplit
-import pyfuse3, trio
 
-MNT, SIZE = sys.argv[1], int(sys.argv[2])
 URL = urlsplit(sys.stdin.readline().strip())
 BLOCK = 1 << 20
 
@@ -179,25 +185,10 @@ class Body:
             self.free.append(buf)
         return out
 
-class HttpFS(pyfuse3.Operations):
-    def __init__(self, nursery):
+class HttpFS(OneFile):
+    def __init__(self):
         super().__init__()
-        self.nursery, self.body = nursery, None
-    async def getattr(self, inode, ctx=None):
-        e = pyfuse3.EntryAttributes()
-        e.st_ino = inode
-        if inode == pyfuse3.ROOT_INODE:
-            e.st_mode, e.st_size = stat.S_IFDIR | 0o555, 0
-        elif inode == 2:
-            e.st_mode, e.st_size = stat.S_IFREG | 0o444, SIZE
-        else:
-            raise pyfuse3.FUSEError(errno.ENOENT)
-        e.attr_timeout = e.entry_timeout = 300
-        return e
-    async def lookup(self, parent, name, ctx=None):
-        if parent == pyfuse3.ROOT_INODE and name == b"file":
-            return await self.getattr(2)
-        raise pyfuse3.FUSEError(errno.ENOENT)
+        self.nursery = self.body = None
     async def open(self, inode, flags, ctx):
         if self.body is None:
             self.body = Body()
@@ -212,25 +203,8 @@ class HttpFS(pyfuse3.Operations):
             off, size = off + len(part), size - len(part)
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
-def set_readahead():
-    st = os.stat(MNT)  # answered by the running loop
-    bdi = f"/sys/class/bdi/{os.major(st.st_dev)}:{os.minor(st.st_dev)}/read_ahead_kb"
-    with open(bdi, "w") as f:
-        f.write(sys.argv[3])
-    print("ready", flush=True)
-
-async def serve():
-    async with trio.open_nursery() as nursery:
-        fs.__init__(nursery)
-        nursery.start_soon(trio.to_thread.run_sync, set_readahead)
-        await pyfuse3.main(max_tasks=64)
-
-fs = HttpFS.__new__(HttpFS)
-pyfuse3.init(fs, MNT, {"fsname=httpfs", "ro"})
-try:
-    trio.run(serve)
-finally:
-    pyfuse3.close(unmount=True)
+fs = HttpFS()
+run(fs, "httpfs", lambda nursery: setattr(fs, "nursery", nursery))
 """
 
 

@@ -59,71 +59,21 @@ from idsfs.ids import DataSelection, IDSClient
 
 MB, MiB = bk.MB, bk.MiB
 
-#: A pyfuse3 file system with one writable file whose writes go to a local file.
-MEMFS = r"""
+#: What the baseline file systems share: a root holding one writable file,
+#: ``f`` (inode 2) whose size ``size()`` says, opened with ``direct_io`` as the
+#: mount opens files being written; ``serve(fs, fsname)`` mounts it on ``argv[1]``.
+ONE_FILE_FS = r"""
 import errno, os, stat, sys
 import pyfuse3, trio
 
-FD = os.open(sys.argv[2], os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-
-class FS(pyfuse3.Operations):
+class OneFile(pyfuse3.Operations):
+    def size(self):
+        raise NotImplementedError
     async def getattr(self, inode, ctx=None):
         a = pyfuse3.EntryAttributes()
         a.st_ino = inode
         a.st_mode = (stat.S_IFDIR | 0o755) if inode == 1 else (stat.S_IFREG | 0o644)
-        a.st_size = os.fstat(FD).st_size if inode == 2 else 0
-        a.st_blksize = 8 << 20
-        a.attr_timeout = a.entry_timeout = 0
-        return a
-    async def lookup(self, parent, name, ctx=None):
-        if parent == 1 and name == b"f":
-            return await self.getattr(2)
-        raise pyfuse3.FUSEError(errno.ENOENT)
-    async def create(self, parent, name, mode, flags, ctx):
-        os.ftruncate(FD, 0)
-        return pyfuse3.FileInfo(fh=2, direct_io=True), await self.getattr(2)
-    async def open(self, inode, flags, ctx):
-        return pyfuse3.FileInfo(fh=2, direct_io=True)
-    async def setattr(self, inode, attr, fields, fh, ctx):
-        return await self.getattr(inode)
-    async def getxattr(self, inode, name, ctx):
-        raise pyfuse3.FUSEError(errno.ENOTSUP)
-    async def write(self, fh, off, buf):
-        return os.pwrite(FD, buf, off)
-    async def flush(self, fh):
-        pass
-    async def release(self, fh):
-        pass
-
-pyfuse3.init(FS(), sys.argv[1], {"fsname=benchwrite", "default_permissions"})
-try:
-    trio.run(pyfuse3.main, 64)
-finally:
-    pyfuse3.close(unmount=True)
-"""
-
-
-#: A pyfuse3 file system with one writable file whose writes go, as they come,
-#: into the chunked body of one ``PUT /ids/put`` sent on the trio thread; the
-#: close waits for the answer. No spool, no CRC32, nothing kept for a retry:
-#: what the simplest pyfuse3 + HTTP design reaches. The put URL (it holds a
-#: session id) comes on stdin, never in argv.
-PUTFS = r"""
-import errno, os, stat, sys
-from urllib.parse import urlsplit
-import pyfuse3, trio
-
-URL = urlsplit(sys.stdin.readline().strip())
-
-class FS(pyfuse3.Operations):
-    def __init__(self):
-        super().__init__()
-        self.sock, self.size = None, 0
-    async def getattr(self, inode, ctx=None):
-        a = pyfuse3.EntryAttributes()
-        a.st_ino = inode
-        a.st_mode = (stat.S_IFDIR | 0o755) if inode == 1 else (stat.S_IFREG | 0o644)
-        a.st_size = self.size if inode == 2 else 0
+        a.st_size = self.size() if inode == 2 else 0
         a.st_blksize = 8 << 20
         a.attr_timeout = a.entry_timeout = 0
         return a
@@ -133,8 +83,59 @@ class FS(pyfuse3.Operations):
         raise pyfuse3.FUSEError(errno.ENOENT)
     async def create(self, parent, name, mode, flags, ctx):
         return await self.open(2, flags, ctx), await self.getattr(2)
+    async def setattr(self, inode, attr, fields, fh, ctx):
+        return await self.getattr(inode)
+    async def getxattr(self, inode, name, ctx):
+        raise pyfuse3.FUSEError(errno.ENOTSUP)
+    async def flush(self, fh):
+        pass
+    async def release(self, fh):
+        pass
+
+def serve(fs, fsname):
+    pyfuse3.init(fs, sys.argv[1], {f"fsname={fsname}", "default_permissions"})
+    try:
+        trio.run(pyfuse3.main, 64)
+    finally:
+        pyfuse3.close(unmount=True)
+"""
+
+#: A pyfuse3 file system with one writable file whose writes go to a local file.
+MEMFS = ONE_FILE_FS + r"""
+FD = os.open(sys.argv[2], os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+
+class FS(OneFile):
+    def size(self):
+        return os.fstat(FD).st_size
     async def open(self, inode, flags, ctx):
-        self.sock, self.size = trio.socket.socket(), 0
+        if flags & os.O_TRUNC or flags & os.O_CREAT:
+            os.ftruncate(FD, 0)
+        return pyfuse3.FileInfo(fh=2, direct_io=True)
+    async def write(self, fh, off, buf):
+        return os.pwrite(FD, buf, off)
+
+serve(FS(), "benchwrite")
+"""
+
+
+#: A pyfuse3 file system with one writable file whose writes go, as they come,
+#: into the chunked body of one ``PUT /ids/put`` sent on the trio thread; the
+#: close waits for the answer. No spool, no CRC32, nothing kept for a retry:
+#: what the simplest pyfuse3 + HTTP design reaches. The put URL (it holds a
+#: session id) comes on stdin, never in argv.
+PUTFS = ONE_FILE_FS + r"""
+from urllib.parse import urlsplit
+
+URL = urlsplit(sys.stdin.readline().strip())
+
+class FS(OneFile):
+    def __init__(self):
+        super().__init__()
+        self.sock, self.written = None, 0
+    def size(self):
+        return self.written
+    async def open(self, inode, flags, ctx):
+        self.sock, self.written = trio.socket.socket(), 0
         await self.sock.connect((URL.hostname, URL.port))
         await self.send([f"PUT {URL.path}?{URL.query} HTTP/1.1\r\nHost: {URL.netloc}\r\n"
                          "Content-Type: application/octet-stream\r\n"
@@ -148,15 +149,11 @@ class FS(pyfuse3.Operations):
                 sent -= len(views.pop(0))
             if views and sent:
                 views[0] = views[0][sent:]
-    async def setattr(self, inode, attr, fields, fh, ctx):
-        return await self.getattr(inode)
-    async def getxattr(self, inode, name, ctx):
-        raise pyfuse3.FUSEError(errno.ENOTSUP)
     async def write(self, fh, off, buf):
-        if off != self.size:
+        if off != self.written:
             raise pyfuse3.FUSEError(errno.ESPIPE)
         await self.send([b"%x\r\n" % len(buf), buf, b"\r\n"])
-        self.size += len(buf)
+        self.written += len(buf)
         return len(buf)
     async def flush(self, fh):
         if self.sock is None:
@@ -172,14 +169,8 @@ class FS(pyfuse3.Operations):
         self.sock = None
         if answer.split()[1] not in (b"200", b"201"):
             raise pyfuse3.FUSEError(errno.EIO)
-    async def release(self, fh):
-        pass
 
-pyfuse3.init(FS(), sys.argv[1], {"fsname=benchput", "default_permissions"})
-try:
-    trio.run(pyfuse3.main, 64)
-finally:
-    pyfuse3.close(unmount=True)
+serve(FS(), "benchput")
 """
 
 
