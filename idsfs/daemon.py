@@ -116,6 +116,7 @@ __all__ = [
     "probe_mount",
     "sd_notify",
     "set_readahead",
+    "unescape_mount_field",
 ]
 
 log = logging.getLogger("idsfs.daemon")
@@ -194,8 +195,9 @@ class MountEntry:
         return None
 
 
-def _unescape_mountinfo(text: str) -> str:
-    r"""Undo the octal escapes (``\040`` for a space) of /proc/self/mountinfo."""
+def unescape_mount_field(text: str) -> str:
+    r"""Undo the octal escapes (``\040`` for a space) of a field of /proc/self/mountinfo
+    or of an fstab line (they escape alike). Never raises."""
     out = bytearray()
     raw = text.encode("utf-8", "surrogateescape")
     i = 0
@@ -239,9 +241,9 @@ def find_mount(path: str | Path, mountinfo: str = "/proc/self/mountinfo") -> Mou
         rest = right.split()
         if len(fields) < 5 or len(rest) < 2:
             continue
-        point = _unescape_mountinfo(fields[4])
+        point = unescape_mount_field(fields[4])
         if point == target:
-            found = MountEntry(point, rest[0], _unescape_mountinfo(rest[1]),
+            found = MountEntry(point, rest[0], unescape_mount_field(rest[1]),
                                rest[2] if len(rest) > 2 else "", fields[2])
     return found
 

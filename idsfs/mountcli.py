@@ -24,7 +24,6 @@ import contextlib
 import errno
 import json
 import os
-import re
 import secrets
 import select
 import shlex
@@ -600,11 +599,6 @@ def _sloppy(texts: list[str]) -> tuple[list[str], list[str]]:
     return ([",".join(kept)] if kept else []), dropped
 
 
-def _fstab_unescape(field: str) -> str:
-    """An fstab field with its octal escapes (``\\040`` for a space) decoded."""
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
-
-
 def _mount_fstab(pid: int) -> str | None:
     """The fstab the mount(8) among the first ancestors of ``pid`` reads, or None.
 
@@ -639,6 +633,8 @@ def _fstab_source(directory: str, fstab: str | None) -> str | None:
 
     Never raises (None when there is no such line or the file cannot be read).
     """
+    from idsfs.daemon import unescape_mount_field
+
     if fstab is None:
         return None
     try:
@@ -651,7 +647,7 @@ def _fstab_source(directory: str, fstab: str | None) -> str | None:
         fields = line.split()
         if len(fields) < 3 or fields[0].startswith("#"):
             continue
-        source, target, fstype = (_fstab_unescape(x) for x in fields[:3])
+        source, target, fstype = (unescape_mount_field(x) for x in fields[:3])
         idsfs_line = fstype == "fuse.idsfs" or (fstype == "fuse" and source.startswith("idsfs#"))
         if idsfs_line and os.path.realpath(target) == where:
             return source
