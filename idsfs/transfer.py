@@ -244,18 +244,10 @@ def tune_malloc(heap_keep: int) -> bool:
     given back; at least 64 MiB, at most what a C ``int`` holds, just under
     2 GiB). Process-wide; returns False where it is not glibc. Never raises.
     """
-    try:
-        import ctypes
-        import ctypes.util
+    import ctypes
 
-        name = ctypes.util.find_library("c")
-        if not name:
-            return False
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-        mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-        mallopt.restype = ctypes.c_int
-    except (ImportError, OSError, AttributeError):
+    mallopt = _libc_function("mallopt", [ctypes.c_int, ctypes.c_int])
+    if mallopt is None:
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3
     int_max = 2**31 - 1  # mallopt takes an int: a larger value would wrap around
@@ -271,20 +263,33 @@ def release_free_memory() -> bool:
     what is in use). Walks the heaps: run it in a worker thread. Returns False
     where it is not glibc. Never raises.
     """
+    import ctypes
+
+    trim = _libc_function("malloc_trim", [ctypes.c_size_t])
+    if trim is None:
+        return False
+    trim(0)
+    return True
+
+
+def _libc_function(name: str, argtypes: list[Any]) -> Any:
+    """The C library's function ``name`` returning an ``int``, typed with ``argtypes``.
+
+    None where there is no such C library function (not glibc). Never raises.
+    """
     try:
         import ctypes
         import ctypes.util
 
-        name = ctypes.util.find_library("c")
-        if not name:
-            return False
-        trim = ctypes.CDLL(name).malloc_trim
-        trim.argtypes = [ctypes.c_size_t]
-        trim.restype = ctypes.c_int
+        path = ctypes.util.find_library("c")
+        if not path:
+            return None
+        function = getattr(ctypes.CDLL(path), name)
     except (ImportError, OSError, AttributeError):
-        return False
-    trim(0)
-    return True
+        return None
+    function.argtypes = argtypes
+    function.restype = ctypes.c_int
+    return function
 
 
 def _again(error: IdsfsError) -> IdsfsError:
