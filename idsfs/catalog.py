@@ -947,15 +947,21 @@ class Catalog:
                                {"Datafile": {"id": record.id, "name": new_name}},
                                abandon_on_cancel=False, name="ICAT rename datafile")
         self.remove_datafile(record.dataset_id, record.id)
-        return await self._show_changed(record.dataset_id, record.id)
+        return await self.show_datafile(record.dataset_id, record.id)
 
-    async def _show_changed(self, dataset_id: int, datafile_id: int) -> Node | None:
-        """Put a datafile changed here back into the listings; on failure drop them."""
+    async def show_datafile(self, dataset_id: int, datafile_id: int) -> Node | None:
+        """Show a datafile stored or changed here in the cached listings; return its node.
+
+        :meth:`datafile_added`, except that when the datafile cannot be fetched
+        (or its row is unusable) the dataset's listings are dropped instead, to
+        be fetched again when next needed, and None is returned. Never raises
+        (the change is done in ICAT already).
+        """
         try:
             return await self.datafile_added(dataset_id, datafile_id)
         except IdsfsError as exc:
-            log.warning("datafile %d changed in ICAT, but fetching it again failed (%s): "
-                        "its dataset is listed afresh", datafile_id, exc)
+            log.warning("datafile %d was stored or changed in ICAT, but fetching it failed "
+                        "(%s): its dataset is listed afresh", datafile_id, exc)
             self.invalidate(NodeKey(Kind.DATASET, dataset_id))
             return None
 
@@ -973,7 +979,7 @@ class Catalog:
             {"Datafile": {"id": datafile_id, "datafileModTime": f"{date}.{millis:03d}+00:00"}},
             abandon_on_cancel=False, name="ICAT set datafileModTime")
         self.remove_datafile(dataset_id, datafile_id, keep_dirs=False)
-        await self._show_changed(dataset_id, datafile_id)
+        await self.show_datafile(dataset_id, datafile_id)
 
     # ------------------------------------------------------------------ datasets changed here
 

@@ -1163,12 +1163,7 @@ class Operations(pyfuse3.Operations):
         for old in getattr(up, "replaced_ids", ()):
             self._catalog.remove_datafile(up.dataset_id, old, keep_dirs=False)
         up.replaced_ids = []
-        try:
-            await self._catalog.datafile_added(up.dataset_id, up.datafile_id)
-        except errors.IdsfsError as exc:
-            log.warning("the stored %s does not show yet (%s); it will after the metadata TTL",
-                        up.display, exc)
-            self._catalog.invalidate(NodeKey(Kind.DATASET, up.dataset_id))
+        await self._catalog.show_datafile(up.dataset_id, up.datafile_id)
         if up.handles == 0:
             self._finish_local(up)
 
@@ -1537,8 +1532,7 @@ class Operations(pyfuse3.Operations):
         # datafile, renamed in ICAT by uploader.rename, is left to show
         if up.datafile_id is not None and up.temp_name is None:
             self._catalog.remove_datafile(up.dataset_id, up.datafile_id, keep_dirs=True)
-            with contextlib.suppress(errors.IdsfsError):
-                await self._catalog.datafile_added(up.dataset_id, up.datafile_id)
+            await self._catalog.show_datafile(up.dataset_id, up.datafile_id)
 
     @_handler
     async def symlink(self, parent_inode: int, name: bytes, target: bytes,
