@@ -1338,25 +1338,7 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOENT)
         if node.is_dir:
             raise pyfuse3.FUSEError(errno.EISDIR)
-        up: Upload | None = node.local
-        if up is not None:
-            # (what discard deleted is known only after it: an upload in flight,
-            # e.g. a file closed unwritten stored in the background, may have
-            # stored and shown it meanwhile)
-            deleted = await uploader.discard(up)
-            self._catalog.remove_local(node.key)
-            for did in deleted:
-                self._catalog.remove_datafile(up.dataset_id, did)
-            log.info("deleted %s (%s)", up.display,
-                     f"datafiles {', '.join(map(str, deleted))} too" if deleted
-                     else "not stored")
-            return
-        record = node.datafile
-        if record is None:
-            raise pyfuse3.FUSEError(errno.EPERM)
-        await uploader.delete(record.id)
-        self._catalog.remove_datafile(record.dataset_id, record.id)
-        log.info("deleted datafile %d %r", record.id, record.name)
+        await self._remove_file(uploader, node, keep_dirs=True)
 
     @_handler
     async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
@@ -1465,7 +1447,7 @@ class Operations(pyfuse3.Operations):
             if node.local is None and target.local is None:
                 await self._rename_over(uploader, node, target, new_name)
                 return
-            await self._remove_file(uploader, target)
+            await self._remove_file(uploader, target, keep_dirs=False)
         up: Upload | None = node.local
         if up is not None:
             await self._rename_upload(uploader, up, node, new_parent.key, text, new_name)
@@ -1505,19 +1487,33 @@ class Operations(pyfuse3.Operations):
         log.info("renamed datafile %d to %r over datafile %d (deleted)", source.id, new_name,
                  old.id)
 
-    async def _remove_file(self, uploader: Uploader, node: Node) -> None:
-        """Delete the file ``node`` (the replaced target of a rename)."""
+    async def _remove_file(self, uploader: Uploader, node: Node, *, keep_dirs: bool) -> None:
+        """Delete the file ``node`` (``unlink``, the replaced target of a rename): its
+        datafile through IDS, or its upload with whatever that stored.
+
+        ``keep_dirs`` as for :meth:`Catalog.remove_datafile`. Raises
+        ``pyfuse3.FUSEError`` (``EPERM``) for an entry that is neither, and the
+        IDS and ICAT errors of the deletions.
+        """
         up: Upload | None = node.local
         if up is not None:
-            deleted = await uploader.discard(up)  # see unlink
+            # (what discard deleted is known only after it: an upload in flight,
+            # e.g. a file closed unwritten stored in the background, may have
+            # stored and shown it meanwhile)
+            deleted = await uploader.discard(up)
             self._catalog.remove_local(node.key)
             for did in deleted:
-                self._catalog.remove_datafile(up.dataset_id, did, keep_dirs=False)
+                self._catalog.remove_datafile(up.dataset_id, did, keep_dirs=keep_dirs)
+            log.info("deleted %s (%s)", up.display,
+                     f"datafiles {', '.join(map(str, deleted))} too" if deleted
+                     else "not stored")
             return
-        assert node.datafile is not None
-        await uploader.delete(node.datafile.id)
-        self._catalog.remove_datafile(node.datafile.dataset_id, node.datafile.id,
-                                      keep_dirs=False)
+        record = node.datafile
+        if record is None:
+            raise pyfuse3.FUSEError(errno.EPERM)
+        await uploader.delete(record.id)
+        self._catalog.remove_datafile(record.dataset_id, record.id, keep_dirs=keep_dirs)
+        log.info("deleted datafile %d %r", record.id, record.name)
 
     async def _rename_upload(self, uploader: Uploader, up: Upload, node: Node,
                              new_parent: NodeKey, text: str, new_name: str) -> None:
