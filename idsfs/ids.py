@@ -294,8 +294,8 @@ def _entity_id(obj: Any) -> int:
 def _check_range(stream: DataStream, offset: int) -> None:
     """Raise IDSResponseError (closing ``stream``) unless its body starts at ``offset``.
 
-    The IDS answers a ``Range: bytes=N-`` request with 206 (a zip, or an offset
-    past the end, with an empty 206); a 200 is the whole body from byte 0.
+    The IDS answers a ``Range: bytes=N-`` request with 206 (zips too; an offset
+    past the end gives an empty 206); a 200 carries the whole body from byte 0.
     """
     problem = None
     if stream.status != 206:
