@@ -135,6 +135,7 @@ import errno
 import fcntl
 import functools
 import hashlib
+import io
 import json
 import logging
 import os
@@ -574,8 +575,9 @@ class Upload:
         self.live_possible = True
         #: written only by appends from offset 0 so far (a live upload can follow it)
         self.sequential = True
-        #: the last put was a live one (its modification time is set afterwards)
-        self.live_landed = False
+        #: the ``datafileModTime`` the last put sent (None: none sent, as by a live
+        #: put, or not known); set in ICAT after the put when ``mod_ms`` differs
+        self.sent_mod_ms: int | None = None
         #: datafiles this upload replaced (deleted) since the tree last looked
         self.replaced_ids: list[int] = []
         self.in_progress = False
@@ -1593,8 +1595,9 @@ class Uploader:
         up.state = DONE
         up.reason = ""
         await self.try_save(up)
-        if up.live_landed:
-            up.live_landed = False
+        if up.sent_mod_ms != up.mod_ms:
+            # a live put sends no time, and a touch may come while a put is on its way
+            up.sent_mod_ms = up.mod_ms
             await self.set_mod_time(datafile_id, up.mod_ms)
         self._stored += 1
         self._bytes_stored += up.size
@@ -1704,6 +1707,7 @@ class Uploader:
             found = await self._resolve(up, target)
             if found is not None:
                 up.datafile_id = found
+                up.sent_mod_ms = None  # the time it was stored with is not known
                 up.maybe_landed = False
                 if up.replace_id is not None or up.temp_name is not None:
                     await self._persist(up)
@@ -1873,7 +1877,7 @@ class Uploader:
                 await live.done.wait()
                 if live.result is not None:
                     up.live = None
-                    up.live_landed = True
+                    up.sent_mod_ms = None
                     return live.result
                 if live.error is not None:
                     up.live = None
@@ -1890,23 +1894,25 @@ class Uploader:
         crc = up.spool_crc
         if crc is not None:
             up.crc = crc
-        call = functools.partial(self._put_file, up, target, up.format_id, crc)
+        up.sent_mod_ms = up.mod_ms
+        call = functools.partial(self._put_file, up.data_path, up.size, target,
+                                 up.dataset_id, up.format_id, crc, up.create_ms, up.mod_ms)
         return await self._bridge.run(call, abandon_on_cancel=False, name="IDS put")
 
-    def _put_file(self, up: Upload, target: str, format_id: int, crc: int | None) -> int:
-        """Blocking: ``put`` the whole spool file (Content-Length, as ``curl -T``; sent
-        with ``sendfile``, not read at all when its CRC32 ``crc`` is known)."""
-        with open(up.data_path, "rb", buffering=0) as f:
+    def _put_file(self, path: Path, expected: int, target: str, dataset_id: int,
+                  format_id: int, crc: int | None, create_ms: int, mod_ms: int) -> int:
+        """Blocking: ``put`` the whole spool file at ``path`` (``expected`` bytes) with
+        Content-Length, as ``curl -T`` (sent with ``sendfile``, not read at all when its
+        CRC32 ``crc`` is known). The upload's values are passed in: a worker thread
+        does not read its state, which the trio thread may change meanwhile."""
+        with open(path, "rb", buffering=0) as f:
             size = os.fstat(f.fileno()).st_size
-            if size != up.size:
-                raise OSError(errno.EIO, f"spool file has {size} bytes, {up.size} expected")
-            if not size:
-                return self._ids.put(b"", target, up.dataset_id, format_id,
-                                     datafileCreateTime=up.create_ms,
-                                     datafileModTime=up.mod_ms)
-            return self._ids.put(f, target, up.dataset_id, format_id,
-                                 datafileCreateTime=up.create_ms, datafileModTime=up.mod_ms,
-                                 crc32=crc)
+            if size != expected:
+                raise OSError(errno.EIO, f"spool file has {size} bytes, {expected} expected")
+            body: bytes | io.FileIO = f if size else b""
+            return self._ids.put(body, target, dataset_id, format_id,
+                                 datafileCreateTime=create_ms, datafileModTime=mod_ms,
+                                 crc32=crc if size else None)
 
     async def _session_changed(self, used: str | None) -> bool:
         if self._ids.sessionId != used:

@@ -10,7 +10,17 @@ import os
 import pyfuse3
 import pytest
 from fshelp import login
-from writekit import DEMO_VISIT, DS, WriteTree, datafiles_named, dataset_id, stored_bytes
+from writekit import (
+    DEMO_VISIT,
+    DS,
+    WriteTree,
+    datafiles_named,
+    dataset_id,
+    setattr_fields,
+    stored_bytes,
+)
+
+from idsfs.model import parse_date
 
 
 def icat(emu, query: str) -> list:
@@ -230,6 +240,37 @@ def test_unlink_and_rename_while_an_unwritten_file_is_stored(fresh_emu, wtree) -
         (row,) = datafiles_named(fresh_emu, ds, "e1")
         assert stored_bytes(fresh_emu, row[0]) == b""
         assert await t.read_file(f"{DS}/e1") == b""
+
+    t.run(body)
+
+
+def test_a_time_set_while_an_unwritten_file_is_stored_reaches_icat(fresh_emu, wtree) -> None:
+    # rsync -a of an empty file: create, close (stored in the background), then
+    # utime while that put is on its way. The put carried the old time; the new
+    # one must still end up in ICAT, or the next rsync sees the file as changed.
+    import trio
+
+    t = wtree(fresh_emu)
+
+    async def body(t: WriteTree) -> None:
+        ds = await dataset_id(t)
+        fresh_emu.counters.reset()
+        fresh_emu.faults.stall(0, 0.5, "ids/put")  # the answer waits, the datafile is stored
+        fh, ino = await t.create(f"{DS}/empty.synced")
+        assert await t.close(fh) == 0
+        await _background_upload_started(t, "empty.synced")
+        with trio.fail_after(5):  # the put (carrying the old time) has reached IDS
+            while fresh_emu.counters.get("ids/put") < 1:
+                await trio.sleep(0.005)
+        attr = pyfuse3.EntryAttributes()
+        attr.st_mtime_ns = 1_400_000_000_250_000_000
+        await t.ops.setattr(ino, attr, setattr_fields(mtime=True), None, t.ctx)
+        await t.settle()
+        (row,) = datafiles_named(fresh_emu, ds, "empty.synced")
+        (stored,) = icat(fresh_emu, f"SELECT df.datafileModTime FROM Datafile df "
+                                    f"WHERE df.id = {row[0]}")
+        assert parse_date(stored).timestamp() == 1_400_000_000.25
+        assert (await t.walk(f"{DS}/empty.synced")).st_mtime_ns == 1_400_000_000_250_000_000
 
     t.run(body)
 
