@@ -1012,13 +1012,16 @@ class Catalog:
     async def create_dataset(self, investigation: Node, name: str, type_name: str) -> Node:
         """Create Dataset ``name`` in the investigation (visit) ``investigation``.
 
-        Returns the new dataset's node. Raises
-        :class:`~idsfs.errors.MissingTypeError` when the facility has no
-        dataset type ``type_name``; :class:`~idsfs.errors.ICATResponseError`
-        when the investigation's facility cannot be found or the new dataset
-        does not show in the visit's listing; the other ICAT and transport
-        errors of :mod:`idsfs.errors` (``ICATObjectExistsError`` for a taken
-        name, ``ICATPrivilegesError`` without CREATE permission).
+        Returns the new dataset's node: as the visit's listing, fetched again,
+        shows it; made from what was sent when that fetch fails or does not
+        show it yet (the dataset exists in ICAT then: the visit is listed afresh
+        when next needed). Raises :class:`~idsfs.errors.MissingTypeError` when
+        the facility has no dataset type ``type_name``;
+        :class:`~idsfs.errors.ICATResponseError` when the investigation's
+        facility cannot be found; the other ICAT and transport errors of
+        :mod:`idsfs.errors` (``ICATObjectExistsError`` for a taken name,
+        ``ICATPrivilegesError`` without CREATE permission). Nothing after the
+        create raises.
         """
         inv_id = investigation.key.id
         facility_id = self.facility_of(investigation.key)
@@ -1035,10 +1038,20 @@ class Catalog:
                          "type": {"id": type_id}}},
             abandon_on_cancel=False, name="ICAT create dataset")
         self.invalidate(investigation.key)
-        listing = await self._base_listing(investigation.key)
-        node = listing.find(NodeKey(Kind.DATASET, int(new_id))) if listing else None
+        key = NodeKey(Kind.DATASET, int(new_id))
+        try:
+            listing = await self._base_listing(investigation.key)
+        except IdsfsError as exc:
+            log.warning("dataset %s was created in ICAT, but listing its visit failed (%s): "
+                        "it is listed afresh when next needed", new_id, exc)
+            listing = None
+        node = listing.find(key) if listing else None
         if node is None:
-            raise ICATResponseError(f"the new dataset {new_id} does not show in its visit")
+            self.invalidate(investigation.key)
+            now = _dt.datetime.now(_dt.UTC).isoformat()
+            (node,) = _object_nodes(
+                investigation.key, Kind.DATASET, [(key.id, name, now)], 1,
+                lambda did, name, _mod: _extra(id=did, name=name, investigation_id=inv_id))
         return node
 
     async def count_datafiles(self, dataset_id: int) -> int:

@@ -211,6 +211,31 @@ async def _background_upload_started(t: WriteTree, name: str) -> None:
             await trio.sleep(0.005)
 
 
+def test_mkdir_succeeds_when_icat_created_the_dataset_but_listing_it_fails(
+        fresh_emu, wtree) -> None:
+    # The create worked; the query that lists the visit again fails: mkdir
+    # succeeds (the dataset exists) and the next listing shows it.
+    t = wtree(fresh_emu)
+
+    async def body(t: WriteTree) -> None:
+        visit = await t.ino(DEMO_VISIT)
+        await t.ops.mkdir(visit, b"first", 0o755, t.ctx)  # type and facility now known
+        await t.names(DEMO_VISIT)
+        fresh_emu.counters.reset()
+        fresh_emu.faults.error(500, "icat/entityManager", count=1)
+        attr = await t.ops.mkdir(visit, b"made anyway", 0o755, t.ctx)
+        assert fresh_emu.counters.get("icat/write") == 1
+        assert fresh_emu.faults.fired["error"] == 1
+        ds = await dataset_id(t, f"{DEMO_VISIT}/made anyway")
+        assert attr.st_ino == await t.ino(f"{DEMO_VISIT}/made anyway")
+        assert icat(fresh_emu, f"SELECT ds.name FROM Dataset ds WHERE ds.id = {ds}") == [
+            "made anyway"]
+        assert "made anyway" in await t.names(DEMO_VISIT)
+        assert await t.write_file(f"{DEMO_VISIT}/made anyway/f", b"f") == 0
+
+    t.run(body)
+
+
 def test_unlink_and_rename_while_an_unwritten_file_is_stored(fresh_emu, wtree) -> None:
     # touch f; rm f (vim's swap-file probe, mktemp, rsync of empty files): the
     # file closed unwritten is stored in the background, and the unlink or
