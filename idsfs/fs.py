@@ -168,8 +168,9 @@ def _fuse_error(operation: str, exc: Exception) -> pyfuse3.FUSEError:
                   exc_info=exc)
     elif code == errno.EIO:
         log.warning("%s: %s: %s", operation, type(exc).__name__, exc)
-    elif code in (errno.ENODATA, errno.EBUSY):  # the archive's state, worth a line
-        log.info("%s: %s (%s)", operation, errno.errorcode[code], exc)
+    elif code in (errno.ENODATA, errno.EBUSY) or isinstance(exc, naming.UnstorableNameError):
+        # the archive's state, or why a name is refused: worth a line
+        log.info("%s: %s (%s)", operation, errno.errorcode.get(code, code), exc)
     else:
         log.debug("%s: %s (%s)", operation, errno.errorcode.get(code, code), exc)
     return pyfuse3.FUSEError(code)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 
 import pyfuse3
@@ -156,7 +157,8 @@ def test_modification_time_sent_and_settable(fresh_emu, wtree) -> None:
     t.run(body)
 
 
-def test_names_in_subdirectories_and_unstorable_names(fresh_emu, wtree) -> None:
+def test_names_in_subdirectories_and_unstorable_names(fresh_emu, wtree, caplog) -> None:
+    caplog.set_level(logging.INFO, "idsfs.fs")
     t = wtree(fresh_emu)
 
     async def body(t: WriteTree) -> None:
@@ -177,6 +179,8 @@ def test_names_in_subdirectories_and_unstorable_names(fresh_emu, wtree) -> None:
             with pytest.raises(pyfuse3.FUSEError) as exc:
                 await t.ops.create(root_ino, bad, 0o644, os.O_WRONLY | os.O_CREAT, t.ctx)
             assert exc.value.errno == errno.EINVAL, bad
+        # the program sees EINVAL; the log (default level) says why and what to write
+        assert "not in canonical form, write 'a.b'" in caplog.text
         # a 250-byte file name is fine for the kernel, but below deep/er the ICAT name
         # would have 258 characters (ICAT's limit is 255)
         er = await t.ino(f"{DS}/deep/er")
