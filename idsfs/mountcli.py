@@ -532,16 +532,15 @@ def format_status(status: dict[str, Any]) -> str:
             continue
         label = f"  {name:<10} "
         if isinstance(section, dict):
-            pending = _describe_items(section.get("pending"))
-            running = _describe_items(section.get("in_progress"))
-            rest = {k: v for k, v in section.items() if k not in ("pending", "in_progress")}
-            head = f"{len(pending)} pending" if "pending" in section else ""
-            if "in_progress" in section:
-                head += (", " if head else "") + f"{len(running)} in progress"
+            listed = ("in_progress", "pending", "held")
+            items = {k: _describe_items(section.get(k)) for k in listed}
+            rest = {k: v for k, v in section.items() if k not in listed}
+            head = ", ".join(f"{len(items[k])} {k.replace('_', ' ')}" for k in
+                             ("pending", "held", "in_progress") if k in section)
             extra = ", ".join(f"{k} {_human_size(v) if 'bytes' in k and isinstance(v, int) else v}"
                               for k, v in rest.items())
             lines.append(label + "; ".join(x for x in (head, extra) if x))
-            lines += [f"    {item}" for item in running + pending]
+            lines += [f"    {item}" for k in listed for item in items[k]]
         else:
             lines.append(label + str(section))
     return "\n".join(lines)

@@ -930,13 +930,14 @@ class UploaderStats:
         spool_dir: the spool directory.
         writing: files open for writing.
         in_progress: lines for uploads being sent now (with their rate).
-        pending: lines for uploads waiting to be retried or held (failed,
-            conflict).
+        pending: lines for uploads waiting to be retried.
+        held: lines for uploads held until the user acts (failed, conflict).
         stored: uploads that landed since the mount started.
         bytes_stored: their bytes.
         failures: failed attempts since the mount started.
         live_aborted: live uploads given up (the file was then sent at close).
         spool_bytes: bytes in the spool now.
+        left_alone: uploads of another owner found in the spool (not touched).
 
     Constructing one never raises.
     """
@@ -945,19 +946,22 @@ class UploaderStats:
     writing: int
     in_progress: tuple[str, ...]
     pending: tuple[str, ...]
+    held: tuple[str, ...]
     stored: int
     bytes_stored: int
     failures: int
     live_aborted: int
     spool_bytes: int
+    left_alone: int
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-able form (lists for tuples). Never raises."""
         return {"spool_dir": self.spool_dir, "writing": self.writing,
                 "in_progress": list(self.in_progress), "pending": list(self.pending),
-                "stored": self.stored, "bytes_stored": self.bytes_stored,
-                "failures": self.failures, "live_aborted": self.live_aborted,
-                "spool_bytes": self.spool_bytes}
+                "held": list(self.held), "stored": self.stored,
+                "bytes_stored": self.bytes_stored, "failures": self.failures,
+                "live_aborted": self.live_aborted, "spool_bytes": self.spool_bytes,
+                "left_alone": self.left_alone}
 
 
 # ----------------------------------------------------------------------------- the uploader
@@ -1040,6 +1044,7 @@ class Uploader:
         self._bytes_stored = 0
         self._failures = 0
         self._live_aborted = 0
+        self._left_alone = 0  # uploads of another owner found in the spool
         #: called (on the trio thread) when an upload landed: the tree shows the datafile
         self.on_landed: LandedCallback | None = None
         #: called when an upload changed state in the background (the tree refreshes it)
@@ -1089,6 +1094,7 @@ class Uploader:
             if self.owner and up.owner and up.owner != self.owner:
                 log.warning("upload %s in %s belongs to %s, not to this mount: left alone",
                             up.display, spool, up.owner)
+                self._left_alone += 1
                 continue
             if not up.data_path.exists():
                 log.error("upload %s (%s): its spool file is missing; record renamed to .bad",
@@ -2195,6 +2201,7 @@ class Uploader:
         now = self._clock()
         in_progress = []
         pending = []
+        held = []
         spool_bytes = 0
         writing = 0
         for up in self.uploads.values():
@@ -2206,11 +2213,13 @@ class Uploader:
                 in_progress.append(f"{up.display} ({_size(up.size)}{rate})")
             elif up.state == WRITING:
                 writing += 1
-            elif up.state in (PENDING, FAILED, CONFLICT):
+            elif up.state == PENDING:
                 pending.append(up.line())
+            elif up.state in (FAILED, CONFLICT):
+                held.append(up.line())
         return UploaderStats(str(self.spool_dir), writing, tuple(in_progress), tuple(pending),
-                             self._stored, self._bytes_stored, self._failures,
-                             self._live_aborted, spool_bytes)
+                             tuple(held), self._stored, self._bytes_stored, self._failures,
+                             self._live_aborted, spool_bytes, self._left_alone)
 
     def status(self) -> dict[str, Any]:
         """:meth:`stats` as a JSON-able dict (the ``uploads`` section of ``idsfs status``).

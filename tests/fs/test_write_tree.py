@@ -449,6 +449,7 @@ def test_pending_uploads_survive_a_restart(fresh_emu, wtree, tmp_path) -> None:
         assert any("later.bin" in line and "pending" in line for line in lines)
         status = t.uploader.status()
         assert status["writing"] == 1 and len(status["pending"]) == 1
+        assert status["held"] == [] and status["left_alone"] == 0
 
     t1.run(first, wait=0.3)
     recs = {json.loads(p.read_text())["name"]: json.loads(p.read_text())

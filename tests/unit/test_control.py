@@ -291,8 +291,13 @@ STATUS: dict[str, Any] = {
                   "restores": [{"datafile_id": 23, "readers": 2, "seconds": 14.0}],
                   "bytes_fetched": 20 << 20, "streams_opened": 2, "resumes": 0,
                   "failures": 0},
-    "uploads": {"pending": [{"path": "DEMO/x/run.h5", "size": 1024, "attempts": 3}],
-                "in_progress": [], "completed": 5},
+    "uploads": {"spool_dir": "/var/cache/idsfs/spool/x", "writing": 0,
+                "in_progress": ["DEMO/x/big.h5 (2.0 GiB, 80.0 MiB/s)"],
+                "pending": ["DEMO/x/run.h5 (1.0 KiB, attempt 3): pending: IDS answered 503"],
+                "held": ["DEMO/x/half.bin (4 B): failed: the mount stopped while the file was "
+                         "open for writing"],
+                "stored": 5, "bytes_stored": 5 << 20, "failures": 3, "live_aborted": 0,
+                "spool_bytes": 2 << 30, "left_alone": 1},
 }
 
 
@@ -303,8 +308,13 @@ def test_format_status() -> None:
     assert "12.0 MiB of 256.0 MiB in 12 blocks; hit rate 75.0% (30 hits, 10 misses" in text
     assert "datafile 17: reading at 8.0 MiB, 80.0 MiB/s, 3 blocks queued" in text
     assert "restores   1 waiting" in text and "datafile 23: 2 reads waiting for 14s" in text
-    assert "uploads    1 pending, 0 in progress; completed 5" in text
-    assert "DEMO/x/run.h5 (size 1024, attempts 3)" in text
+    assert ("uploads    1 pending, 1 held, 1 in progress; spool_dir /var/cache/idsfs/spool/x, "
+            "writing 0, stored 5, bytes_stored 5.0 MiB, failures 3, live_aborted 0, "
+            "spool_bytes 2.0 GiB, left_alone 1") in text
+    lines = text.splitlines()
+    at = lines.index("    DEMO/x/big.h5 (2.0 GiB, 80.0 MiB/s)")
+    assert lines[at + 1] == "    DEMO/x/run.h5 (1.0 KiB, attempt 3): pending: IDS answered 503"
+    assert lines[at + 2].startswith("    DEMO/x/half.bin (4 B): failed: the mount stopped")
     assert "/etc/icat/icat.cfg [facility]" in text
 
 

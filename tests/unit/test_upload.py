@@ -132,7 +132,13 @@ def test_records_found_at_start_up(tmp_path: Path) -> None:
     assert (spool / f"{'0' * 32}.json.bad").exists()
     assert all((spool / f"{str(i + 1) * 32}.json.bad").exists() for i in range(3))
     assert len(u.pending_lines()) == 3
-    assert u.status()["spool_dir"] == str(spool)
+    status = u.status()
+    assert status["spool_dir"] == str(spool)
+    # idsfs status: held (until the user acts) apart from pending (retried by itself)
+    assert [line.split(" ")[0] for line in status["held"]] == ["ds/writing.dat"]
+    assert sorted(line.split(" ")[0] for line in status["pending"]) == [
+        "ds/pending.dat", "ds/uploading.dat"]
+    assert status["left_alone"] == 1
     u.close_spool()
 
 
