@@ -27,7 +27,10 @@ sends one request:
   :meth:`idsfs.daemon.Daemon.status`);
 * ``{"request": "stop", "lazy": false}`` -> ``{"ok": true, "event":
   "stopping", "pid": N}``, or ``{"ok": false, "error": "busy", "message":
-  ...}`` when the mount is in use and not ``lazy``. After ``stopping`` the
+  ...}`` when the mount is in use and not ``lazy``. With ``"lazy": true`` the
+  mount is detached and the answer is ``{"ok": true, "event": "detached",
+  "pid": N}``, then end of file: the daemon serves the programs still using
+  the detached mount and exits when the last one lets go. After ``stopping`` the
   connection stays open: the daemon sends progress events (``{"event":
   "waiting", "message": ..., "pending": [...]}``) and finally ``{"event":
   "exit", "status": N}`` just before it exits; end of file follows.

@@ -52,9 +52,10 @@ Control channel (:mod:`idsfs.control`): once the mount answers, and before
 "ready" is reported, the daemon serves its control socket (named after the
 mount's device number) in the same nursery: ``status`` (:meth:`Daemon.status`,
 extended by :meth:`Daemon.add_status_provider`) for ``idsfs status``, and
-``stop`` for ``idsfs umount``, which unmounts (refused while busy, unless
-lazy), stops like SIGTERM and keeps the client informed
-(:meth:`Daemon.announce`) until the exit status (:meth:`Daemon.finish`).
+``stop`` for ``idsfs umount``, which unmounts (refused while busy), stops
+like SIGTERM and keeps the client informed (:meth:`Daemon.announce`) until
+the exit status (:meth:`Daemon.finish`); a lazy one only detaches the mount,
+and the daemon serves the programs still using it until the last lets go.
 
 Logging: one line per event on standard error (foreground), a ``--log-file``,
 or syslog in the background; session ids and the password are redacted from
@@ -1089,12 +1090,33 @@ class Daemon:
 
         The connection becomes a waiter first: a plain unmount ends the FUSE
         loop at once, which cancels this task, so the unmount and the reply
-        happen together in a worker thread.
+        happen together in a worker thread. ``lazy`` only detaches the mount
+        and answers ``detached``: the daemon goes on serving the programs
+        still using it (open files, working directories) and stops like after
+        any unmount once the kernel ends the connection, when the last of them
+        lets go.
         """
         waiter = conn.detach()
         stopping = {"ok": True, "event": "stopping", "pid": os.getpid(),
                     "pending": self.pending_work()}
-        if self._stop_requested or lazy:
+        if lazy and not self._stop_requested:
+            mp = str(self.config.mountpoint)
+
+            def detach_and_reply() -> None:
+                done, _busy, message = detach_mount(mp, True)
+                if done:
+                    log.info("%s detached (idsfs umount --lazy): serving the programs still "
+                             "using it until they let go", mp)
+                    waiter.send({"ok": True, "event": "detached", "pid": os.getpid(),
+                                 "pending": stopping["pending"]})
+                else:
+                    waiter.send({"ok": False, "error": "failed", "message": message})
+                waiter.close()
+
+            await self.bridge.run(detach_and_reply, abandon_on_cancel=False,
+                                  name="lazy unmount")
+            return
+        if self._stop_requested:
             # a blocking socket send (up to its 1 s timeout): through the bridge
             await self.bridge.run(waiter.send, stopping, abandon_on_cancel=False,
                                   name="control reply")

@@ -277,6 +277,8 @@ def _stop_through_channel(socket_path: Path, path: str, lazy: bool, timeout: flo
             return 1, str(reply.get("message") or reply.get("error") or "the daemon refused")
         pid = reply.get("pid")
         pending: list[str] = list(reply.get("pending") or [])
+        if reply.get("event") == "detached":  # lazy: the daemon serves on until unused
+            return 0, f"detached {path} (it goes away when no longer used)"
         status: int | None = None
         try:
             for event in client.events(wait):

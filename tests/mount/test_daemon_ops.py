@@ -175,10 +175,15 @@ def test_umount_waits_until_the_daemon_has_exited(mount, tmp_path: Path) -> None
     assert not is_mounted(m.path)
 
 
-def test_umount_lazy_through_the_channel(mount) -> None:
-    # read-only: a rw mount answers flush, so closing after the daemon left gives ENOTCONN
-    m = mount(None, "-o", "ro")
-    holder = open(m.path / RAW / "tiny.txt", "rb")  # noqa: SIM115 - kept open on purpose
+def test_umount_lazy_detaches_and_serves_who_still_uses_it(mount) -> None:
+    # umount --lazy: the name goes at once; programs still inside go on reading
+    # and writing (as with umount -l), and the daemon exits when they let go
+    m = mount(None)
+    raw = m.path / RAW
+    expected = (raw / "tiny.txt").read_bytes()
+    reader = open(raw / "tiny.txt", "rb")  # noqa: SIM115 - kept open on purpose
+    writer = open(raw / "after-detach.txt", "wb")  # noqa: SIM115 - kept open on purpose
+    cwd = os.open(raw, os.O_RDONLY | os.O_DIRECTORY)
     try:
         busy = m.unmount()
         assert busy.returncode == 1 and "is busy" in busy.stderr
@@ -186,8 +191,17 @@ def test_umount_lazy_through_the_channel(mount) -> None:
         done = run_idsfs("umount", "--lazy", str(m.path))
         assert done.returncode == 0, done.stderr
         assert "detached" in done.stderr
+        assert not is_mounted(m.path)
+        time.sleep(0.5)
+        assert m.alive()
+        assert reader.read() == expected
+        assert "tiny.txt" in os.listdir(cwd)
+        writer.write(b"written after the detach\n")
+        writer.close()  # stored: the close answers only once IDS has it
     finally:
-        holder.close()
+        reader.close()
+        writer.close()
+        os.close(cwd)
     assert m.wait_exit(20) == 0
     assert not is_mounted(m.path)
 
