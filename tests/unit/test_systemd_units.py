@@ -69,12 +69,14 @@ def test_service_says_what_it_must() -> None:
     assert svc["Type"] == "notify" and svc["NotifyAccess"] == "main"
     argv = svc["ExecStart"].split()
     assert argv[0] == INSTALLED and argv[1] == "mount"
-    assert "--foreground" in argv and argv[argv.index("--configSection") + 1] == "%I"
+    # the instance name as written (%i): %I would unescape idsfs@my-facility to my/facility
+    assert "--foreground" in argv and argv[argv.index("--configSection") + 1] == "%i"
     args = cli.build_parser().parse_args(argv[1:])  # the options exist
-    assert args.config_section == "%I" and args.foreground is True
+    assert args.config_section == "%i" and args.foreground is True
     assert args.mountpoint is None  # it comes from the section's mountpoint key
     assert svc["Restart"] == "on-failure"
-    assert svc["LoadCredential"].startswith("idsfs-password:")
+    assert svc["LoadCredential"] == "idsfs-password:idsfs-%i"  # the same spelling as above
+    assert "%I" not in unit("idsfs@.service")["Unit"]["Description"]
     assert svc["DeviceAllow"] == "/dev/fuse rw"
     assert svc["RuntimeDirectory"] == "idsfs" and svc["RuntimeDirectoryPreserve"] == "yes"
     assert svc["KillMode"] == "mixed"
