@@ -1315,7 +1315,9 @@ class Daemon:
                 await self.bridge.run(self.icat.session_info, name="session check")
             except IdsfsError as exc:
                 log.debug("session check failed: %s", exc)
-                if self.owns_session:
+                # A SESSION error means the client's own re-login was refused (it
+                # waits before trying again, and said so): no second login here.
+                if self.owns_session and not isinstance(exc, ICATSessionError):
                     try:
                         await self._login_again()
                     except IdsfsError as exc2:

@@ -20,7 +20,12 @@ Results are the frozen dataclasses of :mod:`idsfs.model`; errors are the
 * When the client logged in itself it keeps the credentials (in memory
   only; never logged or shown in a repr) and, on an ICAT ``SESSION`` error,
   logs in again once and repeats the call. ICAT checks the session before
-  doing anything, so repeating even a write is safe in that case.
+  doing anything, so repeating even a write is safe in that case. A re-login
+  that ICAT refuses (a changed password, a locked account) is logged as a
+  warning and not tried again for :data:`RELOGIN_BACKOFF` seconds, doubling
+  up to :data:`MAX_RELOGIN_BACKOFF`: meanwhile calls fail at once with the
+  refusal, so a busy caller does not send ICAT (and a directory service
+  behind it, which may lock the account) a login per call.
 * Listeners registered with :meth:`ICATClient.add_session_listener` are told
   the new session id (e.g. to update an ``IDSClient.sessionId``).
 * A session given by the caller (no credentials) that ICAT refuses is logged
@@ -66,6 +71,10 @@ E = TypeVar("E", bound=Entity)
 
 #: Refresh the session when less than this many seconds are left (upper bound).
 MAX_REFRESH_MARGIN = 30 * 60.0
+#: Seconds a refused re-login is not tried again (doubling per refusal in a row)...
+RELOGIN_BACKOFF = 10.0
+#: ... up to this many.
+MAX_RELOGIN_BACKOFF = 600.0
 
 
 def quote(value: str) -> str:
@@ -145,6 +154,9 @@ class ICATClient:
         self._listeners: list[Callable[[str | None], None]] = []
         self._lost_reported: str | None = None  # the adopted session last seen expire
         self._login_secrets: tuple[str, ...] = ()
+        #: a refused re-login: (monotonic time before which none is tried, refusals in a
+        #: row, ICAT's message)
+        self._relogin_refused: tuple[float, int, str] | None = None
         self._transport = _http.Transport(
             logger=log,
             error_factory=icat_error_from_response,
@@ -231,6 +243,7 @@ class ICATClient:
         with self._lock:
             sid = self._do_login(auth, creds)
             self._auth = (auth, creds) if remember else None
+            self._relogin_refused = None
             self._set_session(sid)
             self._note_lifetime()
             return sid
@@ -344,13 +357,32 @@ class ICATClient:
                 self._relogin(self._session_id)
 
     def _relogin(self, failed_sid: str | None) -> None:
+        """Log in again with the remembered credentials, unless a re-login was refused
+        moments ago (then raise that refusal again: ICATSessionError)."""
         with self._lock:
             if self._session_id != failed_sid:
                 return  # another thread already replaced it
             assert self._auth is not None
             auth, creds = self._auth
+            refused = self._relogin_refused
+            now = time.monotonic()
+            if refused is not None and now < refused[0]:
+                raise ICATSessionError(
+                    f"{refused[2]} (the re-login was refused; next try in "
+                    f"{refused[0] - now:.0f} s)", 403, type="SESSION")
             log.info("ICAT session expired; logging in again")
-            sid = self._do_login(auth, creds)
+            try:
+                sid = self._do_login(auth, creds)
+            except ICATSessionError as exc:
+                count = refused[1] + 1 if refused is not None else 1
+                wait = min(RELOGIN_BACKOFF * 2 ** (count - 1), MAX_RELOGIN_BACKOFF)
+                self._relogin_refused = (time.monotonic() + wait, count, exc.message)
+                log.warning("ICAT refused to log %s in again with authenticator %s (%s): "
+                            "calls fail until the next try in %.0f s; after a change of "
+                            "password, mount again", creds.get("username", "the user"),
+                            auth, exc.message, wait)
+                raise
+            self._relogin_refused = None
             self._set_session(sid)
             self._note_lifetime()
 
