@@ -141,6 +141,7 @@ from idsfs.errors import (
     IDSInsufficientPrivilegesError,
     IDSInternalError,
     IDSNotFoundError,
+    IDSResponseError,
     IncompleteDownloadError,
     RestoreFailedError,
     RestoreTimeoutError,
@@ -1470,11 +1471,35 @@ class Transfer:
                 if stream.broken or stream.closed:
                     ds.close()
                     raise TransferError(f"datafile {ident}: stream closed while opening", ident)
+                self._check_length(ds, opened.key.size, stream.pos, ident)
                 ds.fill_whole = True  # the FUSE thread keeps the GIL busy: one wait per block
                 stream.ds = ds
                 return
         finally:
             stream.opening = False
+
+    @staticmethod
+    def _check_length(ds: DataStream, size: int, offset: int, ident: int) -> None:
+        """Refuse (closing ``ds``) an answer whose ``Content-Length`` cannot be the rest of
+        the file from ``offset``: more bytes than ICAT's ``size`` leaves
+        (IDSResponseError: the stored file is longer than the catalogue says, or
+        the server ignored the range), or, past the start, fewer
+        (IncompleteDownloadError: the stored file ends early, or the answer
+        starts elsewhere than asked). At offset 0 fewer bytes are read up to
+        where they end, as a stream that ends early is.
+        """
+        have = ds.content_length
+        expected = size - offset
+        if have is None or have == expected or (have < expected and offset == 0):
+            return
+        ds.close()
+        what = (f"datafile {ident}: IDS answers {have} bytes from offset {offset}, but "
+                f"ICAT's fileSize ({size}) leaves {expected}")
+        if have > expected:
+            raise IDSResponseError(f"{what}: the stored file and the catalogue disagree, or "
+                                   f"the server ignored the range; not read")
+        raise IncompleteDownloadError(f"{what}: the stored bytes end early, or the answer "
+                                      f"does not start at the offset asked for", ident, offset)
 
     # -- preparation and restores ----------------------------------------------------------
 

@@ -20,6 +20,7 @@ from idsfs.errors import (
     ChecksumMismatchError,
     IDSDataNotOnlineError,
     IDSInsufficientPrivilegesError,
+    IDSResponseError,
     IncompleteDownloadError,
     TransferError,
 )
@@ -462,6 +463,28 @@ def test_file_shorter_than_filesize_fails_instead_of_short_read(world: World) ->
     run(body)
     # the first stream ends short after its bytes; two resumes in a row bring nothing
     assert transfer.stats().resumes == 2
+
+
+def test_an_answer_longer_than_the_rest_of_the_file_is_refused(world: World) -> None:
+    # IDS announces more bytes than the fileSize the mount knows leaves from the
+    # offset (IDS sends Content-Length = ICAT's fileSize - offset: the two
+    # disagree, or a proxy ignored the range): nothing is read, instead of the
+    # first bytes passing for the file or for the bytes at the offset.
+    data = random_bytes(100 * KiB)
+    df = world.put("long.bin", data)
+    shorter = dataclasses.replace(df, fileSize=len(data) - 1000)
+    transfer = make_transfer(world.client(), block_size=BS)
+
+    async def body() -> None:
+        async with running_transfer(transfer):
+            for offset in (0, BS):
+                reader = await transfer.open(shorter)
+                with pytest.raises(IDSResponseError, match="disagree") as info:
+                    await reader.read(offset, BS)
+                assert info.value.__cause__ is None  # refused here, not a server error
+                await reader.close()
+
+    run(body)
 
 
 def test_aclose_closes_streams_and_refuses_reads(world: World) -> None:
