@@ -1448,9 +1448,11 @@ def check_mountpoint(path: Path) -> None:
     entry = find_mount(path)
     if entry is not None and entry.is_fuse:
         state = probe_mount(path, timeout=3.0)
-        if state == 0:
-            raise StartupError(f"{path} is already mounted ({entry.fstype} {entry.source}); "
-                               f"unmount it first: idsfs umount {path}")
+        if state not in (None, errno.ENOTCONN, errno.ECONNABORTED):
+            # it answers, if only with an error (e.g. EACCES: its session expired)
+            answer = f", answering {os.strerror(state)}" if state else ""
+            raise StartupError(f"{path} is already mounted ({entry.fstype} {entry.source}"
+                               f"{answer}); unmount it first: idsfs umount {path}")
         raise StartupError(f"{path} is a stale mount ({entry.fstype}, its daemon is gone or "
                            f"hung); clear it with: idsfs umount {path}")
     try:
