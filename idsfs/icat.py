@@ -28,8 +28,9 @@ Results are the frozen dataclasses of :mod:`idsfs.model`; errors are the
   behind it, which may lock the account) a login per call.
 * Listeners registered with :meth:`ICATClient.add_session_listener` are told
   the new session id (e.g. to update an ``IDSClient.sessionId``).
-* A session given by the caller (no credentials) that ICAT refuses is logged
-  once, as a warning, the first time a call is refused.
+* A session given by the caller (no credentials) that ICAT refuses after it
+  worked is logged once, as a warning, the first time a call is refused (one
+  refused at its first call is only raised).
 
 Thread safety: one client may be used from several threads; login, refresh
 and re-login are serialised by a lock, the calls themselves run in parallel.
@@ -153,6 +154,7 @@ class ICATClient:
         self._refresh_margin = refresh_margin
         self._listeners: list[Callable[[str | None], None]] = []
         self._lost_reported: str | None = None  # the adopted session last seen expire
+        self._worked: str | None = None  # the session of the last call that succeeded
         self._login_secrets: tuple[str, ...] = ()
         #: a refused re-login: (monotonic time before which none is tried, refusals in a
         #: row, ICAT's message)
@@ -392,16 +394,20 @@ class ICATClient:
             self._maybe_refresh()
         sid = self._session_id
         try:
-            return call()
+            result = call()
         except ICATSessionError:
             if self._auth is None:
-                if sid is not None and sid != self._lost_reported:
-                    self._lost_reported = sid  # said once per session, not per call
+                # said once per session, and only of one that worked before (a session
+                # refused at its first call is the caller's error to report)
+                if sid is not None and sid == self._worked and sid != self._lost_reported:
+                    self._lost_reported = sid
                     log.warning("ICAT refuses the session (expired or logged out) and there "
                                 "are no credentials to log in again")
                 raise
             self._relogin(sid)
             return call()
+        self._worked = sid
+        return result
 
     # ------------------------------------------------------------------ plumbing
 

@@ -51,3 +51,25 @@ def test_a_refused_relogin_backs_off_and_warns(world, caplog, monkeypatch) -> No
         assert emu.counters.get("icat/login") == 3
     finally:
         icat.close()
+
+
+def test_an_adopted_session_warns_once_when_lost_not_when_never_valid(world, caplog) -> None:
+    emu = world.emu
+    caplog.set_level(logging.WARNING, "idsfs.icat")
+    bogus = ICATClient(emu.icat_url, sessionId="no-such-session", backoff=0.01)
+    with pytest.raises(ICATSessionError):
+        bogus.session_info()  # refused at once: the caller reports it (a mount: one line)
+    assert "ICAT refuses the session" not in caplog.text
+    alice = _alice(emu)
+    adopted = ICATClient(emu.icat_url, sessionId=alice.sessionId, backoff=0.01)
+    try:
+        assert adopted.search("SELECT COUNT(ds) FROM Dataset ds") == [3]
+        emu.expire_sessions(alice.sessionId)
+        for _ in range(3):
+            with pytest.raises(ICATSessionError):
+                adopted.search("SELECT COUNT(ds) FROM Dataset ds")
+        assert caplog.text.count("ICAT refuses the session") == 1
+    finally:
+        adopted.close()
+        alice.close()
+        bogus.close()

@@ -192,6 +192,7 @@ def test_invalid_session_fails_clearly(demo_emulator, tmp_path: Path) -> None:
                      str(mp))
     assert done.returncode == 1
     assert "the ICAT session from file" in done.stderr and "is not valid" in done.stderr
+    assert len(done.stderr.splitlines()) == 1, done.stderr  # one line, no warning before it
     assert "dead-beef" not in done.stderr
     assert not is_mounted(mp)
 
