@@ -1,7 +1,7 @@
 """systemd/idsfs@.service run the way systemd runs it (no systemd needed).
 
 systemd itself cannot run in this container, so the test does what the unit
-tells systemd to do: it runs the unit's ExecStart= (``%I`` = the instance,
+tells systemd to do: it runs the unit's ExecStart= (``%i`` = the instance,
 the program path = this environment's ``idsfs``) with the environment systemd
 gives a ``Type=notify`` service with ``LoadCredential=`` and
 ``StandardError=journal``: ``$NOTIFY_SOCKET`` (a socket the test reads),
