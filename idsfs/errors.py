@@ -122,7 +122,14 @@ __all__ = [
 
 
 class IdsfsError(Exception):
-    """Base class of every exception idsfs raises on purpose."""
+    """Base class of every exception idsfs raises on purpose.
+
+    ``repeated`` is True on a failure answered again, unchanged, to another
+    read of the same range (the read path's hold of a failed read, see
+    :mod:`idsfs.transfer`): said once in the log, not once per read.
+    """
+
+    repeated: bool = False
 
 
 # ----------------------------------------------------------------------------

@@ -163,7 +163,9 @@ def errno_for(exc: BaseException) -> int:
 def _fuse_error(operation: str, exc: Exception) -> pyfuse3.FUSEError:
     """Log ``exc`` as befits it and return the FUSEError to raise instead."""
     known, code = _known(exc)
-    if not known:
+    if known and getattr(exc, "repeated", False):  # logged when it first happened
+        log.debug("%s: %s again (%s)", operation, errno.errorcode.get(code, code), exc)
+    elif not known:
         log.error("%s: unexpected %s, answering EIO", operation, type(exc).__name__,
                   exc_info=exc)
     elif code == errno.EIO:

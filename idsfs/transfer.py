@@ -303,6 +303,7 @@ def _again(error: IdsfsError) -> IdsfsError:
     again.args = error.args
     again.__dict__.update(error.__dict__)
     again.__cause__ = error
+    again.repeated = True
     return again
 
 

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from mountharness import demo_files, idsfs_command
+from mountharness import demo_files, idsfs_command, wait_until
 
 from idsfs.emulator import demo
 
@@ -233,6 +233,9 @@ def test_a_failing_read_waits_restore_wait_once_for_all_its_readers(
         return time.monotonic() - start
 
     assert 1.0 <= timed_failure() < 1.8
+    # the kernel's repeat got the held answer: logged once, not once per read
+    assert wait_until(lambda: "ENODATA" in m.log_text(), 2)
+    assert m.log_text().count("ENODATA") == 1, m.log_text()
     time.sleep(2.5)  # past the hold: the next readers wait again, once
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         took = list(pool.map(lambda _: timed_failure(), range(4)))
