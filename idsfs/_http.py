@@ -7,6 +7,13 @@ translates every ``requests``/``urllib3``/socket exception into the
 :class:`~idsfs.errors.ServerError` subclasses, and logs each request with
 secrets redacted.
 
+Redirects are never followed: a 3xx answer raises the client's response
+error (:class:`~idsfs.errors.IDSResponseError` or
+:class:`~idsfs.errors.ICATResponseError`) naming the status and the
+redacted ``Location``. Following one would send the login form (password),
+the session id or an upload's bytes to wherever the answer points; the
+configured URL alone decides where they go.
+
 Retry rule (see docs/client.md): only calls marked idempotent by the client
 are retried, at most ``retries`` times with exponential back-off, when the
 connection failed (refused, reset, timed out before an answer) or the server
@@ -23,7 +30,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urljoin
 
 import requests
 import requests.adapters
@@ -34,6 +41,10 @@ import urllib3.exceptions
 from idsfs.errors import (
     ConnectError,
     ConnectionLostError,
+    ICATError,
+    ICATResponseError,
+    IDSError,
+    IDSResponseError,
     ServerError,
     TLSError,
     TransportError,
@@ -64,6 +75,8 @@ MAX_BACKOFF = 8.0
 POOL_MAXSIZE = 32
 #: Error bodies longer than this are cut before parsing.
 MAX_ERROR_BODY = 64 * 1024
+#: A redirect's Location is cut to this length in the error message.
+_MAX_LOCATION = 300
 
 RETRY_STATUSES = frozenset({502, 503, 504})
 #: Request parameters whose values are secrets: error messages that quote them
@@ -255,7 +268,8 @@ class Transport:
     the values of :data:`SECRET_PARAMS` a request sends are redacted from
     its error too.
     ``error_factory(status, body, reason, secrets)`` builds the ServerError
-    for an error answer.
+    for an error answer; the class of what it builds (an IDS or an ICAT
+    error) selects the response error raised for a redirect.
 
     Constructing one raises ``ValueError`` when ``retries`` is negative or
     ``timeout`` is not a positive number or a ``(connect, read)`` pair of
@@ -280,6 +294,7 @@ class Transport:
             raise ValueError("retries must be >= 0")
         self.log = logger
         self.error_factory = error_factory
+        self.response_error = _response_error_class(error_factory)
         self.secrets = secrets
         self.timeout = _check_timeout(timeout)
         self.retries = retries
@@ -325,10 +340,12 @@ class Transport:
         is_busy: Callable[[ServerError], bool] | None = None,
         timeout: Timeout | None = None,
     ) -> requests.Response:
-        """Send one request and return the successful (status < 400) response.
+        """Send one request and return the successful (status < 300) response.
 
         Retries when ``idempotent`` (see the module docstring). Raises the
-        ServerError built by ``error_factory`` for an error status, and a
+        ServerError built by ``error_factory`` for an error status, the
+        response error of the client (``IDSResponseError``/``ICATResponseError``,
+        ``status`` set) for a redirect (3xx: never followed), and a
         TransportError subclass when no answer was obtained. With
         ``stream=True`` the body of a successful response is left unread.
         """
@@ -348,7 +365,7 @@ class Transport:
                     timeout=timeout if timeout is not None else self.timeout,
                     verify=self.verify,
                     proxies=self.proxies,
-                    allow_redirects=True,
+                    allow_redirects=False,
                 )
             except (requests.RequestException, urllib3.exceptions.HTTPError, OSError,
                     http.client.HTTPException) as exc:
@@ -366,6 +383,11 @@ class Transport:
                 raise err from exc
 
             status = response.status_code
+            if 300 <= status < 400:
+                error = self._redirect_error(response, method, url, shown,
+                                             _sent_secrets(params, data))
+                self.log.info("%s %s -> %d: %s", method, shown, status, error.message)
+                raise error
             if status < 400:
                 if not stream:
                     try:
@@ -407,6 +429,30 @@ class Transport:
             raise error
         raise AssertionError("unreachable")  # pragma: no cover
 
+    def _redirect_error(self, response: requests.Response, method: str, url: str,
+                        shown: str, sent: tuple[str, ...] = ()) -> ServerError:
+        """The error for a 3xx answer (closed here): status and redacted Location.
+
+        ``sent``: secrets the request carried (redacted from the Location too).
+        """
+        status = response.status_code
+        location = response.headers.get("Location")
+        response.close()
+        if location:
+            target = redact(urljoin(url, location.strip()), (*self.secrets(), *sent))
+            if len(target) > _MAX_LOCATION:
+                target = target[:_MAX_LOCATION] + "..."
+            where = f"a redirect to {target}"
+        else:
+            where = "a redirect without a Location"
+        reason = f" {response.reason}" if response.reason else ""
+        message = (
+            f"{method} {shown}: the server answered {status}{reason}, {where}; redirects "
+            "are not followed (they could carry the password, session or data elsewhere): "
+            "if that is the right server, configure its URL directly"
+        )
+        return self.response_error(message, status)
+
     def _error_from(self, response: requests.Response, shown: str,
                     sent: tuple[str, ...] = ()) -> ServerError:
         """Read a (bounded) error body and build the ServerError; closes it.
@@ -423,6 +469,18 @@ class Transport:
         return self.error_factory(
             response.status_code, body, response.reason or "", (*self.secrets(), *sent)
         )
+
+
+def _response_error_class(
+    error_factory: Callable[[int, bytes, str, Iterable[str | None]], ServerError],
+) -> type[ServerError]:
+    """The "unusable answer" class of the service whose errors ``error_factory`` builds."""
+    probe = error_factory(500, b"", "", ())
+    if isinstance(probe, IDSError):
+        return IDSResponseError
+    if isinstance(probe, ICATError):
+        return ICATResponseError
+    return type(probe)
 
 
 def _sent_secrets(*parts: Any) -> tuple[str, ...]:

@@ -1,0 +1,108 @@
+"""Answers a client must not trust: redirects, encoded bodies, shifted ranges,
+garbage where a boolean or a preparedId belongs, hostile JSON, and a server
+that reads an upload slowly.
+
+These answers come from small servers on 127.0.0.1 (the ``canned`` fixture
+or a listener started here): the emulator never sends them.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+
+import pytest
+
+from idsfs.errors import ICATResponseError, IDSResponseError
+from idsfs.icat import ICATClient
+from idsfs.ids import DataSelection, IDSClient
+
+SID = "0d9a3706-80d4-4d29-9ff3-4d65d4308a24"
+JSON = {"Content-Type": "application/json"}
+
+
+def client(canned, **kw) -> IDSClient:
+    kw.setdefault("backoff", 0.01)
+    return IDSClient(canned.url + "/ids", SID, **kw)
+
+
+@pytest.fixture
+def elsewhere() -> Iterator[socket.socket]:
+    """A listening socket that must never be connected to (nothing accepts on it,
+    but the kernel completes connections into its backlog, where they are seen)."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(8)
+    sock.setblocking(False)
+    yield sock
+    sock.close()
+
+
+def connections(sock: socket.socket) -> int:
+    """The number of connections made to ``sock`` so far (accepted and closed here)."""
+    count = 0
+    while True:
+        try:
+            conn, _ = sock.accept()
+        except BlockingIOError:
+            return count
+        conn.close()
+        count += 1
+
+
+def url_of(sock: socket.socket) -> str:
+    return f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+# ---------------------------------------------------------------------------------------
+# 1. redirects are never followed
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+def test_login_redirect_is_not_followed(canned, elsewhere, status) -> None:
+    target = url_of(elsewhere) + "/icat/session?sessionId=" + SID
+    canned.answer("/icat/session", status, "", {"Location": target})
+    icat = ICATClient(canned.url, backoff=0.01, timeout=5)
+    with pytest.raises(ICATResponseError) as info:
+        icat.login("db", {"username": "root", "password": "hunter2-secret"})
+    message = str(info.value)
+    assert info.value.status == status
+    assert str(status) in message and url_of(elsewhere) in message
+    assert "configure" in message and "directly" in message
+    assert SID not in message and "hunter2-secret" not in message
+    assert connections(elsewhere) == 0
+    assert canned.hits("/icat/session") == 1
+    assert icat.sessionId is None
+
+
+def test_ids_redirects_are_not_followed(canned, elsewhere) -> None:
+    target = url_of(elsewhere) + "/ids/put"
+    canned.answer("/ids/put", 307, "", {"Location": target})
+    canned.answer("/ids/isReadOnly", 308, "", {"Location": "/other/isReadOnly"})
+    canned.answer("/ids/getData", 302, "", {"Location": url_of(elsewhere) + "/getData"})
+    ids = client(canned, timeout=5)
+    with pytest.raises(IDSResponseError) as info:
+        ids.put(b"the data of the upload", "x", 1, 1)
+    assert info.value.status == 307 and target in str(info.value)
+    assert SID not in str(info.value)
+    assert canned.hits("/ids/put") == 1
+    with pytest.raises(IDSResponseError) as info:
+        ids.isReadOnly()
+    # a relative Location is shown resolved against the request URL
+    assert canned.url + "/other/isReadOnly" in str(info.value)
+    assert canned.hits("/ids/isReadOnly") == 1  # not retried
+    with pytest.raises(IDSResponseError):
+        ids.getData(DataSelection({"datafileIds": [1]}))
+    assert connections(elsewhere) == 0
+    assert not any(s.path.startswith("/other") for s in canned.seen)
+
+
+def test_redirect_location_is_redacted(canned) -> None:
+    canned.answer("/ids/getData", 307, "",
+                  {"Location": "http://127.0.0.1:1/ids/abc123-prepared/getData"
+                                          f"?preparedId=abc123&sessionId={SID}"})
+    ids = client(canned)
+    with pytest.raises(IDSResponseError) as info:
+        ids.getData("abc123-prepared")
+    assert SID not in str(info.value) and "abc123" not in str(info.value)
+    assert "http://127.0.0.1:1/ids/***/getData?preparedId=***&sessionId=***" in str(info.value)
