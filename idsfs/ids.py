@@ -291,6 +291,23 @@ def _entity_id(obj: Any) -> int:
 # getData stream
 
 
+def _check_encoding(stream: DataStream, endpoint: str) -> None:
+    """Raise IDSResponseError (closing ``stream``) when its body is content-encoded.
+
+    The client asks for ``Accept-Encoding: identity`` and hands the body out
+    as the file's bytes: a ``Content-Encoding`` other than ``identity`` (a
+    proxy that compresses anyway) would pass gzip or other encoded bytes off as
+    the data.
+    """
+    encoding = (stream.headers.get("Content-Encoding") or "").strip()
+    if encoding and any(part.strip().lower() != "identity" for part in encoding.split(",")):
+        stream.close()
+        raise IDSResponseError(
+            f"{endpoint}: the answer has Content-Encoding {redact(encoding[:50])!r}, not the "
+            "data's own bytes (identity was asked for; a proxy in between?)"
+        )
+
+
 def _check_range(stream: DataStream, offset: int) -> None:
     """Raise IDSResponseError (closing ``stream``) unless its body starts at ``offset``.
 
@@ -1361,8 +1378,9 @@ class IDSClient:
         :class:`~idsfs.errors.IDSDataNotOnlineError` for archived data,
         :class:`~idsfs.errors.IDSResponseError` when an answer to an offset does
         not start there (a 200 with the whole body, e.g. from a proxy that drops
-        ``Range``, or a ``Content-Range`` elsewhere), and the errors of every
-        call.
+        ``Range``, or a ``Content-Range`` elsewhere) or when the body is
+        content-encoded (a ``Content-Encoding`` other than ``identity``), and
+        the errors of every call.
         """
         if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
             raise ValueError(f"offset must be a non-negative integer, not {offset!r}")
@@ -1375,6 +1393,7 @@ class IDSClient:
             "GET", "getData", params, idempotent=True, stream=True, headers=headers
         )
         stream = DataStream(response, offset, self._transport.display_url(url, params))
+        _check_encoding(stream, "getData")
         if offset > 0:
             _check_range(stream, offset)
         return stream

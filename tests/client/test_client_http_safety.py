@@ -8,6 +8,7 @@ or a listener started here): the emulator never sends them.
 
 from __future__ import annotations
 
+import gzip
 import socket
 from collections.abc import Iterator
 
@@ -106,3 +107,26 @@ def test_redirect_location_is_redacted(canned) -> None:
         ids.getData("abc123-prepared")
     assert SID not in str(info.value) and "abc123" not in str(info.value)
     assert "http://127.0.0.1:1/ids/***/getData?preparedId=***&sessionId=***" in str(info.value)
+
+
+# ---------------------------------------------------------------------------------------
+# 2. an encoded getData body is never returned as the file's bytes
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate", "br", "x-gzip", "identity, gzip"])
+def test_encoded_get_data_body_is_refused(canned, encoding) -> None:
+    gz = gzip.compress(b"the file's real bytes")
+    canned.answer("/ids/getData", 200, gz, {"Content-Encoding": encoding})
+    ids = client(canned)
+    for offset, status in ((0, 200), (3, 206)):
+        canned.answer("/ids/getData", status, gz, {"Content-Encoding": encoding})
+        with pytest.raises(IDSResponseError, match="Content-Encoding"):
+            ids.getData(DataSelection({"datafileIds": [1]}), offset=offset)
+    seen = [s for s in canned.seen if s.path.startswith("/ids/getData")]
+    assert seen and all(s.headers.get("Accept-Encoding") == "identity" for s in seen)
+
+
+def test_identity_encoding_is_accepted(canned) -> None:
+    canned.answer("/ids/getData", 200, b"plain bytes", {"Content-Encoding": " Identity "})
+    with client(canned).getData(DataSelection({"datafileIds": [1]})) as stream:
+        assert stream.read() == b"plain bytes"
