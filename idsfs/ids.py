@@ -308,20 +308,34 @@ def _check_encoding(stream: DataStream, endpoint: str) -> None:
         )
 
 
+_CONTENT_RANGE = re.compile(r"\s*bytes\s+(\d+)-(\d+)/(?:\d+|\*)\s*", re.IGNORECASE)
+
+
 def _check_range(stream: DataStream, offset: int) -> None:
     """Raise IDSResponseError (closing ``stream``) unless its body starts at ``offset``.
 
     The IDS answers a ``Range: bytes=N-`` request with 206 (zips too; an offset
-    past the end gives an empty 206); a 200 carries the whole body from byte 0.
+    past the end gives an empty 206) and no ``Content-Range``; a 200 carries the
+    whole body from byte 0. A ``Content-Range`` (from a proxy or another server)
+    must be ``bytes <offset>-<last>/<size or *>``, agreeing with a
+    ``Content-Length``.
     """
     problem = None
     if stream.status != 206:
         problem = f"answered {stream.status}, not 206 (the body would start at byte 0)"
-    else:
-        content_range = stream.headers.get("Content-Range") or ""
-        match = re.match(r"\s*bytes\s+(\d+)-", content_range)
-        if match is not None and int(match.group(1)) != offset:
-            problem = f"sent bytes from {match.group(1)} ({content_range!r})"
+    elif (content_range := stream.headers.get("Content-Range")) is not None:
+        shown = redact(content_range[:80])
+        match = _CONTENT_RANGE.fullmatch(content_range)
+        if match is None:
+            problem = f"sent a Content-Range that is not a byte range ({shown!r})"
+        elif int(match.group(1)) != offset:
+            problem = f"sent bytes from {match.group(1)} ({shown!r})"
+        elif int(match.group(2)) < offset:
+            problem = f"sent an empty or reversed Content-Range ({shown!r})"
+        elif (stream.content_length is not None
+              and stream.content_length != int(match.group(2)) - offset + 1):
+            problem = (f"sent {stream.content_length} bytes (Content-Length) for the range "
+                       f"{shown!r}")
     if problem is not None:
         stream.close()
         raise IDSResponseError(f"getData from offset {offset}: the server {problem}")

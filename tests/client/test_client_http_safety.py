@@ -130,3 +130,30 @@ def test_identity_encoding_is_accepted(canned) -> None:
     canned.answer("/ids/getData", 200, b"plain bytes", {"Content-Encoding": " Identity "})
     with client(canned).getData(DataSelection({"datafileIds": [1]})) as stream:
         assert stream.read() == b"plain bytes"
+
+
+# ---------------------------------------------------------------------------------------
+# 3. a Content-Range on a ranged answer must start at the offset asked for
+
+
+@pytest.mark.parametrize(("content_range", "problem"), [
+    ("bytes 2-7/10", "sent bytes from 2"),
+    ("bytes 0-5/*", "sent bytes from 0"),
+    ("bytes */10", "sent a Content-Range that is not a byte range"),
+    ("items 4-9/10", "sent a Content-Range that is not a byte range"),
+    ("bytes 4-", "sent a Content-Range that is not a byte range"),
+    ("garbage", "sent a Content-Range that is not a byte range"),
+    ("bytes 4-3/10", "sent an empty or reversed"),
+    ("bytes 4-7/10", r"sent 6 bytes \(Content-Length\)"),
+])
+def test_content_range_elsewhere_is_refused(canned, content_range, problem) -> None:
+    canned.answer("/ids/getData", 206, b"456789", {"Content-Range": content_range})
+    with pytest.raises(IDSResponseError, match=f"getData from offset 4: the server {problem}"):
+        client(canned).getData(DataSelection({"datafileIds": [1]}), offset=4)
+
+
+@pytest.mark.parametrize("content_range", ["bytes 4-9/10", "BYTES 4-9/*", " bytes  4-9/10 "])
+def test_content_range_at_the_offset_is_accepted(canned, content_range) -> None:
+    canned.answer("/ids/getData", 206, b"456789", {"Content-Range": content_range})
+    with client(canned).getData(DataSelection({"datafileIds": [1]}), offset=4) as stream:
+        assert stream.read() == b"456789"
