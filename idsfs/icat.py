@@ -417,7 +417,7 @@ class ICATClient:
             return None
         try:
             return json.loads(text)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # RecursionError: nested too deeply
             raise ICATResponseError(
                 f"response is not JSON: {self._transport.redact(text[:200])!r}"
             ) from exc

@@ -144,7 +144,7 @@ class Entity:
                 continue
             try:
                 kwargs[name] = _convert(kind, value)
-            except (TypeError, ValueError) as exc:
+            except (TypeError, ValueError, OverflowError) as exc:  # OverflowError: int(1e400)
                 raise ValueError(f"{cls.BeanName}.{name}: bad value {value!r}") from exc
         return cls(**kwargs)
 
