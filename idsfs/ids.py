@@ -957,6 +957,34 @@ def _decode_text(endpoint: str, response: requests.Response) -> str:
         raise IDSResponseError(f"{endpoint}: response is not UTF-8 text") from exc
 
 
+#: How much of an unusable answer an error message quotes.
+_EXCERPT = 100
+#: A preparedId: printable ASCII without spaces or markup, at most this long (the IDS
+#: hands out UUIDs; the client only refuses what cannot be one, e.g. an HTML page).
+_PREPARED_ID = re.compile(r"[!-;=-~]{1,256}")
+
+
+def _excerpt(text: str, secrets: Iterable[str | None] = ()) -> str:
+    """A short, redacted quote of an unusable answer for an error message. Never raises."""
+    text = text.strip()
+    cut = text[:_EXCERPT] + ("..." if len(text) > _EXCERPT else "")
+    return repr(redact(cut, secrets))
+
+
+def _boolean(endpoint: str, text: str) -> bool:
+    """``true``/``false`` (any case, surrounding whitespace allowed) as a bool.
+
+    Raises IDSResponseError for any other answer (an HTML page from a proxy must not
+    read as "false").
+    """
+    word = text.strip().lower()
+    if word == "true":
+        return True
+    if word == "false":
+        return False
+    raise IDSResponseError(f"{endpoint}: the answer is not true or false: {_excerpt(text)}")
+
+
 def _is_busy(error: ServerError) -> bool:
     """Retry predicate: a lock conflict or a proxy-level overload.
 
@@ -1179,29 +1207,44 @@ class IDSClient:
     def getIcatUrl(self) -> str:
         """Return the URL of the ICAT server this IDS uses (IDS >= 1.4.0).
 
-        Raises :class:`~idsfs.errors.VersionMethodError` on an older server and the errors of
-        every call.
+        Surrounding whitespace is removed. Raises
+        :class:`~idsfs.errors.VersionMethodError` on an older server,
+        :class:`~idsfs.errors.IDSResponseError` when the answer is not an
+        http(s) URL (the message says it came from the IDS's getIcatUrl), and the
+        errors of every call.
         """
         try:
-            return self._text("getIcatUrl")
+            text = self._text("getIcatUrl")
         except IDSError as exc:
+            if isinstance(exc, IDSResponseError):
+                raise
             if (too_old := self._versionMethodError("getIcatUrl", "1.4.0")) is not None:
                 raise too_old from exc
             raise
+        url = text.strip()
+        if not re.fullmatch(r"https?://[!-;=?-~]+", url, re.IGNORECASE) or len(url) > 2048:
+            raise IDSResponseError(
+                f"the IDS's getIcatUrl answered {_excerpt(text, (self.sessionId,))}, "
+                "not an http(s) URL; give the ICAT URL yourself (--icat)")
+        return url
 
     def isReadOnly(self) -> bool:
         """Return whether the server is read-only.
 
-        Raises the errors of every call (see :class:`IDSClient`).
+        Raises :class:`~idsfs.errors.IDSResponseError` when the answer is not
+        ``true``/``false`` (any case), and the errors of every call (see
+        :class:`IDSClient`).
         """
-        return self._text("isReadOnly").strip().lower() == "true"
+        return _boolean("isReadOnly", self._text("isReadOnly"))
 
     def isTwoLevel(self) -> bool:
         """Return whether the server has archive storage (two-level).
 
-        Raises the errors of every call (see :class:`IDSClient`).
+        Raises :class:`~idsfs.errors.IDSResponseError` when the answer is not
+        ``true``/``false`` (any case), and the errors of every call (see
+        :class:`IDSClient`).
         """
-        return self._text("isTwoLevel").strip().lower() == "true"
+        return _boolean("isTwoLevel", self._text("isTwoLevel"))
 
     def getServiceStatus(self) -> dict[str, Any]:
         """Return what the IDS is doing (``opsQueue``, ``locks``, ``failures``).
@@ -1333,9 +1376,12 @@ class IDSClient:
     ) -> str:
         """Prepare the selection for download; return the preparedId.
 
-        Raises ``TypeError`` for anything but a DataSelection, ``RuntimeError`` without a
-        sessionId, :class:`~idsfs.errors.IDSResponseError` for an answer that is not text, and
-        the errors of every call.
+        Surrounding whitespace is removed. Raises ``TypeError`` for anything but
+        a DataSelection, ``RuntimeError`` without a sessionId,
+        :class:`~idsfs.errors.IDSResponseError` for an answer that cannot be a
+        preparedId (empty, longer than 256 characters, or holding anything but
+        printable ASCII without spaces and ``<``: e.g. an HTML page), and the
+        errors of every call.
         """
         params = self._sessionSelection(selection)
         if zipFlag:
@@ -1343,16 +1389,23 @@ class IDSClient:
         if compressFlag:
             params["compress"] = "true"
         response = self._call("POST", "prepareData", params, idempotent=False)
-        return _decode_text("prepareData", response)
+        text = _decode_text("prepareData", response)
+        prepared = text.strip()
+        if not _PREPARED_ID.fullmatch(prepared):
+            raise IDSResponseError(
+                f"prepareData: the answer is not a preparedId: "
+                f"{_excerpt(text, (self.sessionId,))}")
+        return prepared
 
     def isPrepared(self, preparedId: str) -> bool:
         """Return whether the data of ``preparedId`` is ready for getData.
 
         Raises :class:`~idsfs.errors.IDSBadRequestError` for a malformed and
-        :class:`~idsfs.errors.IDSNotFoundError` for an unknown preparedId, and the errors of
-        every call.
+        :class:`~idsfs.errors.IDSNotFoundError` for an unknown preparedId,
+        :class:`~idsfs.errors.IDSResponseError` when the answer is not
+        ``true``/``false`` (any case), and the errors of every call.
         """
-        return self._text("isPrepared", {"preparedId": preparedId}).strip().lower() == "true"
+        return _boolean("isPrepared", self._text("isPrepared", {"preparedId": preparedId}))
 
     def _getDataParams(
         self,

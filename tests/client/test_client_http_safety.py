@@ -157,3 +157,69 @@ def test_content_range_at_the_offset_is_accepted(canned, content_range) -> None:
     canned.answer("/ids/getData", 206, b"456789", {"Content-Range": content_range})
     with client(canned).getData(DataSelection({"datafileIds": [1]}), offset=4) as stream:
         assert stream.read() == b"456789"
+
+
+# ---------------------------------------------------------------------------------------
+# 4. garbage is not a boolean, a preparedId or an ICAT URL
+
+HTML = "<html><body>Welcome to the proxy</body></html>"
+
+
+@pytest.mark.parametrize("call", ["isReadOnly", "isTwoLevel", "isPrepared"])
+@pytest.mark.parametrize("body", [HTML, "", "yes", "1", "truely", "true false"])
+def test_a_boolean_answer_must_be_true_or_false(canned, call, body) -> None:
+    canned.answer(f"/ids/{call}", 200, body, {"Content-Type": "text/html"})
+    ids = client(canned)
+    args = ("0d9a3706-80d4-4d29-9ff3-4d65d4308a25",) if call == "isPrepared" else ()
+    with pytest.raises(IDSResponseError, match=f"{call}: the answer is not true or false") as info:
+        getattr(ids, call)(*args)
+    assert len(str(info.value)) < 200
+
+
+@pytest.mark.parametrize(("body", "expected"), [
+    ("true", True), ("false", False), ("TRUE", True), ("False", False),
+    (" true\n", True), ("\tfalse\r\n", False),
+])
+def test_boolean_answers_that_are_accepted(canned, body, expected) -> None:
+    for call in ("isReadOnly", "isTwoLevel", "isPrepared"):
+        canned.answer(f"/ids/{call}", 200, body)
+    ids = client(canned)
+    assert ids.isReadOnly() is expected
+    assert ids.isTwoLevel() is expected
+    assert ids.isPrepared("0d9a3706-80d4-4d29-9ff3-4d65d4308a25") is expected
+
+
+@pytest.mark.parametrize("body", [HTML, "", "   ", "an id with spaces", "x" * 257,
+                                  "id\x00nul", "caf\u00e9-id"])
+def test_prepare_data_answer_must_be_a_prepared_id(canned, body) -> None:
+    canned.answer("/ids/prepareData", 200, body)
+    with pytest.raises(IDSResponseError, match="prepareData: the answer is not a preparedId"):
+        client(canned).prepareData(DataSelection({"datafileIds": [1]}))
+
+
+def test_prepare_data_error_quotes_the_answer_redacted(canned) -> None:
+    canned.answer("/ids/prepareData", 200, f"<p>session {SID} expired</p>")
+    with pytest.raises(IDSResponseError) as info:
+        client(canned).prepareData(DataSelection({"datafileIds": [1]}))
+    assert SID not in str(info.value) and "expired" in str(info.value)
+
+
+@pytest.mark.parametrize("body", ["0d9a3706-80d4-4d29-9ff3-4d65d4308a25",
+                                  "0d9a3706-80d4-4d29-9ff3-4d65d4308a25\n", "x" * 256])
+def test_prepared_ids_that_are_accepted(canned, body) -> None:
+    canned.answer("/ids/prepareData", 200, body)
+    assert client(canned).prepareData(DataSelection({"datafileIds": [1]})) == body.strip()
+
+
+@pytest.mark.parametrize("body", [HTML, "", "icat.example.org", "ftp://icat.example.org",
+                                  "https://icat.example.org/<script>"])
+def test_get_icat_url_answer_must_be_a_url(canned, body) -> None:
+    canned.answer("/ids/getIcatUrl", 200, body, {"Content-Type": "text/html"})
+    with pytest.raises(IDSResponseError, match=r"the IDS's getIcatUrl answered .*"
+                                                r"not an http\(s\) URL"):
+        client(canned).getIcatUrl()
+
+
+def test_get_icat_url_is_stripped(canned) -> None:
+    canned.answer("/ids/getIcatUrl", 200, " https://icat.example.org:8181\n")
+    assert client(canned).getIcatUrl() == "https://icat.example.org:8181"
