@@ -971,6 +971,32 @@ def _excerpt(text: str, secrets: Iterable[str | None] = ()) -> str:
     return repr(redact(cut, secrets))
 
 
+def _parse_json(endpoint: str, text: str, secrets: Iterable[str | None] = ()) -> Any:
+    """``text`` parsed as JSON.
+
+    Raises IDSResponseError (the parser's error as its cause) for text that is
+    not JSON, nested too deeply for the parser (``RecursionError``) or holding a
+    number Python cannot represent.
+    """
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError, OverflowError) as exc:
+        what = "nested too deeply" if isinstance(exc, RecursionError) else "not JSON"
+        raise IDSResponseError(
+            f"{endpoint}: response is {what}: {_excerpt(text, secrets)}") from exc
+
+
+def _json_int(value: Any) -> int:
+    """A JSON integer (or a string of decimal digits) as an int.
+
+    Raises ``TypeError`` for anything else (``true``, ``1.5``, ``1e400``, ...)
+    and ``ValueError`` for a string that is no integer.
+    """
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise TypeError(f"not an integer: {type(value).__name__}")
+    return int(value)
+
+
 def _boolean(endpoint: str, text: str) -> bool:
     """``true``/``false`` (any case, surrounding whitespace allowed) as a bool.
 
@@ -1108,13 +1134,7 @@ class IDSClient:
         return _decode_text(endpoint, response)
 
     def _json(self, endpoint: str, params: Mapping[str, Any] | None = None) -> Any:
-        text = self._text(endpoint, params)
-        try:
-            return json.loads(text)
-        except ValueError as exc:
-            raise IDSResponseError(
-                f"{endpoint}: response is not JSON: {redact(text[:200], (self.sessionId,))}"
-            ) from exc
+        return _parse_json(endpoint, self._text(endpoint, params), (self.sessionId,))
 
     def _require_session(self) -> str:
         if not self.sessionId:
@@ -1578,12 +1598,13 @@ class IDSClient:
             headers={"Content-Type": "application/octet-stream"},
         )
         text = response.content.decode("utf-8", errors="replace")
+        doc = _parse_json("put", text, (self.sessionId,))
         try:
-            doc = json.loads(text)
-            new_id = int(doc["id"])
-            checksum = int(doc["checksum"])
-        except (ValueError, KeyError, TypeError) as exc:
-            raise IDSResponseError(f"put: unexpected response {text[:200]!r}") from exc
+            new_id = _json_int(doc["id"])
+            checksum = _json_int(doc["checksum"])
+        except (ValueError, KeyError, TypeError, OverflowError) as exc:
+            raise IDSResponseError(
+                f"put: unexpected response {_excerpt(text, (self.sessionId,))}") from exc
         crc = body.crc32 & 0xFFFFFFFF
         mismatch: IDSResponseError | None = None
         if checksum != crc:

@@ -223,3 +223,59 @@ def test_get_icat_url_answer_must_be_a_url(canned, body) -> None:
 def test_get_icat_url_is_stripped(canned) -> None:
     canned.answer("/ids/getIcatUrl", 200, " https://icat.example.org:8181\n")
     assert client(canned).getIcatUrl() == "https://icat.example.org:8181"
+
+
+# ---------------------------------------------------------------------------------------
+# 5. hostile JSON: huge numbers and deep nesting are unusable answers, not crashes
+
+DEEP = "[" * 100_000 + "]" * 100_000
+
+
+@pytest.mark.parametrize("answer", [
+    '{"id": 1e400, "checksum": 0, "size": 0}',
+    '{"id": 7, "checksum": 1e400, "size": 0}',
+    '{"id": -1e400, "checksum": 0, "size": 0}',
+    '{"id": NaN, "checksum": 0, "size": 0}',
+    '{"id": 1.5, "checksum": 0, "size": 0}',
+    '{"id": true, "checksum": 0, "size": 0}',
+    '{"id": ' + DEEP + ', "checksum": 0}',
+    DEEP,
+    "[1, 2]",
+])
+def test_unusable_put_answers_are_response_errors(canned, answer) -> None:
+    canned.answer("/ids/put", 201, answer, JSON)
+    with pytest.raises(IDSResponseError, match=r"^put: ") as info:
+        client(canned).put(b"", "x", 1, 1)
+    assert info.value.__cause__ is not None
+    assert len(str(info.value)) < 300
+
+
+def test_put_answer_with_integers_is_accepted(canned) -> None:
+    canned.answer("/ids/put", 201, '{"id": 7, "checksum": 0, "size": 0, "location": "x"}', JSON)
+    assert client(canned).put(b"", "x", 1, 1) == 7
+
+
+@pytest.mark.parametrize("call", ["getDatafileIds", "getServiceStatus"])
+@pytest.mark.parametrize("answer", [DEEP, '{"ids": [' + "[" * 5000 + "]" * 5000 + "]}"])
+def test_deeply_nested_json_is_a_response_error(canned, call, answer) -> None:
+    canned.answer(f"/ids/{call}", 200, answer, JSON)
+    ids = client(canned)
+    with pytest.raises(IDSResponseError, match=f"^{call}: response is nested too deeply") as info:
+        if call == "getDatafileIds":
+            ids.getDatafileIds(DataSelection({"datafileIds": [1]}))
+        else:
+            ids.getServiceStatus()
+    assert isinstance(info.value.__cause__, RecursionError)
+
+
+def test_huge_numbers_in_get_datafile_ids_are_a_response_error(canned) -> None:
+    canned.answer("/ids/getDatafileIds", 200, '{"ids": [1, 1e400]}', JSON)
+    with pytest.raises(IDSResponseError, match="getDatafileIds"):
+        client(canned).getDatafileIds(DataSelection({"datafileIds": [1]}))
+
+
+def test_deeply_nested_version_answer_is_a_response_error(canned) -> None:
+    canned.answer("/ids/version", 200, DEEP, JSON)
+    canned.answer("/ids/getApiVersion", 200, "1.9.0")
+    # version() falls back to the legacy probe for an unusable answer, as for other IDS errors
+    assert IDSClient(canned.url + "/ids", SID).apiversion == "1.9.0"
