@@ -1176,11 +1176,14 @@ class IDSClient:
         """Check that the server is alive and is an IDS.
 
         Raises :class:`~idsfs.errors.IDSResponseError` if the answer is not
-        ``IdsOK``, and the errors of every call (see :class:`IDSClient`).
+        ``IdsOK`` (surrounding whitespace allowed; the message quotes a
+        short, redacted excerpt of it), and the errors of every call (see
+        :class:`IDSClient`).
         """
         result = self._text("ping")
-        if result != "IdsOK":
-            raise IDSResponseError(f"unexpected response to ping: {result[:100]!r}")
+        if result.strip() != "IdsOK":
+            raise IDSResponseError(
+                f"ping answered {_excerpt(result, (self.sessionId,))}, not IdsOK")
 
     def version(self) -> dict[str, Any]:
         """Return the server's version document, e.g. ``{"version": "2.1.1"}``.

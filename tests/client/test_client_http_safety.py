@@ -279,3 +279,27 @@ def test_deeply_nested_version_answer_is_a_response_error(canned) -> None:
     canned.answer("/ids/getApiVersion", 200, "1.9.0")
     # version() falls back to the legacy probe for an unusable answer, as for other IDS errors
     assert IDSClient(canned.url + "/ids", SID).apiversion == "1.9.0"
+
+
+# ---------------------------------------------------------------------------------------
+# 6. the ping error says what came back, once, and nothing else
+
+
+@pytest.mark.parametrize(("body", "shown"), [
+    ("<html>hello</html>", "'<html>hello</html>'"),
+    ("IdsOK OK", "'IdsOK OK'"),
+    ("", "''"),
+    ("x" * 500, "'" + "x" * 100 + "...'"),
+])
+def test_ping_error_message(canned, body, shown) -> None:
+    canned.answer("/ids/ping", 200, body, {"Content-Type": "text/html"})
+    with pytest.raises(IDSResponseError) as info:
+        client(canned).ping()
+    assert str(info.value) == f"ping answered {shown}, not IdsOK"
+    assert info.value.message == str(info.value)
+    assert "None" not in str(info.value)
+
+
+def test_ping_accepts_surrounding_whitespace(canned) -> None:
+    canned.answer("/ids/ping", 200, " IdsOK\r\n")
+    client(canned).ping()
