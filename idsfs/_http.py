@@ -37,6 +37,7 @@ import requests.adapters
 import urllib3.connection
 import urllib3.connectionpool
 import urllib3.exceptions
+import urllib3.util
 
 from idsfs.errors import (
     ConnectError,
@@ -103,17 +104,56 @@ for _name in ("urllib3.connectionpool", "urllib3.connection", "urllib3.poolmanag
     logging.getLogger(_name).addFilter(_RedactingFilter())
 
 
-class _PlainConnection(urllib3.connection.HTTPConnection):
+class _SendUnderReadTimeout:
+    """Connection mixin: the request (a large put body) is sent under the read timeout.
+
+    urllib3 leaves the socket at the *connect* timeout while it sends the
+    request, so an IDS that pauses reading a large upload for longer than the
+    connect timeout (10 s by default) failed the put, whatever read timeout
+    was configured. Here the connection is opened under the connect timeout
+    as before, and every send then runs under :attr:`send_timeout`, which the
+    pool (:class:`_SendTimeoutPool`) sets to the request's read timeout.
+    """
+
+    #: Timeout of each send, in seconds (None: leave the socket's as urllib3 set it).
+    send_timeout: float | None = None
+    sock: socket.socket | None
+    auto_open: int
+
+    def _ready_to_send(self) -> None:
+        """Connect if needed (under the connect timeout), then apply :attr:`send_timeout`."""
+        if self.sock is None and self.auto_open:
+            self.connect()  # type: ignore[attr-defined]
+        sock, timeout = self.sock, self.send_timeout
+        if sock is not None and timeout is not None and sock.gettimeout() != timeout:
+            sock.settimeout(timeout)
+
+    def send(self, data: Any) -> None:
+        """Send ``data`` as ``http.client`` does, under :attr:`send_timeout`.
+
+        Raises what ``http.client``'s ``send`` raises (``TimeoutError`` when
+        the server reads nothing for that long).
+        """
+        self._ready_to_send()
+        super().send(data)  # type: ignore[misc]
+
+
+class _PlainConnection(_SendUnderReadTimeout, urllib3.connection.HTTPConnection):
     """A plain HTTP connection that sends body items offering ``sendfile_to(sock)``
     with ``sendfile``: a put of a regular file (``idsfs.ids._FileRegion``, with
     Content-Length), and the ``idsfs.ids.FileChunk`` items of a chunked put body
     (framed here; see :meth:`request`).
 
-    Everything else is sent as by urllib3. The socket keeps the timeout urllib3
-    gave it for sending (``socket.sendfile`` honours it).
+    Everything else is sent as by urllib3. Sending (``socket.sendfile`` too) is
+    bounded by the read timeout (see :class:`_SendUnderReadTimeout`).
     """
 
     def send(self, data: Any) -> None:
+        """Send ``data``: with ``sendfile`` when it offers ``sendfile_to``, else as
+        :class:`_SendUnderReadTimeout` does. Raises ``OSError`` (e.g.
+        ``TimeoutError``) when sending fails, ``ValueError`` from a file shorter
+        than announced."""
+        self._ready_to_send()
         sender = getattr(data, "sendfile_to", None)
         if sender is not None and type(self.sock) is socket.socket:
             sender(self.sock)
@@ -141,10 +181,29 @@ class _PlainConnection(urllib3.connection.HTTPConnection):
             self.send(b"\r\n")
 
 
-class _PlainPool(urllib3.connectionpool.HTTPConnectionPool):
+class _TLSConnection(_SendUnderReadTimeout, urllib3.connection.HTTPSConnection):
+    """urllib3's HTTPS connection, sending under the read timeout."""
+
+
+class _SendTimeoutPool(urllib3.connectionpool.HTTPConnectionPool):
+    """Pool mixin: gives each request's connection its read timeout as ``send_timeout``."""
+
+    def _make_request(self, conn: Any, *args: Any, **kwargs: Any) -> Any:
+        timeout = self._get_timeout(kwargs.get("timeout", self.timeout))
+        conn.send_timeout = urllib3.util.Timeout.resolve_default_timeout(timeout.read_timeout)
+        return super()._make_request(conn, *args, **kwargs)
+
+
+class _PlainPool(_SendTimeoutPool):
     """urllib3's HTTP pool with :class:`_PlainConnection` connections."""
 
     ConnectionCls = _PlainConnection
+
+
+class _TLSPool(_SendTimeoutPool, urllib3.connectionpool.HTTPSConnectionPool):
+    """urllib3's HTTPS pool with :class:`_TLSConnection` connections."""
+
+    ConnectionCls = _TLSConnection
 
 
 class _SSLContextAdapter(requests.adapters.HTTPAdapter):
@@ -164,7 +223,7 @@ class _SSLContextAdapter(requests.adapters.HTTPAdapter):
             kwargs["ssl_context"] = self._ssl_context
         super().init_poolmanager(*args, **kwargs)
         self.poolmanager.pool_classes_by_scheme = {
-            **self.poolmanager.pool_classes_by_scheme, "http": _PlainPool}
+            **self.poolmanager.pool_classes_by_scheme, "http": _PlainPool, "https": _TLSPool}
 
     def proxy_manager_for(self, proxy: str, **proxy_kwargs: Any) -> Any:
         if self._ssl_context is not None:

@@ -9,12 +9,17 @@ or a listener started here): the emulator never sends them.
 from __future__ import annotations
 
 import gzip
+import json
 import socket
+import ssl
+import threading
+import time
+import zlib
 from collections.abc import Iterator
 
 import pytest
 
-from idsfs.errors import ICATResponseError, IDSResponseError
+from idsfs.errors import ICATResponseError, IDSResponseError, TransportTimeoutError
 from idsfs.icat import ICATClient
 from idsfs.ids import DataSelection, IDSClient
 
@@ -303,3 +308,135 @@ def test_ping_error_message(canned, body, shown) -> None:
 def test_ping_accepts_surrounding_whitespace(canned) -> None:
     canned.answer("/ids/ping", 200, " IdsOK\r\n")
     client(canned).ping()
+
+
+# ---------------------------------------------------------------------------------------
+# 7. sending a request body is bounded by the read timeout, not the connect timeout
+
+CONNECT_TIMEOUT = 0.3
+READ_TIMEOUT = 8.0
+PAUSE = 1.2  # longer than the connect timeout, far shorter than the read timeout
+
+
+class SlowReader:
+    """An IDS stand-in that answers ``version`` at once and, for ``put``, reads the
+    headers, pauses, then reads the body and answers with its id, CRC32 and size.
+
+    Its receive buffer is small, so a large body fills the client's send buffer
+    and the client blocks in ``send`` for the whole pause.
+    """
+
+    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(8)
+        self.tls = tls
+        scheme = "https" if tls else "http"
+        self.url = f"{scheme}://127.0.0.1:{self.listener.getsockname()[1]}/ids"
+        self.received: list[int] = []
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    def _handle(self, conn: socket.socket) -> None:
+        conn.settimeout(30)
+        if self.tls is not None:
+            conn = self.tls.wrap_socket(conn, server_side=True)
+        with conn, conn.makefile("rb") as rfile:
+            while True:
+                request = rfile.readline()
+                if not request:
+                    return
+                headers = {}
+                while (line := rfile.readline()) not in (b"\r\n", b""):
+                    name, _, value = line.decode().partition(":")
+                    headers[name.strip().lower()] = value.strip()
+                if b" /ids/version" in request:
+                    self._answer(conn, 200, b'{"version":"2.1.1"}')
+                    continue
+                time.sleep(PAUSE)
+                body = self._body(rfile, headers)
+                self.received.append(len(body))
+                answer = json.dumps({"id": 7, "checksum": zlib.crc32(body),
+                                     "size": len(body), "location": "x"})
+                self._answer(conn, 201, answer.encode())
+
+    @staticmethod
+    def _body(rfile, headers: dict[str, str]) -> bytes:
+        if "content-length" in headers:
+            return rfile.read(int(headers["content-length"]))
+        parts = []
+        while size := int(rfile.readline().strip(), 16):
+            parts.append(rfile.read(size))
+            rfile.readline()
+        rfile.readline()
+        return b"".join(parts)
+
+    @staticmethod
+    def _answer(conn: socket.socket, status: int, body: bytes) -> None:
+        conn.sendall(b"HTTP/1.1 %d X\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (status, len(body), body))
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+@pytest.fixture
+def slow_reader() -> Iterator[SlowReader]:
+    server = SlowReader()
+    yield server
+    server.close()
+
+
+BIG = bytes(range(256)) * (64 * 1024)  # 16 MiB: more than the socket buffers hold
+
+
+@pytest.mark.parametrize("kind", ["bytes", "file", "file-crc"])
+def test_a_slowly_read_upload_is_bounded_by_the_read_timeout(slow_reader, tmp_path,
+                                                             kind) -> None:
+    ids = IDSClient(slow_reader.url, SID, timeout=(CONNECT_TIMEOUT, READ_TIMEOUT))
+    source = tmp_path / "big"
+    source.write_bytes(BIG)
+    started = time.monotonic()
+    if kind == "bytes":
+        assert ids.put(BIG, "big", 1, 1) == 7
+    else:
+        with open(source, "rb") as f:
+            crc = zlib.crc32(BIG) if kind == "file-crc" else None
+            assert ids.put(f, "big", 1, 1, crc32=crc) == 7
+    assert time.monotonic() - started >= PAUSE
+    assert slow_reader.received == [len(BIG)]
+    # the same pooled connection again: urllib3 resets the socket to the connect timeout
+    assert ids.put(BIG, "big", 1, 1) == 7
+    assert slow_reader.received == [len(BIG)] * 2
+
+
+def test_a_slowly_read_upload_over_tls(tls_files) -> None:
+    cert, key = tls_files
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    server = SlowReader(ctx)
+    try:
+        client_ctx = ssl.create_default_context(cafile=str(cert))
+        ids = IDSClient(server.url, SID, client_ctx, timeout=(CONNECT_TIMEOUT, READ_TIMEOUT))
+        assert ids.put(BIG, "big", 1, 1) == 7
+        assert server.received == [len(BIG)]
+    finally:
+        server.close()
+
+
+def test_an_upload_nobody_reads_still_times_out(slow_reader) -> None:
+    # the read timeout bounds sending: a server that stops reading fails the put
+    ids = IDSClient(slow_reader.url, SID, timeout=(CONNECT_TIMEOUT, PAUSE / 3))
+    started = time.monotonic()
+    with pytest.raises(TransportTimeoutError):
+        ids.put(BIG, "big", 1, 1)
+    assert time.monotonic() - started < PAUSE * 3
