@@ -347,6 +347,12 @@ class SlowReader:
             threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
 
     def _handle(self, conn: socket.socket) -> None:
+        try:
+            self._exchange(conn)
+        except (OSError, ValueError):  # the client gave up (a test of that) or broke off
+            conn.close()
+
+    def _exchange(self, conn: socket.socket) -> None:
         conn.settimeout(30)
         if self.tls is not None:
             conn = self.tls.wrap_socket(conn, server_side=True)
