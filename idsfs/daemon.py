@@ -96,6 +96,7 @@ from idsfs.config import Config, format_size
 from idsfs.errors import (
     ICATSessionError,
     IdsfsError,
+    IDSResponseError,
     ServerError,
     TransportError,
     redact,
@@ -469,7 +470,10 @@ def default_ids_url(icat_url: str) -> str:
 def _describe_error(exc: BaseException) -> str:
     """A one-line reason for a start-up failure (no secrets: the clients redact)."""
     if isinstance(exc, ServerError):
-        return f"{exc.message} ({exc.type or exc.status})" if exc.message else str(exc)
+        if not exc.message:
+            return str(exc)
+        code = exc.type or exc.status
+        return f"{exc.message} ({code})" if code is not None else exc.message
     text = str(exc) or type(exc).__name__
     return text
 
@@ -737,6 +741,8 @@ class Daemon:
             ids = self._ids_client(ids_url)
             try:
                 icat_url = ids.getIcatUrl().strip()
+            except IDSResponseError as exc:  # an answer that is no URL: says what to do
+                raise StartupError(f"the IDS at {ids_url}: {_describe_error(exc)}") from exc
             except (IdsfsError, ValueError) as exc:
                 raise StartupError(f"the IDS at {ids_url} does not tell its ICAT URL "
                                    f"({_describe_error(exc)}); give --icat URL") from exc

@@ -655,7 +655,7 @@ def _from_response(
     text = body.decode("utf-8", errors="replace")
     try:
         doc = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested too deeply
         doc = None
     if isinstance(doc, Mapping) and "message" in doc:
         code = doc.get("code")

@@ -10,15 +10,16 @@ from collections.abc import Iterator
 
 import pytest
 
-from idsfs.errors import ICATResponseError
+from idsfs.errors import ICATError, ICATResponseError
 from idsfs.icat import ICATClient
 
 
 class _Canned(http.server.BaseHTTPRequestHandler):
     body = b""
+    status = 200
 
     def do_GET(self) -> None:
-        self.send_response(200)
+        self.send_response(self.status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(self.body)))
         self.end_headers()
@@ -53,5 +54,17 @@ def test_unusable_answers_are_icat_response_errors(canned, body: bytes) -> None:
     try:
         with pytest.raises(ICATResponseError):
             icat.search("SELECT df FROM Datafile df")
+    finally:
+        icat.close()
+
+
+def test_an_error_answer_nested_too_deeply_is_an_icat_error(canned) -> None:
+    url, handler = canned
+    handler.status, handler.body = 500, b"[" * 100_000
+    icat = ICATClient(url, sessionId="s1", retries=0)
+    try:
+        with pytest.raises(ICATError) as exc:
+            icat.search("SELECT df FROM Datafile df")
+        assert exc.value.status == 500
     finally:
         icat.close()

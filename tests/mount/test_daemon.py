@@ -184,6 +184,45 @@ def test_not_an_ids_fails_clearly(demo_emulator, tmp_path: Path) -> None:
     assert not is_mounted(mp)
 
 
+def test_an_ids_reporting_a_bogus_icat_url_fails_clearly(tmp_path: Path) -> None:
+    # --ids alone: the ICAT URL comes from getIcatUrl; an answer that is no URL
+    # (a proxy's HTML page) is named as the IDS's, not as an option given wrongly
+    import http.server
+    import threading
+
+    class Ids(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            answers = {"/ids/ping": b"IdsOK", "/ids/getApiVersion": b"2.1.1",
+                       "/ids/getIcatUrl": b"<html>captive portal</html>"}
+            body = answers.get(self.path.split("?")[0])
+            self.send_response(200 if body else 404)
+            self.send_header("Content-Length", str(len(body or b"")))
+            self.end_headers()
+            self.wfile.write(body or b"")
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Ids)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    pw = password_file(tmp_path, "whatever")
+    mp = tmp_path / "mnt"
+    mp.mkdir()
+    ids_url = f"http://127.0.0.1:{server.server_address[1]}/ids"
+    try:
+        done = run_idsfs("mount", "--ids", ids_url, "--user", "alice", "--password-file",
+                         str(pw), str(mp))
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert done.returncode == 1
+    assert f"the IDS at {ids_url}: " in done.stderr
+    assert "getIcatUrl" in done.stderr and "'<html>captive portal</html>'" in done.stderr
+    assert "--icat" in done.stderr and "(None)" not in done.stderr
+    assert len(done.stderr.splitlines()) == 1, done.stderr
+    assert not is_mounted(mp)
+
+
 def test_invalid_session_fails_clearly(demo_emulator, tmp_path: Path) -> None:
     sid = password_file(tmp_path, "00000000-dead-beef-0000-000000000000", "sid")
     mp = tmp_path / "mnt"
