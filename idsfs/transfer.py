@@ -85,10 +85,12 @@ Archived data and errors
   otherwise the 403 propagates
   (:class:`~idsfs.errors.IDSInsufficientPrivilegesError`, ``EACCES``).
   PreparedId calls need no session and are not affected by its expiry.
-* A ``getData`` that fails with 500 (other than "Restore failed") or with a
-  transport error (after the IDSClient's own retries) is tried again, at most
-  ``resume_retries`` times with back-off. Every other IDS or transport error
-  propagates unchanged (see the errno table in docs/semantics.md).
+* A ``getData`` that fails with 500 (other than "Restore failed") is tried
+  again, at most ``resume_retries`` times with back-off. A transport error
+  (refused, reset, no answer within the read timeout) propagates once the
+  IDSClient's own retries are spent: trying those again here would multiply
+  the time a read waits for a server that does not answer. Every other IDS
+  error propagates unchanged (see the errno table in docs/semantics.md).
 
 Status
 ------
@@ -1455,10 +1457,12 @@ class Transfer:
                     session_retried = True
                     continue
                 except (IDSInternalError, TransportError) as exc:
-                    # The IDSClient retried transport failures already; a 500 may be
-                    # passing (storage I/O). Both count against the resume bound.
+                    # A 500 may be passing (storage I/O): tried again, within the resume
+                    # bound. A transport failure was retried by the IDSClient already
+                    # (each try waiting up to the read timeout for a hung server):
+                    # trying the whole again would multiply that wait.
                     failures += 1
-                    if failures > self.resume_retries or (
+                    if failures > self.resume_retries or isinstance(exc, TransportError) or (
                         isinstance(exc, IDSInternalError) and _is_restore_failed(exc)
                     ):
                         raise

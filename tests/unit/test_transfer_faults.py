@@ -18,6 +18,7 @@ from idsfs.errors import (
     IncompleteDownloadError,
     RestoreFailedError,
     RestoreTimeoutError,
+    TransportTimeoutError,
 )
 from idsfs.transfer import ARCHIVED, ONLINE, RESTORE_FAILED, RESTORING
 
@@ -251,6 +252,37 @@ def test_internal_error_on_open_is_retried_within_the_bound(world: World) -> Non
             world.emu.faults.clear()
 
     run(body)
+
+
+def test_a_server_that_never_answers_is_waited_for_by_the_client_tries_only(
+        world: World) -> None:
+    # getData gets no answer within the read timeout: the IDSClient tries
+    # 1 + retries times; the transfer does not repeat all of that (it did,
+    # resume_retries + 1 times: 16 read timeouts for one read with the defaults)
+    data = random_bytes(200 * KiB)
+    df = world.put("hung.bin", data)
+    ids = world.client(timeout=(5.0, 0.3), retries=1)
+    calls = []
+    get_data = ids.getData
+
+    def counted(*args, **kw):
+        calls.append(kw.get("offset"))
+        return get_data(*args, **kw)
+
+    ids.getData = counted  # type: ignore[method-assign]
+    transfer = make_transfer(ids, block_size=BS, resume_retries=3)
+
+    async def body() -> None:
+        async with running_transfer(transfer):
+            world.emu.faults.latency(1.0, "ids/getData")
+            reader = await transfer.open(df)
+            with pytest.raises(TransportTimeoutError):
+                await reader.read(0, 10)
+            await reader.close()
+            world.emu.faults.clear()
+
+    run(body)
+    assert calls == [0]
 
 
 def test_busy_is_retried_then_ebusy(world: World) -> None:
