@@ -1293,7 +1293,7 @@ class IDSClient:
         ``RuntimeError`` for a DataSelection when no sessionId is set,
         ``TypeError`` for a selection of another type,
         :class:`~idsfs.errors.IDSResponseError` when the answer is not a
-        number, and the errors of every call.
+        number of bytes (a negative one included), and the errors of every call.
         """
         params = self._selectionParams(selection)
         if "preparedId" in params and self.apiversion < "1.11.0":
@@ -1301,9 +1301,12 @@ class IDSClient:
                                      service="IDS")
         text = self._text("getSize", params)
         try:
-            return int(text)
+            size = int(text)
         except ValueError as exc:
             raise IDSResponseError(f"getSize: not a number: {text[:100]!r}") from exc
+        if size < 0:
+            raise IDSResponseError(f"getSize: not a size: {text[:100]!r}")
+        return size
 
     def getStatus(self, selection: DataSelection | str) -> str:
         """Return ``ONLINE``, ``RESTORING`` or ``ARCHIVED`` for the selection.

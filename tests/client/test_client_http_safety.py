@@ -194,6 +194,14 @@ def test_boolean_answers_that_are_accepted(canned, body, expected) -> None:
     assert ids.isPrepared("0d9a3706-80d4-4d29-9ff3-4d65d4308a25") is expected
 
 
+@pytest.mark.parametrize("body", ["-5", HTML, "12.5"])
+def test_get_size_answer_must_be_a_number_of_bytes(canned, body) -> None:
+    canned.answer("/ids/getSize", 200, body)
+    ids = client(canned)
+    with pytest.raises(IDSResponseError, match="getSize: not a"):
+        ids.getSize(DataSelection({"datafileIds": [1]}))
+
+
 @pytest.mark.parametrize("body", [HTML, "", "   ", "an id with spaces", "x" * 257,
                                   "id\x00nul", "caf\u00e9-id"])
 def test_prepare_data_answer_must_be_a_prepared_id(canned, body) -> None:
