@@ -175,10 +175,10 @@ def test_umount_waits_until_the_daemon_has_exited(mount, tmp_path: Path) -> None
     assert not is_mounted(m.path)
 
 
-def test_umount_lazy_detaches_and_serves_who_still_uses_it(mount) -> None:
+def test_umount_lazy_detaches_and_serves_who_still_uses_it(mount, emulator_process) -> None:
     # umount --lazy: the name goes at once; programs still inside go on reading
     # and writing (as with umount -l), and the daemon exits when they let go
-    m = mount(None)
+    m = mount(emulator_process())  # its own: the file written here stays stored
     raw = m.path / RAW
     expected = (raw / "tiny.txt").read_bytes()
     reader = open(raw / "tiny.txt", "rb")  # noqa: SIM115 - kept open on purpose
