@@ -868,12 +868,31 @@ class Operations(pyfuse3.Operations):
         return fh
 
     async def _open_spool(self, entry: _Inode, node: Node, flags: int) -> pyfuse3.FileInfo:
-        """Open a file that is still a spool file (being written, pending, failed)."""
+        """Open a file that is still a spool file (being written, pending, failed).
+
+        The handle is counted before anything is awaited on the upload: the
+        last other handle may be released meanwhile (its upload landing), and
+        an upload with a handle is never forgotten under it.
+        """
         up: Upload = node.local
-        assert self._uploader is not None
-        if flags & _WRITE_FLAGS:
+        uploader = self._uploader
+        assert uploader is not None
+        writing = bool(flags & _WRITE_FLAGS)
+        if up.removed or up.cancelled or uploader.uploads.get(up.uid) is not up:
+            # stored and forgotten since the node was looked at: open what it is now
+            self._finish_local(up)
+            fresh = await self._catalog.lookup(node.parent, node.name)
+            if fresh is None or fresh.local is up:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            if fresh.local is not None:
+                return await self._open_spool(entry, fresh, flags)
+            if fresh.datafile is None:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            return await (self._open_replace(entry, fresh, flags) if writing
+                          else self.open(entry.ino, flags))
+        if writing:
             if up.handles == 0 and up.maybe_landed and not up.in_progress:
-                await self._uploader.settle(up)
+                await uploader.settle(up)
             if up.landed and up.handles == 0:
                 # it is a datafile now: write it only as a datafile may be written
                 self._finish_local(up)
@@ -881,11 +900,14 @@ class Operations(pyfuse3.Operations):
                 if fresh is None or fresh.datafile is None:
                     raise pyfuse3.FUSEError(errno.ENOENT)
                 return await self._open_replace(entry, fresh, flags)
-            if flags & os.O_TRUNC:
-                await self._uploader.truncate(up, 0, unless_empty=True)
-            fh = await self._handle(entry, up, write=True)
-        else:
-            fh = await self._handle(entry, up, write=False)
+        fh = await self._handle(entry, up, write=writing)
+        if writing and flags & os.O_TRUNC:
+            try:  # waits while the upload's close stores it
+                await uploader.truncate(up, 0, unless_empty=True)
+            except BaseException:
+                with trio.CancelScope(shield=True):
+                    await self.release(fh)
+                raise
         entry.node = node
         return self._spool_info(fh)
 

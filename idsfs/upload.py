@@ -1430,17 +1430,33 @@ class Uploader:
                                     exc.strerror or exc)
                     up.drain_progress.set()
                     up.drain_progress = trio.Event()
+            except SpoolError as exc:  # the spool file cannot be opened (gone, no space)
+                # reported by the next write, fsync or close; a task of run()'s
+                # nursery must not fail: that would stop the daemon
+                code = exc.errno or errno.EIO
+                self._drop_queue(up, code, f"its spool file cannot be opened "
+                                           f"({os.strerror(code)})")
+                log.warning("%s: writing its spool failed: %s", up.display, exc)
             except BaseException:
-                up.settled_count += len(up.queue)
-                up.queue.clear()
-                up.queued_bytes = 0
-                if up.write_error is None:
-                    up.write_error = "writing the spool failed"
-                    up.write_errno = errno.EIO
+                self._drop_queue(up, errno.EIO, "writing the spool failed")
                 raise
             finally:
                 up.draining = False
                 up.drain_progress.set()
+
+    @staticmethod
+    def _drop_queue(up: Upload, code: int, why: str) -> None:
+        """The writes queued on ``up`` cannot reach its spool: drop them and mark the
+        upload as failed to write (unless it already is)."""
+        up.settled_count += len(up.queue)
+        up.queue.clear()
+        up.queued_bytes = 0
+        if up.write_error is None:
+            up.generation += 1
+            up.crc = None
+            up.drop_seq_crc()
+            up.write_error = why
+            up.write_errno = code
 
     async def _drained(self, up: Upload) -> None:
         """Wait until the writes behind of ``up`` queued so far are in its spool file

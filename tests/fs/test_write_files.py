@@ -195,6 +195,42 @@ def test_names_in_subdirectories_and_unstorable_names(fresh_emu, wtree, caplog) 
     t.run(body)
 
 
+def test_open_for_writing_while_the_close_uploads(fresh_emu, wtree) -> None:
+    # Two writers of one new name: the first close is uploading when the second
+    # opens with O_TRUNC, and the first handle goes away meanwhile. The upload
+    # must not be forgotten under the second writer (its spool deleted: the
+    # write behind then crashed the daemon, or its bytes were lost): the second
+    # writer's bytes are stored, once.
+    t = wtree(fresh_emu)
+
+    async def body(t: WriteTree) -> None:
+        ds = await dataset_id(t)
+        fresh_emu.faults.stall(0, 0.5, "ids/put", count=1)  # stored; its answer waits
+        fh1, ino = await t.create(f"{DS}/two-writers")
+        await t.write_all(fh1, b"first" * 200)
+        opened: list[int] = []
+
+        async def second() -> None:
+            await trio.sleep(0.2)  # the first close is uploading now
+            info = await t.ops.open(ino, os.O_WRONLY | os.O_TRUNC, t.ctx)
+            opened.append(info.fh)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(second)
+            await t.ops.flush(fh1)
+            await t.ops.release(fh1)
+        (fh2,) = opened
+        await t.write_all(fh2, b"second" * 100)
+        assert await t.close(fh2) == 0
+        await t.settle()
+        (row,) = datafiles_named(fresh_emu, ds, "two-writers")
+        assert stored_bytes(fresh_emu, row[0]) == b"second" * 100
+        assert await t.read_file(f"{DS}/two-writers") == b"second" * 100
+        assert not [up for up in t.uploader.uploads.values() if up.state != "done"]
+
+    t.run(body)
+
+
 def test_existing_names_eexist_and_refused_writes(fresh_emu, wtree) -> None:
     t = wtree(fresh_emu)
 

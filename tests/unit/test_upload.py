@@ -335,6 +335,40 @@ def test_write_behind_returns_before_the_disk_and_reports_its_error_later(
     u.close_spool()
 
 
+def test_a_spool_file_that_cannot_be_opened_fails_the_writes_not_the_daemon(
+        tmp_path: Path) -> None:
+    # The write behind must reopen the spool file and cannot (deleted under it):
+    # the error goes to the next call on the file; the uploader's task nursery
+    # (the daemon's) goes on.
+    spool = tmp_path / "spool"
+    u = uploader(spool)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(u.run)
+            up = await u.create(dataset_id=1, name="f", display="ds/f", format_id=1)
+            assert await u.write(up, 0, b"first") == 5
+            await u.fsync(up)
+            await u._close_fd(up)
+            up.data_path.unlink()
+            assert await u.write(up, 5, b"behind") == 6  # accepted, then the drain fails
+            with pytest.raises(SpoolError) as exc:
+                await u.fsync(up)
+            assert exc.value.errno == errno.ENOENT
+            assert up.write_error and up.queued_bytes == 0
+            other = await u.create(dataset_id=1, name="g", display="ds/g", format_id=1)
+            assert await u.write(other, 0, b"fine") == 4  # the uploader still works
+            await u.fsync(other)
+            assert await u.read(other, 0, 10) == b"fine"
+            for gone in (up, other):
+                gone.cancelled = True
+                await u.released(gone)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    u.close_spool()
+
+
 @pytest.mark.parametrize("behind", [True, False], ids=["write-behind", "direct"])
 def test_writes_carry_the_spool_crc32_while_only_appending(tmp_path: Path, behind: bool) -> None:
     import random
