@@ -155,6 +155,7 @@ import trio
 from idsfs._crc import crc32
 from idsfs.aio import ThreadBridge
 from idsfs.errors import (
+    DataBusyError,
     ICATError,
     IDSBadRequestError,
     IDSDataNotOnlineError,
@@ -1959,7 +1960,7 @@ class Uploader:
 
         Raises the IDS and transport errors of :mod:`idsfs.errors`
         (``IDSNotFoundError`` when it is gone already,
-        ``IDSDataNotOnlineError`` when still busy after the retries,
+        ``DataBusyError`` when still busy after the retries,
         ``IDSInsufficientPrivilegesError`` without permission).
         """
         await delete_datafile(self._ids, self._bridge, datafile_id)
@@ -2278,7 +2279,9 @@ async def delete_datafile(ids: IDSClient, bridge: ThreadBridge, datafile_id: int
                           busy_tries: int = 6) -> None:
     """IDS ``delete`` of one datafile, retrying "Data is busy" (503) with back-off.
 
-    A definitive 503 changed nothing, so repeating it is safe. Raises the IDS
+    A definitive 503 changed nothing, so repeating it is safe. Raises
+    :class:`~idsfs.errors.DataBusyError` (``EBUSY``) when it stays busy (e.g.
+    someone reads the dataset: an open ``getData`` holds a lock), and the IDS
     error otherwise (``IDSNotFoundError`` when it is gone already).
     """
     selection = DataSelection({"datafileIds": [datafile_id]})
@@ -2288,7 +2291,12 @@ async def delete_datafile(ids: IDSClient, bridge: ThreadBridge, datafile_id: int
             await bridge.run(ids.delete, selection, abandon_on_cancel=False, name="IDS delete")
             return
         except IDSDataNotOnlineError as exc:
-            if "busy" not in exc.message.lower() or attempt + 1 >= busy_tries:
+            if "busy" not in exc.message.lower():
                 raise
+            if attempt + 1 >= busy_tries:
+                raise DataBusyError(
+                    f"datafile {datafile_id} was not deleted: the IDS reports it busy "
+                    f"(locked by another operation, e.g. a read of its dataset in "
+                    f"progress)", datafile_id) from exc
             await trio.sleep(delay)
             delay = min(delay * 2, 2.0)

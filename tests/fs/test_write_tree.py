@@ -63,6 +63,27 @@ def test_unlink_deletes_through_ids_and_dirs_stay_until_rmdir(fresh_emu, wtree) 
     t.run(body)
 
 
+def test_unlink_of_a_datafile_the_ids_keeps_busy_is_ebusy(fresh_emu, wtree) -> None:
+    # IDS answers "Data is busy" (someone reads the dataset): retried briefly, then
+    # EBUSY, not ENODATA (which says "archived")
+    t = wtree(fresh_emu)
+
+    async def body(t: WriteTree) -> None:
+        ds = await dataset_id(t)
+        assert await t.write_file(f"{DS}/locked", b"x") == 0
+        fresh_emu.faults.error(503, "ids/delete", message="Data is busy")
+        with pytest.raises(pyfuse3.FUSEError) as exc:
+            await t.ops.unlink(await t.ino(DS), b"locked", t.ctx)
+        assert exc.value.errno == errno.EBUSY
+        assert fresh_emu.counters.get("ids/delete") == 6
+        fresh_emu.faults.clear()
+        assert datafiles_named(fresh_emu, ds, "locked")
+        await t.ops.unlink(await t.ino(DS), b"locked", t.ctx)
+        assert datafiles_named(fresh_emu, ds, "locked") == []
+
+    t.run(body)
+
+
 def test_mkdir_creates_a_dataset_rmdir_deletes_it_when_empty(fresh_emu, wtree) -> None:
     t = wtree(fresh_emu)
 
