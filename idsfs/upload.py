@@ -1983,7 +1983,8 @@ class Uploader:
         """Give a file written here another ICAT name (``rename`` within its dataset).
 
         Its datafile, if stored, is renamed in ICAT too (an attempt whose
-        outcome is unknown is settled first). Raises ICAT errors
+        outcome is unknown is settled first). A *conflict* (the name was taken)
+        is tried again at once under the new name. Raises ICAT errors
         (``ICATObjectExistsError`` when the name is taken).
         """
         await self.settle(up)
@@ -1996,6 +1997,11 @@ class Uploader:
             up.live_possible = False
             up.name = new_name
             up.display = display
+            if up.state == CONFLICT:
+                up.state = PENDING
+                up.reason = "renamed after a conflict: trying again"
+                up.next_attempt = self._clock()
+                self._wakeup.set()
             await self.try_save(up)
 
     # ------------------------------------------------------------------ handles closing

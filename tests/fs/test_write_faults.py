@@ -186,6 +186,17 @@ def test_name_taken_meanwhile_is_a_conflict_nothing_overwritten(fresh_emu, wtree
         await t.ops.unlink(await t.ino(DS), NAME.encode(), t.ctx)
         assert not records(t)
         assert [r[0] for r in datafiles_named(fresh_emu, ds_id, NAME)] == [their_id]
+        # another conflict, resolved by giving ours a free name: stored under it at once
+        fh, _ = await t.create(f"{DS}/{NAME}", flags=os.O_WRONLY | os.O_CREAT)
+        await t.write_all(fh, data)
+        assert await t.close(fh) == errno.EIO
+        await t.ops.rename(await t.ino(DS), NAME.encode(), await t.ino(DS), b"mine.dat",
+                           0, t.ctx)
+        await t.settle()
+        (mine,) = datafiles_named(fresh_emu, ds_id, "mine.dat")
+        assert stored_bytes(fresh_emu, mine[0]) == data
+        assert [r[0] for r in datafiles_named(fresh_emu, ds_id, NAME)] == [their_id]
+        assert not records(t)
 
     t.run(body)
 
