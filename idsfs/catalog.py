@@ -949,6 +949,23 @@ class Catalog:
         self.remove_datafile(record.dataset_id, record.id)
         return await self.show_datafile(record.dataset_id, record.id)
 
+    async def still_named(self, record: DatafileRecord) -> bool:
+        """Whether ICAT still shows datafile ``record`` under its name (one query).
+
+        A listing may be up to the metadata TTL old: a datafile someone else
+        renamed or deleted meanwhile must not be deleted or renamed here by the
+        old name (the id would hit the file under its new name). When ICAT shows
+        it otherwise, the dataset's listings are dropped and False is returned.
+        Raises the ICAT and transport errors of :mod:`idsfs.errors`.
+        """
+        fresh = await self.fetch_datafile(record.dataset_id, record.id)
+        if fresh is not None and fresh.name == record.name:
+            return True
+        log.info("datafile %d is no longer %r in ICAT (renamed or deleted elsewhere): its "
+                 "dataset is listed afresh", record.id, record.name)
+        self.invalidate(NodeKey(Kind.DATASET, record.dataset_id))
+        return False
+
     async def show_datafile(self, dataset_id: int, datafile_id: int) -> Node | None:
         """Show a datafile stored or changed here in the cached listings; return its node.
 

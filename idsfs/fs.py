@@ -1478,8 +1478,16 @@ class Operations(pyfuse3.Operations):
             await self._rename_upload(uploader, up, node, new_parent.key, text, new_name)
             return
         assert node.datafile is not None
+        await self._check_named(node, node.datafile)
         await self._catalog.rename_datafile(node.datafile, new_name)
         log.info("renamed datafile %d to %r", node.datafile.id, new_name)
+
+    async def _check_named(self, node: Node, record: DatafileRecord) -> None:
+        """Before deleting or renaming a datafile by id: raise ``FUSEError(ENOENT)`` when
+        ICAT no longer shows it under the name the (up to a TTL old) listing gave."""
+        if not await self._catalog.still_named(record):
+            self._invalidate_entry(node.parent, node.name)
+            raise pyfuse3.FUSEError(errno.ENOENT)
 
     async def _rename_over(self, uploader: Uploader, node: Node, target: Node,
                            new_name: str) -> None:
@@ -1493,6 +1501,8 @@ class Operations(pyfuse3.Operations):
         """
         source, old = node.datafile, target.datafile
         assert source is not None and old is not None
+        await self._check_named(node, source)
+        await self._check_named(target, old)
         folder, _, _ = new_name.rpartition("/")
         aside = f"{folder + '/' if folder else ''}.idsfs-replaced-{os.urandom(8).hex()}"
         await self._catalog.rename_datafile(old, aside)
@@ -1536,6 +1546,7 @@ class Operations(pyfuse3.Operations):
         record = node.datafile
         if record is None:
             raise pyfuse3.FUSEError(errno.EPERM)
+        await self._check_named(node, record)
         await uploader.delete(record.id)
         self._catalog.remove_datafile(record.dataset_id, record.id, keep_dirs=keep_dirs)
         log.info("deleted datafile %d %r", record.id, record.name)

@@ -20,7 +20,7 @@ from writekit import (
     stored_bytes,
 )
 
-from idsfs.model import parse_date
+from idsfs.model import Datafile, parse_date
 
 
 def icat(emu, query: str) -> list:
@@ -80,6 +80,40 @@ def test_unlink_of_a_datafile_the_ids_keeps_busy_is_ebusy(fresh_emu, wtree) -> N
         assert datafiles_named(fresh_emu, ds, "locked")
         await t.ops.unlink(await t.ino(DS), b"locked", t.ctx)
         assert datafiles_named(fresh_emu, ds, "locked") == []
+
+    t.run(body)
+
+
+def test_a_stale_name_never_deletes_or_renames_the_datafile_under_its_new_name(
+        fresh_emu, wtree) -> None:
+    # Another client renamed a datafile after this mount listed it: rm or mv of
+    # the old name must not reach it by id under its new name (ENOENT instead).
+    t = wtree(fresh_emu)
+
+    async def body(t: WriteTree) -> None:
+        ds = await dataset_id(t)
+        ds_ino = await t.ino(DS)
+        for name in ("keep", "rn"):
+            assert await t.write_file(f"{DS}/{name}", name.encode()) == 0
+        assert {"keep", "rn"} <= set(await t.names(DS))  # listed here
+        root = login(fresh_emu, "root")
+        try:
+            for name in ("keep", "rn"):
+                (row,) = datafiles_named(fresh_emu, ds, name)
+                root.update(Datafile(id=row[0]), name=f"{name}-elsewhere")
+        finally:
+            root.close()
+        with pytest.raises(pyfuse3.FUSEError) as exc:
+            await t.ops.unlink(ds_ino, b"keep", t.ctx)
+        assert exc.value.errno == errno.ENOENT
+        with pytest.raises(pyfuse3.FUSEError) as exc:
+            await t.ops.rename(ds_ino, b"rn", ds_ino, b"rn-mine", 0, t.ctx)
+        assert exc.value.errno == errno.ENOENT
+        assert datafiles_named(fresh_emu, ds, "keep-elsewhere")
+        assert datafiles_named(fresh_emu, ds, "rn-elsewhere")
+        assert datafiles_named(fresh_emu, ds, "rn-mine") == []
+        names = await t.names(DS)  # listed afresh
+        assert "keep-elsewhere" in names and "keep" not in names
 
     t.run(body)
 
@@ -333,10 +367,12 @@ def test_a_rename_done_in_icat_succeeds_even_if_reading_it_back_fails(fresh_emu,
         ds_ino = await t.ino(DS)
         assert await t.write_file(f"{DS}/z1", b"Z") == 0
         fetch = t.catalog.fetch_datafile
+        calls = []
         failures = []
 
         async def failing_once(*args):
-            if not failures:
+            calls.append(args)
+            if len(calls) == 2:  # the first: the check of the name before the rename
                 failures.append(args)
                 raise ICATInternalError("refused by the test")
             return await fetch(*args)
