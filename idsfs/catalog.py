@@ -308,6 +308,10 @@ def _extra(**values: object) -> tuple[tuple[str, str], ...]:
     )
 
 
+#: Times a listing is fetched again because it was changed here while ICAT answered.
+_REFETCHES = 2
+
+
 class Listing:
     """The entries of one directory, in file-name order, as fetched at one time.
 
@@ -537,14 +541,19 @@ class Catalog:
             await other.done.wait()
         flight = _Flight()
         self._flights[unit] = flight
-        changes = self._changes.get(unit, 0)
         try:
-            await self._fetch(unit)
-            flight.ok = True
-            if self._changes.get(unit, 0) != changes:
+            for _ in range(_REFETCHES + 1):
+                changes = self._changes.get(unit, 0)
+                await self._fetch(unit)
+                if self._changes.get(unit, 0) == changes:
+                    break
                 # changed here while ICAT answered (a file stored or deleted): the
-                # answer may predate the change, so it serves this request only
+                # answer may predate the change (a file just stored would be missing:
+                # ENOENT for a name that exists), so it is asked again
+            else:
+                # still changing: the last answer serves the requests waiting now only
                 self._expire(unit)
+            flight.ok = True
         except Exception as exc:
             flight.error = exc
             raise

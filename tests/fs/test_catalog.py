@@ -259,7 +259,8 @@ def test_a_change_made_while_a_listing_is_fetched_is_not_undone(site: Site) -> N
             catalog.remove_datafile(site.datasets[0], top.key.id)
             gated.gate = False
             gated.release.set()
-        assert seen  # that request got ICAT's answer (from before the delete)
+        # that request's answer predated the delete: it was asked again
+        assert seen and seen[0].get("top.dat") is None
         again = await catalog.listing(key)
         assert again is not None and again.get("top.dat") is None
         assert again.get("sub") is not None
@@ -269,3 +270,37 @@ def test_a_change_made_while_a_listing_is_fetched_is_not_undone(site: Site) -> N
 
 async def _collect(catalog: Catalog, key: NodeKey, into: list[Any]) -> None:
     into.append(await catalog.listing(key))
+
+
+def test_a_file_stored_while_a_listing_is_fetched_is_found(site: Site) -> None:
+    # A lookup's listing is answered by ICAT just before a file is stored here:
+    # the lookup must find the file (touch right after `: > f` got ENOENT).
+    gated = GatedICAT(site.icat)
+    key = NodeKey(Kind.DATASET, site.datasets[0])
+
+    async def body(catalog: Catalog, clock: FakeClock) -> None:
+        assert await catalog.listing(key) is not None
+        clock.advance(TTL + 1)  # the next lookup fetches
+        gated.gate = True
+        found: list[Any] = []
+
+        async def look() -> None:
+            found.append(await catalog.lookup(key, "new.dat"))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(look)
+            await trio.to_thread.run_sync(gated.answered.wait)
+            gated.gate = False  # (the lookup's answer stays held)
+            new_id = _store(site, "new.dat")  # as an upload landing does
+            await catalog.datafile_added(site.datasets[0], new_id)
+            gated.release.set()
+        assert found and found[0] is not None and found[0].key.id == new_id
+
+    run(gated, body, metadata_ttl=TTL)
+
+
+def _store(site: Site, name: str) -> int:
+    """Register a datafile ``name`` (with a location) in the first dataset; its id."""
+    ds = site.datasets[0]
+    return int(site.icat.create({"Datafile": {"name": name, "dataset": {"id": ds},
+                                              "location": f"{ds}/{name}", "fileSize": 5}}))

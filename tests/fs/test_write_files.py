@@ -231,6 +231,30 @@ def test_open_for_writing_while_the_close_uploads(fresh_emu, wtree) -> None:
     t.run(body)
 
 
+def test_written_while_its_empty_version_is_stored_in_the_background(fresh_emu, wtree) -> None:
+    # `: > f; echo data > f`: the empty file is stored in the background at its
+    # release; the second open must not lose "data" (or crash the daemon)
+    t = wtree(fresh_emu)
+
+    async def body(t: WriteTree) -> None:
+        ds = await dataset_id(t)
+        fresh_emu.faults.stall(0, 0.4, "ids/put", count=1)
+        fh, ino = await t.create(f"{DS}/redone")
+        assert await t.close(fh) == 0
+        with trio.fail_after(5):
+            while not any(up.in_progress for up in t.uploader.uploads.values()):
+                await trio.sleep(0.005)
+        info = await t.ops.open(ino, os.O_WRONLY | os.O_TRUNC, t.ctx)
+        await t.write_all(info.fh, b"data\n")
+        assert await t.close(info.fh) == 0
+        await t.settle()
+        (row,) = datafiles_named(fresh_emu, ds, "redone")
+        assert stored_bytes(fresh_emu, row[0]) == b"data\n"
+        assert await t.read_file(f"{DS}/redone") == b"data\n"
+
+    t.run(body)
+
+
 def test_existing_names_eexist_and_refused_writes(fresh_emu, wtree) -> None:
     t = wtree(fresh_emu)
 
