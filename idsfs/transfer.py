@@ -189,6 +189,9 @@ FAILED_RESTORE_HOLD = 10.0
 #: pages ask again; without this each of them would wait (``restore_wait``,
 #: ``busy_wait``, the read timeout) once more.
 FAILED_READ_HOLD = 2.0
+#: Failed reads of one open file held so at a time (the kernel's parallel readahead
+#: requests fail one after another, and each is repeated for one page).
+_FAILED_KEPT = 8
 #: Idle streams kept per datafile version (more are closed, oldest first).
 MAX_STREAMS_PER_FILE = 4
 #: PreparedIds remembered (datafile id -> preparedId), least recently used dropped.
@@ -560,8 +563,8 @@ class _Open:
         self.claims: dict[int, _Claim] = {}  # outstanding claims by offset
         self.fetch: Callable[[int, int], Awaitable[bytearray]] | None = None
         self.spoiled: ChecksumMismatchError | None = None  # fails every later read
-        # the last failed read: when, its range, its error
-        self.failed: tuple[float, int, int, IdsfsError] | None = None
+        # the latest failed reads (at most _FAILED_KEPT): when, their range, their error
+        self.failed: deque[tuple[float, int, int, IdsfsError]] = deque(maxlen=_FAILED_KEPT)
 
 
 class _PumpResult:
@@ -1888,15 +1891,14 @@ class Reader:
         opened = self._opened
         assert opened.fetch is not None
         cache = self._transfer.cache
-        if opened.failed is not None:
-            when, start, stop, error = opened.failed
-            if trio.current_time() - when < FAILED_READ_HOLD and offset < stop \
-                    and start < offset + max(size, 1):
+        now = trio.current_time()
+        for when, start, stop, error in reversed(opened.failed):
+            if now - when < FAILED_READ_HOLD and offset < stop and start < offset + max(size, 1):
                 raise _again(error)
         try:
             view = await cache.get_range(self.key, offset, size, opened.fetch)
         except IdsfsError as exc:
-            opened.failed = (trio.current_time(), offset, offset + max(size, 1), exc)
+            opened.failed.append((trio.current_time(), offset, offset + max(size, 1), exc))
             raise
         if self.release_delivered and opened.readers == 1 and len(view):
             self._delivered(offset, offset + len(view))

@@ -439,6 +439,9 @@ def test_a_failed_read_answers_the_same_range_at_once_for_a_while(
             assert await timed_failure(first, 0, 4096) < 0.1     # the kernel's page retry
             assert await timed_failure(second, BS, 4096) < 0.1   # a reader that waited
             assert await timed_failure(second, 3 * BS, 10) >= 0.25  # another range waits
+            # ... and the first range is still held (the kernel's parallel requests
+            # fail one after another; each is repeated): not only the latest one
+            assert await timed_failure(first, 0, 4096) < 0.1
             await trio.sleep(0.6)
             assert await timed_failure(first, 0, 4096) >= 0.25   # the hold is over
             await first.close()
