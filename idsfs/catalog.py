@@ -527,8 +527,14 @@ class Catalog:
         if cached is not None:
             self._hits += 1
             return cached
-        self._misses += 1
         unit = self._unit(key)
+        if unit != key and self._fresh(unit) is not None:
+            # The dataset's listing is fresh and made none for this folder: ICAT
+            # has nothing under it (a folder made here with mkdir). Fetching the
+            # whole dataset again for each of them made nested copies quadratic.
+            self._hits += 1
+            return None
+        self._misses += 1
         flight = self._flights.get(unit)
         if flight is not None:
             await flight.done.wait()

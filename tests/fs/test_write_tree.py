@@ -118,6 +118,27 @@ def test_a_stale_name_never_deletes_or_renames_the_datafile_under_its_new_name(
     t.run(body)
 
 
+def test_files_in_new_folders_do_not_fetch_the_dataset_again(fresh_emu, wtree) -> None:
+    # cp -r into a dataset: the first file of each folder made with mkdir was
+    # looked up by fetching the whole dataset listing again (quadratic in the
+    # dataset's size); a fresh dataset listing already says the folder is empty
+    t = wtree(fresh_emu)
+
+    async def body(t: WriteTree) -> None:
+        ds_ino = await t.ino(DS)
+        assert await t.write_file(f"{DS}/warm", b"w") == 0  # format known, listing fresh
+        await t.names(DS)
+        fresh_emu.counters.reset()
+        for i in range(10):
+            await t.ops.mkdir(ds_ino, f"d{i}".encode(), 0o755, t.ctx)
+            assert await t.write_file(f"{DS}/d{i}/f", b"x") == 0
+        # one query per stored file (its new record), none to list the dataset again
+        assert fresh_emu.counters.get("icat/entityManager") == 10
+        assert fresh_emu.counters.get("ids/put") == 10
+
+    t.run(body)
+
+
 def test_mkdir_creates_a_dataset_rmdir_deletes_it_when_empty(fresh_emu, wtree) -> None:
     t = wtree(fresh_emu)
 
