@@ -652,6 +652,10 @@ class Daemon:
         self.st_dev: int | None = None
         self.control: Any = None
         self._waiters: list[Any] = []
+        #: held while ``idsfs umount`` is answered: its connection becomes a waiter
+        #: before any progress event is sent (the unmount ends the FUSE loop, whose
+        #: end announces the uploads it waits for, at once)
+        self._replying = threading.Lock()
         self._providers: dict[str, tuple[Callable[[], Any], Callable[[], list[str]] | None]] = {}
         self._nursery: Any = None
         #: (monotonic time, remaining seconds) of the last session check
@@ -694,7 +698,7 @@ class Daemon:
         be JSON-serialisable and hold no secrets (e.g. ``pending=[...]``).
         """
         log.info("%s", message)
-        with self._lock:
+        with self._replying, self._lock:
             waiters = list(self._waiters)
         for waiter in waiters:
             waiter.send({"event": event, "message": message, **fields})
@@ -955,7 +959,7 @@ class Daemon:
     async def _finish_uploads(self) -> None:
         """After the FUSE loop: give pending uploads ``--upload-wait`` seconds, report the rest."""
         assert self.uploader is not None
-        waiting = self.uploader.pending_lines()
+        waiting = self.uploader.pending_lines(held=False)  # held ones wait for the user
         wait = self.config.upload_wait
         if waiting:
             await self._announce("waiting",
@@ -963,7 +967,7 @@ class Daemon:
                                  pending=waiting)
         remaining = await self.uploader.aclose(wait)
         if remaining:
-            await self._announce("waiting", f"{len(remaining)} upload(s) not finished; they "
+            await self._announce("waiting", f"{len(remaining)} upload(s) not stored; they "
                                  f"stay in {self.uploader.spool_dir} for the next mount",
                                  pending=[up.line() for up in remaining])
         elif waiting:
@@ -1136,19 +1140,20 @@ class Daemon:
             # A file closed just before still pins the mount until the kernel's
             # asynchronous RELEASE is answered: "busy" for a moment is retried.
             deadline = time.monotonic() + BUSY_RETRY
-            while True:
-                done, busy, message = detach_mount(mp, False)
-                if done or not busy or time.monotonic() >= deadline:
-                    break
-                time.sleep(0.05)
-            if not done:
-                waiter.send({"ok": False, "error": "busy" if busy else "failed",
-                             "message": message})
-                waiter.close()
-                return False
-            waiter.send(stopping)
-            with self._lock:
-                self._waiters.append(waiter)
+            with self._replying:
+                while True:
+                    done, busy, message = detach_mount(mp, False)
+                    if done or not busy or time.monotonic() >= deadline:
+                        break
+                    time.sleep(0.05)
+                if not done:
+                    waiter.send({"ok": False, "error": "busy" if busy else "failed",
+                                 "message": message})
+                    waiter.close()
+                    return False
+                waiter.send(stopping)
+                with self._lock:
+                    self._waiters.append(waiter)
             return True
 
         if await self.bridge.run(unmount_and_reply, name="unmount"):

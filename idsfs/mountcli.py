@@ -300,8 +300,10 @@ def _stop_through_channel(socket_path: Path, path: str, lazy: bool, timeout: flo
     if status not in (None, 0):
         message = f"the daemon of {path} (pid {pid}) exited with status {status}"
     if pending:
+        lines = "".join(f"\n  {line}" for line in pending)
         message = (message + "; " if message else "") + \
-            f"left pending (resumed at the next mount): {'; '.join(pending)}"
+            f"not stored, kept in the spool (pending ones are resumed at the next mount; " \
+            f"failed and conflicting ones wait for you, see docs/semantics.md):{lines}"
     from idsfs.daemon import find_mount
 
     entry = find_mount(path)

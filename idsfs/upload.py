@@ -2251,13 +2251,14 @@ class Uploader:
         """
         return self.stats().as_dict()
 
-    def pending_lines(self) -> list[str]:
-        """One line per upload an unmount would wait for or leave in the spool.
-
-        Never raises.
+    def pending_lines(self, *, held: bool = True) -> list[str]:
+        """One line per upload an unmount would wait for or leave in the spool
+        (without ``held``: only those it waits for, not the failed and
+        conflicting ones, which wait for the user). Never raises.
         """
         return [up.line() for up in self.uploads.values()
-                if up.state != DONE and not up.cancelled]
+                if up.state != DONE and not up.cancelled
+                and (held or up.state not in (FAILED, CONFLICT))]
 
 
 def icat_date(ms: int) -> str:

@@ -161,8 +161,10 @@ def test_unmount_waits_for_pending_uploads_and_keeps_the_rest(mount, servers, tm
     started = time.monotonic()
     done = run(*idsfs_command(), "umount", m.path, check=False)
     assert done.returncode == 1, done
-    assert "left pending (resumed at the next mount)" in done.stderr
-    assert "stuck.bin" in done.stderr
+    # what the daemon waits for is said while it waits (not only at the end)
+    assert "waiting up to 1.5 s for 1 upload(s)" in done.stderr
+    assert "not stored, kept in the spool (pending ones are resumed" in done.stderr
+    assert "\n  DEMO/" in done.stderr and "stuck.bin" in done.stderr
     assert time.monotonic() - started >= 1.5
     assert not is_mounted(m.path)
     assert "kept in" in m.log_text() and "stuck.bin" in m.log_text()
