@@ -880,8 +880,7 @@ class Operations(pyfuse3.Operations):
         writing = bool(flags & _WRITE_FLAGS)
         if up.removed or up.cancelled or uploader.uploads.get(up.uid) is not up:
             # stored and forgotten since the node was looked at: open what it is now
-            self._finish_local(up)
-            fresh = await self._catalog.lookup(node.parent, node.name)
+            fresh = await self._as_stored(up, node)
             if fresh is None or fresh.local is up:
                 raise pyfuse3.FUSEError(errno.ENOENT)
             if fresh.local is not None:
@@ -895,8 +894,7 @@ class Operations(pyfuse3.Operations):
                 await uploader.settle(up)
             if up.landed and up.handles == 0:
                 # it is a datafile now: write it only as a datafile may be written
-                self._finish_local(up)
-                fresh = await self._catalog.lookup(node.parent, node.name)
+                fresh = await self._as_stored(up, node)
                 if fresh is None or fresh.datafile is None:
                     raise pyfuse3.FUSEError(errno.ENOENT)
                 return await self._open_replace(entry, fresh, flags)
@@ -910,6 +908,23 @@ class Operations(pyfuse3.Operations):
                 raise
         entry.node = node
         return self._spool_info(fh)
+
+    async def _as_stored(self, up: Upload, node: Node) -> Node | None:
+        """The node of what ``up`` (``node``) has become, its local entry gone.
+
+        An upload stored in the background counts as landed before the tree
+        shows its datafile (the uploader's callback is still fetching the new
+        record): the datafile is shown here first, so that the name is never
+        missing in between (an open or lookup then answered ENOENT, and the
+        kernel kept that for the TTL). Raises what the catalogue's lookup raises.
+        """
+        fresh = None
+        if up.datafile_id is not None and up.temp_name is None and not up.cancelled:
+            fresh = await self._catalog.show_datafile(up.dataset_id, up.datafile_id)
+        self._finish_local(up)
+        if fresh is None or fresh.name != node.name:
+            fresh = await self._catalog.lookup(node.parent, node.name)
+        return fresh
 
     def _spool_info(self, fh: int) -> pyfuse3.FileInfo:
         """The FileInfo of a handle on a spool file (see "Writing"). Never raises."""

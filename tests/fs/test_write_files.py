@@ -255,6 +255,37 @@ def test_written_while_its_empty_version_is_stored_in_the_background(fresh_emu, 
     t.run(body)
 
 
+def test_a_file_just_stored_in_the_background_never_goes_missing(fresh_emu, wtree) -> None:
+    # `: > f; touch -d ... f`: the empty file is stored in the background; between
+    # "landed" and the tree showing the new datafile, an open for writing took the
+    # file's local entry away and found no datafile yet: ENOENT (the kernel then
+    # kept the name as missing for the TTL). It must be the datafile, at once.
+    t = wtree(fresh_emu)
+
+    async def body(t: WriteTree) -> None:
+        landed = trio.Event()
+        show = t.ops._landed
+
+        async def slow_show(up):  # the new record's query takes a while
+            landed.set()
+            await trio.sleep(0.3)
+            await show(up)
+
+        t.uploader.on_landed = slow_show
+        fh, ino = await t.create(f"{DS}/just-stored")
+        assert await t.close(fh) == 0
+        with trio.fail_after(5):
+            await landed.wait()
+        with pytest.raises(pyfuse3.FUSEError) as exc:
+            await t.ops.open(ino, os.O_WRONLY | os.O_TRUNC, t.ctx)
+        assert exc.value.errno == errno.EACCES  # a stored datafile, not a missing name
+        st = await t.walk(f"{DS}/just-stored")
+        assert st.st_size == 0
+        assert await t.xattr(f"{DS}/just-stored", "user.ids.id")
+
+    t.run(body)
+
+
 def test_existing_names_eexist_and_refused_writes(fresh_emu, wtree) -> None:
     t = wtree(fresh_emu)
 
