@@ -467,6 +467,13 @@ def default_ids_url(icat_url: str) -> str:
     return urlunsplit((parts.scheme, parts.netloc, path + "/ids", "", ""))
 
 
+def _connection_ended(exc: BaseException) -> bool:
+    """True when ``exc`` is (a group made only of) the FUSE device's ``ECONNABORTED``."""
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_connection_ended(e) for e in exc.exceptions)
+    return isinstance(exc, ConnectionAbortedError)
+
+
 def _describe_error(exc: BaseException) -> str:
     """A one-line reason for a start-up failure (no secrets: the clients redact)."""
     if isinstance(exc, ServerError):
@@ -937,8 +944,14 @@ class Daemon:
             try:
                 await pyfuse3.main(max_tasks=FUSE_MAX_TASKS)
             except Exception as exc:  # a handler let a non-FUSEError escape
-                self.fatal = exc
-                log.error("the FUSE loop failed: %s", exc, exc_info=True)
+                if _connection_ended(exc) and find_mount(self.config.mountpoint) is None:
+                    # the kernel ended a connection whose mount is gone: a lazily
+                    # detached mount (umount -l, idsfs umount --lazy) whose last user
+                    # let go ends so, not with the usual end of file
+                    log.debug("the FUSE connection ended: %s", exc)
+                else:
+                    self.fatal = exc
+                    log.error("the FUSE loop failed: %s", exc, exc_info=True)
             finally:
                 if not self._stop_requested:
                     # unmounted from outside (idsfs umount, fusermount3 -u, umount)

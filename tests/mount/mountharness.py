@@ -510,6 +510,10 @@ def start_mount(work: Path, emulator: Any, *args: str, register: Callable[[Mount
         pw = _write_private(work / "password", passwords[user])
         argv += ["--user", user, "--password-file", str(pw)]
     argv += list(args)
+    if not any(a.startswith("--spool-dir") or "spool_dir=" in a for a in args):
+        # the test's own spool (root's default is under /var/cache: a failing or
+        # killed test would leave uploads there, and every mount an empty directory)
+        argv += ["--spool-dir", str(work / "spool")]
     if foreground:
         argv.append("-f")
     argv.append(str(mp))

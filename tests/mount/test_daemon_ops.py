@@ -202,7 +202,10 @@ def test_umount_lazy_detaches_and_serves_who_still_uses_it(mount, emulator_proce
         reader.close()
         writer.close()
         os.close(cwd)
-    assert m.wait_exit(20) == 0
+    # the kernel may end the detached mount's connection with ECONNABORTED instead
+    # of an end of file: a normal end, not a failure
+    assert m.wait_exit(20) == 0, m.log_text()
+    assert "the FUSE loop failed" not in m.log_text()
     assert not is_mounted(m.path)
 
 
