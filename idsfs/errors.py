@@ -279,6 +279,12 @@ class IDSDataNotOnlineError(IDSError):
     Raised by :class:`~idsfs.ids.IDSClient` calls.
     """
 
+    @property
+    def busy(self) -> bool:
+        """True for "Data is busy" (a lock that clears by itself), False for data
+        that is not online (archived). Never raises."""
+        return "busy" in self.message.lower()
+
 
 class IDSInsufficientPrivilegesError(IDSError):
     """``InsufficientPrivilegesException`` (HTTP 403): access denied or the

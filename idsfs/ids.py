@@ -48,6 +48,7 @@ from idsfs._crc import crc32
 from idsfs._http import DEFAULT_BACKOFF, DEFAULT_RETRIES, DEFAULT_TIMEOUT, Timeout
 from idsfs.errors import (
     ConnectionLostError,
+    IDSDataNotOnlineError,
     IDSError,
     IDSResponseError,
     ServerError,
@@ -1020,7 +1021,7 @@ def _is_busy(error: ServerError) -> bool:
     """
     if error.type is None:
         return True
-    return error.type == "DataNotOnlineException" and "busy" in error.message.lower()
+    return isinstance(error, IDSDataNotOnlineError) and error.busy
 
 
 class IDSClient:

@@ -312,11 +312,6 @@ def _again(error: IdsfsError) -> IdsfsError:
     return again
 
 
-def _is_busy(exc: ServerError) -> bool:
-    """True for the 503 "Data is busy" answer (a lock), False for "not online"."""
-    return "busy" in exc.message.lower()
-
-
 def _is_restore_failed(exc: IDSInternalError) -> bool:
     return "restore failed" in exc.message.lower()
 
@@ -1420,7 +1415,7 @@ class Transfer:
                         name="getData",
                     )
                 except IDSDataNotOnlineError as exc:
-                    if two_level and not _is_busy(exc):
+                    if two_level and not exc.busy:
                         assert restore_deadline is not None
                         if trio.current_time() >= restore_deadline:
                             self._restore_timeouts += 1

@@ -1808,8 +1808,7 @@ class Uploader:
                     await trio.sleep(min(delay, left))
                     delay = min(delay * 2, 5.0)
                     continue
-                busy = "busy" in exc.message.lower()
-                why = ("the dataset is locked by another operation (Data is busy)" if busy
+                why = ("the dataset is locked by another operation (Data is busy)" if exc.busy
                        else "the dataset is archived; IDS is restoring it")
                 raise _Fail(PENDING, f"{why} ({_describe(exc)})") from exc
             except IDSNotImplementedError as exc:
@@ -2298,7 +2297,7 @@ async def delete_datafile(ids: IDSClient, bridge: ThreadBridge, datafile_id: int
             await bridge.run(ids.delete, selection, abandon_on_cancel=False, name="IDS delete")
             return
         except IDSDataNotOnlineError as exc:
-            if "busy" not in exc.message.lower():
+            if not exc.busy:
                 raise
             if attempt + 1 >= busy_tries:
                 raise DataBusyError(
