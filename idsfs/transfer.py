@@ -1454,15 +1454,13 @@ class Transfer:
                         raise
                     session_retried = True
                     continue
-                except (IDSInternalError, TransportError) as exc:
+                except IDSInternalError as exc:
                     # A 500 may be passing (storage I/O): tried again, within the resume
-                    # bound. A transport failure was retried by the IDSClient already
-                    # (each try waiting up to the read timeout for a hung server):
-                    # trying the whole again would multiply that wait.
+                    # bound. (A transport failure propagates: the IDSClient retried it
+                    # already, each try waiting up to the read timeout for a hung
+                    # server; trying the whole again would multiply that wait.)
                     failures += 1
-                    if failures > self.resume_retries or isinstance(exc, TransportError) or (
-                        isinstance(exc, IDSInternalError) and _is_restore_failed(exc)
-                    ):
+                    if failures > self.resume_retries or _is_restore_failed(exc):
                         raise
                     log.info("datafile %d: getData failed (%s); trying again", ident, exc)
                     await trio.sleep(pause)
