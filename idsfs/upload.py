@@ -808,17 +808,22 @@ class Upload:
 
     def note_write_failed(self, offset: int, done: int, exc: OSError) -> SpoolError:
         """Trio side of a failed spool write: the upload is marked as failed to write
-        (not uploaded until written again from the start). Returns the error to raise."""
-        self.generation += 1
-        self.crc = None
+        (:meth:`fail_writes`). Returns the error to raise."""
         self.size = max(self.size, offset + done)
-        self.write_error = f"writing the spool failed: {exc.strerror or exc}"
-        self.write_errno = exc.errno
-        self.drop_seq_crc()
-        if self.live is not None:
-            self.live.abort(self.write_error)
+        self.fail_writes(f"writing the spool failed: {exc.strerror or exc}", exc.errno)
         return SpoolError(f"cannot write the spool file of {self.display}: "
                           f"{exc.strerror or exc}", exc.errno)
+
+    def fail_writes(self, reason: str, code: int | None) -> None:
+        """Mark the upload as failed to write: not uploaded until written again from the
+        start. Its CRC32s are dropped and a live upload is given up. Never raises."""
+        self.generation += 1
+        self.crc = None
+        self.write_error = reason
+        self.write_errno = code
+        self.drop_seq_crc()
+        if self.live is not None:
+            self.live.abort(reason)
 
     def note_truncated(self, size: int) -> None:
         """Trio side of a successful truncation to ``size``. Never raises."""
@@ -1453,11 +1458,7 @@ class Uploader:
         up.queue.clear()
         up.queued_bytes = 0
         if up.write_error is None:
-            up.generation += 1
-            up.crc = None
-            up.drop_seq_crc()
-            up.write_error = why
-            up.write_errno = code
+            up.fail_writes(why, code)
 
     async def _drained(self, up: Upload) -> None:
         """Wait until the writes behind of ``up`` queued so far are in its spool file
