@@ -878,7 +878,7 @@ class Operations(pyfuse3.Operations):
         uploader = self._uploader
         assert uploader is not None
         writing = bool(flags & _WRITE_FLAGS)
-        if up.removed or up.cancelled or uploader.uploads.get(up.uid) is not up:
+        if up.cancelled or not uploader.holds(up):
             # stored and forgotten since the node was looked at: open what it is now
             fresh = await self._as_stored(up, node)
             if fresh is None or fresh.local is up:
@@ -1108,7 +1108,7 @@ class Operations(pyfuse3.Operations):
                 up.cancelled = True
             self._truncated.discard(up.uid)
             io = self._uploader.released(up)  # the state changes now, the spool I/O below
-            if up.cancelled or up.removed or up.uid not in self._uploader.uploads:
+            if up.cancelled or not self._uploader.holds(up):
                 self._finish_local(up)
             await io
 
@@ -1573,7 +1573,7 @@ class Operations(pyfuse3.Operations):
         self._catalog.remove_local(node.key)
         if up.cancelled:
             return
-        if not up.removed and up.uid in uploader.uploads:
+        if uploader.holds(up):
             self._catalog.add_local(self._spool_node(up, new_parent, text))
         # else it was stored (in the background) and forgotten meanwhile: only its
         # datafile, renamed in ICAT by uploader.rename, is left to show

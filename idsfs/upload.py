@@ -1258,6 +1258,11 @@ class Uploader:
         self.uploads[uid] = up
         return up
 
+    def holds(self, up: Upload) -> bool:
+        """Whether ``up`` is still one of this uploader's uploads (not stored and
+        forgotten, nor deleted). Never raises."""
+        return not up.removed and self.uploads.get(up.uid) is up
+
     async def adopt_handle(self, up: Upload, *, write: bool) -> None:
         """Count a new file handle on ``up`` (a writer moves it back to ``writing``).
 
