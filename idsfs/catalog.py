@@ -1081,9 +1081,7 @@ class Catalog:
         if node is None:
             self.invalidate(investigation.key)
             now = _dt.datetime.now(_dt.UTC).isoformat()
-            (node,) = _object_nodes(
-                investigation.key, Kind.DATASET, [(key.id, name, now)], 1,
-                lambda did, name, _mod: _extra(id=did, name=name, investigation_id=inv_id))
+            (node,) = _dataset_nodes(investigation.key, [(key.id, name, None, None, None, now)])
         return node
 
     async def count_datafiles(self, dataset_id: int) -> int:
@@ -1349,11 +1347,7 @@ class Catalog:
         )
         now = self._clock()
         key = NodeKey(Kind.INVESTIGATION, investigation_id)
-        nodes = _object_nodes(
-            key, Kind.DATASET, rows, 1,
-            lambda did, name, description, doi, location, _mod: _extra(
-                id=did, name=name, description=description, doi=doi, location=location,
-                investigation_id=investigation_id))
+        nodes = _dataset_nodes(key, rows)
         self._store(Listing(key, nodes, now))
         self._account(key, 0, 0, len(nodes))
 
@@ -1465,6 +1459,16 @@ def _is_id(value: Any) -> bool:
 def _text(value: Any) -> str:
     """An ICAT name as text (a missing name becomes the empty name)."""
     return "" if value is None else str(value)
+
+
+def _dataset_nodes(visit: NodeKey, rows: Sequence[tuple[Any, ...]]) -> list[Node]:
+    """The dataset nodes of a visit's listing from rows ``(id, name, description, doi,
+    location, modTime)``. Raises ICATResponseError for a bad date."""
+    return _object_nodes(
+        visit, Kind.DATASET, rows, 1,
+        lambda did, name, description, doi, location, _mod: _extra(
+            id=did, name=name, description=description, doi=doi, location=location,
+            investigation_id=visit.id))
 
 
 def _object_nodes(
