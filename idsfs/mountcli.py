@@ -243,6 +243,11 @@ def _busy_message(path: str) -> str:
             f"now with: idsfs umount --lazy {shlex.quote(path)}")
 
 
+def _detached(path: str) -> str:
+    """What ``idsfs umount --lazy`` says once ``path`` is detached. Never raises."""
+    return f"detached {path} (it goes away when no longer used)"
+
+
 class _Hung(Exception):
     """The daemon's control socket took the request but no answer came in time."""
 
@@ -278,7 +283,7 @@ def _stop_through_channel(socket_path: Path, path: str, lazy: bool, timeout: flo
         pid = reply.get("pid")
         pending: list[str] = list(reply.get("pending") or [])
         if reply.get("event") == "detached":  # lazy: the daemon serves on until unused
-            return 0, f"detached {path} (it goes away when no longer used)"
+            return 0, _detached(path)
         status: int | None = None
         try:
             for event in client.events(wait):
@@ -348,7 +353,7 @@ def unmount(mountpoint: str | Path, *, lazy: bool = False, timeout: float = 5.0,
         if result is not None:
             status, message = result
             if lazy and status == 0 and not message:
-                message = f"detached {path} (it goes away when no longer used)"
+                message = _detached(path)
             return status, message
     state = None if hung else probe_mount(path, timeout=timeout)
     if state in (0, errno.EACCES, errno.EPERM):
@@ -365,7 +370,7 @@ def unmount(mountpoint: str | Path, *, lazy: bool = False, timeout: float = 5.0,
                 return 1, (f"{path} is mounted by another user ({os.strerror(state)}): only "
                            f"they or root can unmount it")
             return 1, f"unmounting {path} failed: {text or 'status ' + str(done.returncode)}"
-        return 0, f"detached {path} (it goes away when no longer used)" if lazy else ""
+        return 0, _detached(path) if lazy else ""
     reason = ("its daemon is gone (Transport endpoint is not connected)"
               if state == errno.ENOTCONN else
               f"it did not answer within {timeout:g} s" if state is None else
