@@ -222,6 +222,8 @@ CONFLICT = "conflict"
 DONE = "done"
 #: every state an upload can be in
 STATES: tuple[str, ...] = (WRITING, UPLOADING, PENDING, FAILED, CONFLICT, DONE)
+#: the states held until the user acts (never retried by themselves)
+_HELD = (FAILED, CONFLICT)
 
 _RECORD_VERSION = 1
 _TEMP_PREFIX = ".idsfs-replace-"
@@ -2243,7 +2245,7 @@ class Uploader:
                 writing += 1
             elif up.state == PENDING:
                 pending.append(up.line())
-            elif up.state in (FAILED, CONFLICT):
+            elif up.state in _HELD:
                 held.append(up.line())
         return UploaderStats(str(self.spool_dir), writing, tuple(in_progress), tuple(pending),
                              tuple(held), self._stored, self._bytes_stored, self._failures,
@@ -2263,7 +2265,7 @@ class Uploader:
         """
         return [up.line() for up in self.uploads.values()
                 if up.state != DONE and not up.cancelled
-                and (held or up.state not in (FAILED, CONFLICT))]
+                and (held or up.state not in _HELD)]
 
 
 def icat_date(ms: int) -> str:
