@@ -241,9 +241,7 @@ def test_written_while_its_empty_version_is_stored_in_the_background(fresh_emu, 
         fresh_emu.faults.stall(0, 0.4, "ids/put", count=1)
         fh, ino = await t.create(f"{DS}/redone")
         assert await t.close(fh) == 0
-        with trio.fail_after(5):
-            while not any(up.in_progress for up in t.uploader.uploads.values()):
-                await trio.sleep(0.005)
+        await t.upload_started("redone")
         info = await t.ops.open(ino, os.O_WRONLY | os.O_TRUNC, t.ctx)
         await t.write_all(info.fh, b"data\n")
         assert await t.close(info.fh) == 0

@@ -278,15 +278,6 @@ def test_a_renamed_file_is_found_at_its_new_place_through_its_inode(fresh_emu, w
     t.run(body)
 
 
-async def _background_upload_started(t: WriteTree, name: str) -> None:
-    """Wait until the uploader is storing ``name``, closed unwritten (in the background)."""
-    import trio
-
-    with trio.fail_after(5):
-        while not any(up.in_progress and up.name == name for up in t.uploader.uploads.values()):
-            await trio.sleep(0.005)
-
-
 def test_mkdir_succeeds_when_icat_created_the_dataset_but_listing_it_fails(
         fresh_emu, wtree) -> None:
     # The create worked; the query that lists the visit again fails: mkdir
@@ -324,7 +315,7 @@ def test_unlink_and_rename_while_an_unwritten_file_is_stored(fresh_emu, wtree) -
         fresh_emu.faults.latency(0.3, "ids/put")
         fh, _ = await t.create(f"{DS}/ghost")
         assert await t.close(fh) == 0
-        await _background_upload_started(t, "ghost")
+        await t.upload_started("ghost")
         await t.ops.unlink(ds_ino, b"ghost", t.ctx)
         assert "ghost" not in await t.names(DS)
         assert datafiles_named(fresh_emu, ds, "ghost") == []
@@ -333,7 +324,7 @@ def test_unlink_and_rename_while_an_unwritten_file_is_stored(fresh_emu, wtree) -
 
         fh, _ = await t.create(f"{DS}/.e1.XXXXXX")
         assert await t.close(fh) == 0
-        await _background_upload_started(t, ".e1.XXXXXX")
+        await t.upload_started(".e1.XXXXXX")
         await t.ops.rename(ds_ino, b".e1.XXXXXX", ds_ino, b"e1", 0, t.ctx)
         names = await t.names(DS)
         assert "e1" in names and ".e1.XXXXXX" not in names
@@ -359,7 +350,7 @@ def test_a_time_set_while_an_unwritten_file_is_stored_reaches_icat(fresh_emu, wt
         fresh_emu.faults.stall(0, 0.5, "ids/put")  # the answer waits, the datafile is stored
         fh, ino = await t.create(f"{DS}/empty.synced")
         assert await t.close(fh) == 0
-        await _background_upload_started(t, "empty.synced")
+        await t.upload_started("empty.synced")
         with trio.fail_after(5):  # the put (carrying the old time) has reached IDS
             while fresh_emu.counters.get("ids/put") < 1:
                 await trio.sleep(0.005)

@@ -210,6 +210,14 @@ class WriteTree:
         value = await self.ops.getxattr(await self.ino(path), name.encode(), self.ctx)
         return value.decode("utf-8", "surrogatepass")
 
+    async def upload_started(self, name: str, timeout: float = 5.0) -> None:
+        """Wait until the uploader is storing ``name`` (e.g. closed unwritten: in the
+        background)."""
+        with trio.fail_after(timeout):
+            while not any(up.in_progress and up.name == name
+                          for up in self.uploader.uploads.values()):
+                await trio.sleep(0.005)
+
     async def settle(self, timeout: float = 10.0) -> None:
         """Wait until every upload landed and left the spool, or is held (failed, conflict)."""
         with trio.fail_after(timeout):
