@@ -1884,10 +1884,12 @@ class Reader:
         opened = self._opened
         assert opened.fetch is not None
         cache = self._transfer.cache
-        now = trio.current_time()
-        for when, start, stop, error in reversed(opened.failed):
-            if now - when < FAILED_READ_HOLD and offset < stop and start < offset + max(size, 1):
-                raise _again(error)
+        if opened.failed:  # (empty on the hot path of reads that succeed)
+            now = trio.current_time()
+            for when, start, stop, error in reversed(opened.failed):
+                if now - when < FAILED_READ_HOLD and offset < stop \
+                        and start < offset + max(size, 1):
+                    raise _again(error)
         try:
             view = await cache.get_range(self.key, offset, size, opened.fetch)
         except IdsfsError as exc:
