@@ -1609,7 +1609,7 @@ class IDSClient:
         try:
             new_id = _json_int(doc["id"])
             checksum = _json_int(doc["checksum"])
-        except (ValueError, KeyError, TypeError, OverflowError) as exc:
+        except (ValueError, KeyError, TypeError) as exc:
             raise IDSResponseError(
                 f"put: unexpected response {_excerpt(text, (self.sessionId,))}") from exc
         crc = body.crc32 & 0xFFFFFFFF
