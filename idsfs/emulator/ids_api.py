@@ -519,13 +519,16 @@ class IdsApi:
             datasets, datafiles, empty = sel.datasets.values(), sel.datafiles.values(), sel.empty
         if not self.storage.two_level:
             return text_response("ONLINE")
+        items = self._items(datasets, datafiles)
+        # failures first: a restore that succeeds leaves them and the restoring set at
+        # once (storage._done), so read before that set, they are never both missed
+        if any(self.storage.has_failed(item.id) for item in items):
+            raise Internal(RESTORE_FAILED)
         restoring = self.storage.restoring()
         maybe_offline = self.storage.maybe_offline()
         empty_set = set(empty)
         status = "ONLINE"
-        for item in self._items(datasets, datafiles):
-            if self.storage.has_failed(item.id):
-                raise Internal(RESTORE_FAILED)
+        for item in items:
             if item.id in restoring:
                 status = "RESTORING"
             elif item.id in maybe_offline:

@@ -228,6 +228,10 @@ class Storage:
         self._write_times: dict[int, float] = {}
         self._process_time: float | None = None
         self._failures: set[int] = set()
+        # items whose queued restore succeeded: their failure is forgotten when the
+        # operation ends (_done), together with leaving _changing, so that getStatus
+        # never sees "no failure" while the item still counts as restoring
+        self._recovered: set[int] = set()
         self._fail_always = False
         self._fail_count = 0
         self._workers: set[threading.Thread] = set()
@@ -506,9 +510,12 @@ class Storage:
 
     def _record(self, item_id: int, ok: bool) -> None:
         with self._mutex:
-            if ok:
+            if ok and item_id in self._changing:
+                self._recovered.add(item_id)  # forgotten by _done
+            elif ok:  # run directly (restore_now), not as a queued operation
                 self._failures.discard(item_id)
             else:
+                self._recovered.discard(item_id)
                 self._failures.add(item_id)
 
     def fail_restores(self, always: bool = True) -> None:
@@ -594,6 +601,9 @@ class Storage:
 
     def _done(self, item_id: int) -> None:
         with self._mutex:
+            if item_id in self._recovered:
+                self._recovered.discard(item_id)
+                self._failures.discard(item_id)
             self._changing.pop(item_id, None)
             self._changing_items.pop(item_id, None)
             self._idle.notify_all()

@@ -366,6 +366,38 @@ def test_forced_restore_failures(dataset) -> None:
     assert s.dataset_online(ds) and s.failures() == []
 
 
+def test_a_restore_that_succeeds_clears_its_failure_as_it_stops_restoring(dataset) -> None:
+    # getStatus reads the failures, then what is restoring: a restore that worked
+    # must leave both at once, or a poll in between saw RESTORING instead of
+    # "Restore failed" or ONLINE (a flaky I6)
+    import threading
+
+    s, meta = dataset
+    ds = _ds(9)
+    _store(s, meta, ds, 61, CONTENT)
+    s.archive_now([ds])
+    s.fail_next_restores(1)
+    s.queue(ds, DeferredOp.RESTORE)
+    assert s.wait_idle(5) and s.failures() == [9]
+    reached, finish = threading.Event(), threading.Event()
+    done = s._done
+
+    def held_done(item_id: int) -> None:  # the restore worked; it has not ended yet
+        reached.set()
+        finish.wait(5)
+        done(item_id)
+
+    s._done = held_done
+    try:
+        s.queue(ds, DeferredOp.RESTORE)
+        assert reached.wait(5) and s.dataset_online(ds)
+        assert 9 in s.restoring() and s.failures() == [9]
+    finally:
+        finish.set()
+    assert s.wait_idle(5)
+    assert s.failures() == [] and 9 not in s.restoring()
+
+
 def test_restore_delay_makes_restoring_visible(tmp_path: Path) -> None:
     s, meta = _make(tmp_path, "dataset", restore_delay=0.3)
     try:
